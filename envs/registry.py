@@ -1,0 +1,219 @@
+"""The one way mbxfer builds environments: `register`, `make`, `names`.
+
+Entry points are `'module:function'` strings imported only when the environment is made, so a
+missing optional dependency breaks only its own environments. Third-party packages add
+environments through the `mbxfer.envs` entry-point group: each entry point names a function
+that is called once with no arguments and calls `register(...)` itself.
+
+`make(name, **overrides)` passes each keyword to the environment's factory when the factory
+accepts it; the generic keywords `task`, `action_repeat`, `time_limit` and `image_size` are
+otherwise applied as wrappers (see `envs.wrappers`). The task wrapper is always applied, so
+`task=None` (the default unless registered otherwise) is reward-free.
+
+    from envs import registry
+    registry.register("my_env", "my_package.envs:make_env", difficulty=2)
+    env = registry.make("my_env", task="reward", seed=3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import inspect
+import threading
+import warnings
+from typing import Any, Callable, Mapping, Union
+
+import dm_env
+
+from envs import base
+
+EntryPoint = Union[str, Callable[..., dm_env.Environment]]
+PLUGIN_GROUP = "mbxfer.envs"
+GENERIC_KEYWORDS = ("task", "action_repeat", "time_limit", "image_size")
+
+# Top-level module that may be missing -> the mbxfer extra that installs it.
+OPTIONAL_DEPENDENCIES = {
+    "metaworld": "metaworld",
+    "mujoco": "metaworld",
+    "dm_control": "robodesk",
+    "robodesk": "robodesk",
+    "envpool": "procgen",
+    "ray": "ray",
+}
+
+
+class UnknownEnvironmentError(base.ConfigurationError, KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0])
+
+
+class MissingDependencyError(base.ConfigurationError, ImportError):
+    pass
+
+
+class UnknownKeywordError(base.ConfigurationError, TypeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvEntry:
+    """A registered environment: where its factory lives and its default keywords."""
+
+    name: str
+    entry_point: EntryPoint
+    defaults: Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvFactory:
+    """A picklable recipe for one environment; `factory(seed=3)` builds it.
+
+    Subprocess workers receive this, so a user's `register(...)` in the parent process works
+    in the workers as long as the entry point is an importable string or a module-level
+    function.
+    """
+
+    entry: EnvEntry
+    overrides: Mapping[str, Any]
+
+    def __call__(self, **more: Any) -> dm_env.Environment:
+        return _build(self.entry, {**self.overrides, **more})
+
+
+_REGISTRY: dict[str, EnvEntry] = {}
+_PLUGINS_LOADED = False
+_LOCK = threading.Lock()
+
+
+def register(name: str, entry_point: EntryPoint, **defaults: Any) -> None:
+    """Register `name`; `entry_point` is `'module:function'` or a callable."""
+    if isinstance(entry_point, str) and entry_point.count(":") != 1:
+        raise ValueError(
+            f"entry point {entry_point!r} for {name!r} must look like 'package.module:function'"
+        )
+    if name in _REGISTRY and _REGISTRY[name].entry_point != entry_point:
+        warnings.warn(f"environment {name!r} is registered again; the new entry replaces it")
+    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults))
+
+
+def names() -> list[str]:
+    """All registered environment names, sorted."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def entry(name: str) -> EnvEntry:
+    _load_plugins()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownEnvironmentError(
+            f"unknown environment {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}."
+        )
+    return _REGISTRY[name]
+
+
+def factory(name: str, **overrides: Any) -> EnvFactory:
+    """A picklable recipe for `make(name, **overrides)`, checked now rather than in a worker."""
+    recipe = EnvFactory(entry(name), dict(overrides))
+    _check_keywords(recipe.entry, {**recipe.entry.defaults, **recipe.overrides})
+    return recipe
+
+
+def make(name: str, **overrides: Any) -> dm_env.Environment:
+    """Build a registered environment with its defaults updated by `overrides`."""
+    found = entry(name)
+    return _build(found, dict(overrides))
+
+
+def _build(found: EnvEntry, overrides: Mapping[str, Any]) -> dm_env.Environment:
+    from envs import wrappers  # Local: wrappers import nothing heavy, but keep the cycle out.
+
+    keywords = {**found.defaults, **overrides}
+    own, generic = _check_keywords(found, keywords)
+    env = _resolve(found)(**own)
+    if generic.get("time_limit"):  # Counted in environment steps, before action repeat.
+        env = wrappers.TimeLimit(env, generic["time_limit"])
+    if generic.get("action_repeat", 1) != 1:
+        env = wrappers.ActionRepeat(env, generic["action_repeat"])
+    if generic.get("image_size"):
+        env = wrappers.ResizeImage(env, generic["image_size"])
+    return wrappers.SelectTask(env, generic.get("task"))
+
+
+def _check_keywords(found: EnvEntry, keywords: Mapping[str, Any]):
+    parameters = inspect.signature(_resolve(found)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    own, generic, unknown = {}, {}, []
+    for key, value in keywords.items():
+        if key in parameters or (takes_any and key not in GENERIC_KEYWORDS):
+            own[key] = value
+        elif key in GENERIC_KEYWORDS:
+            generic[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        accepted = sorted(
+            {k for k, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+            | set(GENERIC_KEYWORDS)
+        )
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.5)
+            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise UnknownKeywordError(
+            f"environment {found.name!r} got unknown keyword(s) {', '.join(hints)}. "
+            f"Accepted: {', '.join(accepted)}."
+        )
+    return own, generic
+
+
+def _resolve(found: EnvEntry) -> Callable[..., dm_env.Environment]:
+    if callable(found.entry_point):
+        return found.entry_point
+    module_name, attribute = found.entry_point.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing and missing != module_name.split(".")[0]:
+            extra = OPTIONAL_DEPENDENCIES.get(missing)
+            fix = f"pip install 'mbxfer[{extra}]'" if extra else f"pip install {missing}"
+            raise MissingDependencyError(
+                f"environment {found.name!r} needs the optional dependency {missing!r}, "
+                f"which is not installed. Install it with: {fix}"
+            ) from error
+        raise
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(
+            f"entry point {found.entry_point!r} of environment {found.name!r}: "
+            f"module {module_name!r} has no attribute {attribute!r}"
+        ) from None
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    with _LOCK:
+        if _PLUGINS_LOADED:
+            return
+        _PLUGINS_LOADED = True
+    for plugin in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            plugin.load()()
+        except Exception as error:  # A broken plugin must not hide the built-in environments.
+            warnings.warn(f"mbxfer.envs plugin {plugin.name!r} failed to load: {error!r}")
+
+
+# Built-in environments. The table is the only place that names them.
+register("grid", "envs.toy:GridWorld")
+register("grid_image", "envs.toy:GridWorld", observation="image")
+register("point_mass", "envs.toy:PointMass")
+register("point_mass_image", "envs.toy:PointMass", observation="image")
+register("crafter", "envs.crafter:Crafter")
+register("cartpole", "envs.wrappers:from_gymnasium", gym_id="CartPole-v1", task="reward")
+register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")

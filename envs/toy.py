@@ -1,0 +1,235 @@
+"""Tiny, fast environments for testing learning logic in seconds.
+
+`GridWorld`: a square grid with a few items. Discrete moves. Tasks share the dynamics:
+reach each corner (reward 1 the first time the corner is entered in an episode) and
+collect items (reward 1 per item picked up). Episodes end by truncation after `length`
+steps, or terminate when `terminate_on_collect_all` and every item is collected.
+
+`PointMass`: a 2-D point with velocity in [-1, 1]^2 driven by a continuous force.
+Tasks: reach each corner goal (dense reward that is 1 at the goal and falls with distance).
+
+Both render an `image` observation and/or a `vector` observation and step thousands of
+times per second.
+"""
+
+from __future__ import annotations
+
+import dm_env
+import numpy as np
+from dm_env import specs
+
+from envs import base
+
+_MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # noop, up, down, left, right
+_CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")
+_OBSERVATION_MODES = ("image", "vector", "both")
+
+
+def _check_mode(observation: str) -> None:
+    if observation not in _OBSERVATION_MODES:
+        raise ValueError(
+            f"observation={observation!r} is not one of {_OBSERVATION_MODES}"
+        )
+
+
+class GridWorld(base.Environment):
+    """A `size` x `size` grid, `num_items` items, 5 discrete actions."""
+
+    def __init__(
+        self,
+        size: int = 7,
+        num_items: int = 3,
+        length: int = 50,
+        observation: str = "both",
+        image_size: int = 16,
+        terminate_on_collect_all: bool = False,
+        seed: int = 0,
+    ):
+        _check_mode(observation)
+        if size < 3:
+            raise ValueError(f"size={size} must be at least 3")
+        if not 0 <= num_items <= size * size - 1:
+            raise ValueError(f"num_items={num_items} must be in [0, {size * size - 1}]")
+        self._size = size
+        self._num_items = num_items
+        self._length = length
+        self._observation = observation
+        self._image_size = image_size
+        self._terminate_on_collect_all = terminate_on_collect_all
+        s = size - 1
+        self._corners = np.array([[0, 0], [0, s], [s, 0], [s, s]])
+        self._tasks = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
+        self.seed(seed)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._tasks
+
+    def seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._needs_reset = True
+
+    def reset(self) -> dm_env.TimeStep:
+        cells = self._rng.permutation(self._size * self._size)[: self._num_items + 1]
+        self._position = np.array(divmod(int(cells[0]), self._size))
+        self._items = np.array([divmod(int(c), self._size) for c in cells[1:]], np.int64).reshape(-1, 2)
+        self._item_present = np.ones(self._num_items, bool)
+        self._corner_reached = np.zeros(4, bool)
+        self._steps = 0
+        self._needs_reset = False
+        self._update_corners()
+        return dm_env.restart(self._observe(np.zeros(len(self._tasks), np.float32)))
+
+    def step(self, action) -> dm_env.TimeStep:
+        if self._needs_reset:
+            return self.reset()
+        self._position = np.clip(self._position + _MOVES[int(action)], 0, self._size - 1)
+        self._steps += 1
+        task_rewards = np.zeros(len(self._tasks), np.float32)
+        task_rewards[:4] = self._update_corners()
+        on_item = self._item_present & np.all(self._items == self._position, axis=1)
+        task_rewards[4] = on_item.sum()
+        self._item_present &= ~on_item
+        observation = self._observe(task_rewards)
+        if self._terminate_on_collect_all and self._num_items and not self._item_present.any():
+            self._needs_reset = True
+            return dm_env.termination(0.0, observation)
+        if self._steps >= self._length:
+            self._needs_reset = True
+            return dm_env.truncation(0.0, observation)
+        return dm_env.transition(0.0, observation)
+
+    def _update_corners(self) -> np.ndarray:
+        at_corner = np.all(self._corners == self._position, axis=1)
+        newly = at_corner & ~self._corner_reached
+        self._corner_reached |= at_corner
+        return newly.astype(np.float32)
+
+    def _observe(self, task_rewards: np.ndarray) -> dict:
+        observation = {}
+        if self._observation in ("image", "both"):
+            observation["image"] = self._render()
+        if self._observation in ("vector", "both"):
+            position = np.zeros(self._size * self._size, np.float32)
+            position[self._position[0] * self._size + self._position[1]] = 1.0
+            observation["vector"] = np.concatenate(
+                [position, self._item_present.astype(np.float32)]
+            )
+        observation[base.TASK_REWARDS_KEY] = task_rewards
+        observation["log_position"] = self._position.astype(np.int32)
+        return observation
+
+    def _render(self) -> np.ndarray:
+        grid = np.zeros((self._size, self._size, 3), np.uint8)
+        grid[tuple(self._corners.T)] = (60, 60, 60)
+        present = self._items[self._item_present]
+        grid[present[:, 0], present[:, 1]] = (40, 200, 40)
+        grid[self._position[0], self._position[1]] = (230, 50, 50)
+        # Nearest-neighbour upscaling by index lookup: exact and cheap.
+        index = (np.arange(self._image_size) * self._size) // self._image_size
+        return grid[index][:, index]
+
+    def observation_spec(self) -> dict:
+        spec = {}
+        if self._observation in ("image", "both"):
+            spec["image"] = base.image_spec(self._image_size, self._image_size)
+        if self._observation in ("vector", "both"):
+            spec["vector"] = base.vector_spec(self._size * self._size + self._num_items)
+        spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
+        spec["log_position"] = specs.Array((2,), np.int32, name="log_position")
+        return spec
+
+    def action_spec(self) -> specs.DiscreteArray:
+        return specs.DiscreteArray(len(_MOVES), name="action")
+
+    def visited_cell(self) -> tuple[int, int]:
+        return int(self._position[0]), int(self._position[1])
+
+
+class PointMass(base.Environment):
+    """A point in [-1, 1]^2 with velocity; the action is a force in [-1, 1]^2."""
+
+    def __init__(
+        self,
+        length: int = 100,
+        observation: str = "vector",
+        image_size: int = 16,
+        goal_radius: float = 0.15,
+        dt: float = 0.1,
+        seed: int = 0,
+    ):
+        _check_mode(observation)
+        self._length = length
+        self._observation = observation
+        self._image_size = image_size
+        self._goal_radius = goal_radius
+        self._dt = dt
+        self._goals = np.array([[-0.8, -0.8], [-0.8, 0.8], [0.8, -0.8], [0.8, 0.8]], np.float32)
+        self._tasks = tuple(f"reach_{c}" for c in _CORNERS)
+        self.seed(seed)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._tasks
+
+    def seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._needs_reset = True
+
+    def reset(self) -> dm_env.TimeStep:
+        self._position = self._rng.uniform(-0.3, 0.3, 2).astype(np.float32)
+        self._velocity = np.zeros(2, np.float32)
+        self._steps = 0
+        self._needs_reset = False
+        return dm_env.restart(self._observe(np.zeros(len(self._tasks), np.float32)))
+
+    def step(self, action) -> dm_env.TimeStep:
+        if self._needs_reset:
+            return self.reset()
+        force = np.clip(np.asarray(action, np.float32), -1.0, 1.0)
+        self._velocity = np.clip(0.8 * self._velocity + force * self._dt * 5.0, -1.0, 1.0)
+        self._position = np.clip(self._position + self._velocity * self._dt, -1.0, 1.0)
+        self._steps += 1
+        distance = np.linalg.norm(self._goals - self._position, axis=1)
+        # 1 inside the goal radius, then a smooth fall-off so random exploration sees a gradient.
+        task_rewards = np.where(
+            distance < self._goal_radius, 1.0, np.exp(-2.0 * (distance - self._goal_radius))
+        ).astype(np.float32)
+        observation = self._observe(task_rewards)
+        if self._steps >= self._length:
+            self._needs_reset = True
+            return dm_env.truncation(0.0, observation)
+        return dm_env.transition(0.0, observation)
+
+    def _observe(self, task_rewards: np.ndarray) -> dict:
+        observation = {}
+        if self._observation in ("image", "both"):
+            observation["image"] = self._render()
+        if self._observation in ("vector", "both"):
+            observation["vector"] = np.concatenate([self._position, self._velocity])
+        observation[base.TASK_REWARDS_KEY] = task_rewards
+        observation["log_position"] = self._position.copy()
+        return observation
+
+    def _render(self) -> np.ndarray:
+        n = self._image_size
+        image = np.zeros((n, n, 3), np.uint8)
+        for goal in self._goals:
+            r, c = ((goal + 1.0) / 2.0 * (n - 1)).round().astype(int)
+            image[r, c] = (60, 60, 60)
+        r, c = ((self._position + 1.0) / 2.0 * (n - 1)).round().astype(int)
+        image[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] = (230, 50, 50)
+        return image
+
+    def observation_spec(self) -> dict:
+        spec = {}
+        if self._observation in ("image", "both"):
+            spec["image"] = base.image_spec(self._image_size, self._image_size)
+        if self._observation in ("vector", "both"):
+            spec["vector"] = base.vector_spec(4)
+        spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
+        spec["log_position"] = specs.Array((2,), np.float32, name="log_position")
+        return spec
+
+    def action_spec(self) -> specs.BoundedArray:
+        return base.continuous_action_spec(2)
