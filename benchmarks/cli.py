@@ -1,8 +1,10 @@
 """The `mbxfer` command.
 
-    mbxfer envs                       list environments and their tasks
-    mbxfer rollout --env crafter      uniform random policy through the vector environment
-    mbxfer demo                       the smallest end-to-end run (what `make demo` runs)
+mbxfer run --agent dreamer --env crafter --task reward --steps 20000 --out results/x
+                                  train (or resume) one trial
+mbxfer envs                       list environments and their tasks
+mbxfer rollout --env crafter      uniform random policy through the vector environment
+mbxfer demo                       the smallest end-to-end run (what `make demo` runs)
 """
 
 from __future__ import annotations
@@ -108,7 +110,11 @@ def _cmd_envs(args) -> int:
 
 def _cmd_rollout(args) -> int:
     summary = random_rollout(
-        args.env, args.episodes, args.workers, args.seed, Path(args.out) if args.out else None,
+        args.env,
+        args.episodes,
+        args.workers,
+        args.seed,
+        Path(args.out) if args.out else None,
         args.task,
     )
     print(json.dumps(summary, indent=2))
@@ -128,9 +134,103 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _run_updates(args) -> dict:
+    """Nested config updates from a YAML file, the shortcut flags, then `--set` overrides."""
+    import yaml
+
+    from benchmarks import config as config_lib
+
+    updates: dict = {}
+    if args.config:
+        updates = yaml.safe_load(Path(args.config).read_text()) or {}
+
+    def merge(into: dict, more: dict) -> None:
+        for key, value in more.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    shortcuts = {
+        "agent": args.agent,
+        "seed": args.seed,
+        "env": {
+            k: v
+            for k, v in {"name": args.env, "task": args.task, "num_envs": args.num_envs}.items()
+            if v is not None
+        },
+        "train": {"steps": args.steps} if args.steps is not None else {},
+    }
+    merge(updates, {k: v for k, v in shortcuts.items() if v not in (None, {})})
+    if args.task == "none":
+        updates["env"]["task"] = None
+    merge(updates, config_lib.parse_overrides(args.set))
+    return updates
+
+
+def _cmd_run(args) -> int:
+    from benchmarks import config as config_lib
+    from benchmarks import runner
+
+    config = config_lib.build(_run_updates(args))
+    out = Path(args.out) if args.out else Path("results") / "runs" / config.trial_id()
+    if args.print_config:
+        print(config_lib.to_yaml(config), end="")
+        return 0
+    print(
+        f"trial {config.trial_id()}: {config.agent} on {config.env.name} "
+        f"(task {config.env.task}), {config.train.steps} steps -> {out}",
+        file=sys.stderr,
+    )
+    summary = runner.run(config, out, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+class _KeysHelp(argparse.Action):
+    """`--keys`: every config key with its type, default and documentation."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from benchmarks import config as config_lib
+
+        agent = namespace.agent or "dreamer"
+        print(f"config keys for --agent {agent} (set with --set key=value):")
+        for line in config_lib.describe(config_lib.build({"agent": agent})):
+            print("  " + line)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbxfer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="train (or resume) one trial",
+        description="Train one trial; rerunning with the same --out resumes it.",
+        epilog="Every config key, typed and documented: mbxfer run --agent NAME --keys",
+    )
+    run.add_argument("--agent", default=None, help="agent name (default dreamer)")
+    run.add_argument("--env", default=None, help="environment name (mbxfer envs)")
+    run.add_argument("--task", default=None, help="task name; 'none' for reward-free")
+    run.add_argument("--steps", type=int, default=None, help="environment steps")
+    run.add_argument("--seed", type=int, default=None, help="seed")
+    run.add_argument("--num-envs", type=int, default=None, help="environments per batch")
+    run.add_argument("--out", default=None, help="trial folder (default results/runs/<id>)")
+    run.add_argument("--config", default=None, help="YAML file of config values")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. agent.model.latent=deterministic",
+    )
+    run.add_argument("--print-config", action="store_true", help="print the config and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--keys", action=_KeysHelp, help="list every config key and exit")
 
     commands.add_parser("envs", help="list registered environments and their tasks")
 
@@ -149,13 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from agents import UnknownAgentError
+    from benchmarks.checkpoint import IncompatibleCheckpointError
+    from benchmarks.config import ConfigError
     from envs.base import ConfigurationError
 
     args = build_parser().parse_args(argv)
-    handlers = {"envs": _cmd_envs, "rollout": _cmd_rollout, "demo": _cmd_demo}
+    handlers = {"run": _cmd_run, "envs": _cmd_envs, "rollout": _cmd_rollout, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
-    except ConfigurationError as error:
+    except (
+        ConfigurationError,
+        ConfigError,
+        UnknownAgentError,
+        IncompatibleCheckpointError,
+    ) as error:
         # Registry and config errors already name the problem and the fix.
         print(f"mbxfer: error: {error}", file=sys.stderr)
         return 2

@@ -95,7 +95,9 @@ def register(name: str, entry_point: EntryPoint, **defaults: Any) -> None:
             f"entry point {entry_point!r} for {name!r} must look like 'package.module:function'"
         )
     if name in _REGISTRY and _REGISTRY[name].entry_point != entry_point:
-        warnings.warn(f"environment {name!r} is registered again; the new entry replaces it")
+        warnings.warn(
+            f"environment {name!r} is registered again; the new entry replaces it", stacklevel=2
+        )
     _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults))
 
 
@@ -206,7 +208,9 @@ def _load_plugins() -> None:
         try:
             plugin.load()()
         except Exception as error:  # A broken plugin must not hide the built-in environments.
-            warnings.warn(f"mbxfer.envs plugin {plugin.name!r} failed to load: {error!r}")
+            warnings.warn(
+                f"mbxfer.envs plugin {plugin.name!r} failed to load: {error!r}", stacklevel=2
+            )
 
 
 # Built-in environments. The table is the only place that names them.

@@ -27,9 +27,7 @@ _OBSERVATION_MODES = ("image", "vector", "both")
 
 def _check_mode(observation: str) -> None:
     if observation not in _OBSERVATION_MODES:
-        raise ValueError(
-            f"observation={observation!r} is not one of {_OBSERVATION_MODES}"
-        )
+        raise ValueError(f"observation={observation!r} is not one of {_OBSERVATION_MODES}")
 
 
 class GridWorld(base.Environment):
@@ -72,7 +70,9 @@ class GridWorld(base.Environment):
     def reset(self) -> dm_env.TimeStep:
         cells = self._rng.permutation(self._size * self._size)[: self._num_items + 1]
         self._position = np.array(divmod(int(cells[0]), self._size))
-        self._items = np.array([divmod(int(c), self._size) for c in cells[1:]], np.int64).reshape(-1, 2)
+        self._items = np.array([divmod(int(c), self._size) for c in cells[1:]], np.int64).reshape(
+            -1, 2
+        )
         self._item_present = np.ones(self._num_items, bool)
         self._corner_reached = np.zeros(4, bool)
         self._steps = 0
@@ -110,11 +110,12 @@ class GridWorld(base.Environment):
         if self._observation in ("image", "both"):
             observation["image"] = self._render()
         if self._observation in ("vector", "both"):
-            position = np.zeros(self._size * self._size, np.float32)
-            position[self._position[0] * self._size + self._position[1]] = 1.0
-            observation["vector"] = np.concatenate(
-                [position, self._item_present.astype(np.float32)]
-            )
+            # One-hot agent position and a map of the remaining items: fully observable.
+            cells = np.zeros((2, self._size, self._size), np.float32)
+            cells[0, self._position[0], self._position[1]] = 1.0
+            present = self._items[self._item_present]
+            cells[1, present[:, 0], present[:, 1]] = 1.0
+            observation["vector"] = cells.reshape(-1)
         observation[base.TASK_REWARDS_KEY] = task_rewards
         observation["log_position"] = self._position.astype(np.int32)
         return observation
@@ -134,7 +135,7 @@ class GridWorld(base.Environment):
         if self._observation in ("image", "both"):
             spec["image"] = base.image_spec(self._image_size, self._image_size)
         if self._observation in ("vector", "both"):
-            spec["vector"] = base.vector_spec(self._size * self._size + self._num_items)
+            spec["vector"] = base.vector_spec(2 * self._size * self._size)
         spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
         spec["log_position"] = specs.Array((2,), np.int32, name="log_position")
         return spec

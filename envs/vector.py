@@ -67,6 +67,8 @@ def _worker(connection, factory, seed: int, environment_variables: dict) -> None
                 result = env.step(payload)
             elif command == "reset":
                 result = env.reset()
+            elif command == "seed":
+                result = env.seed(payload)
             elif command == "spec":
                 result = (env.observation_spec(), env.action_spec(), tuple(env.tasks))
             elif command == "close":
@@ -181,6 +183,20 @@ class VectorEnv:
     # -- stepping ---------------------------------------------------------------------------
     def reset(self) -> dm_env.TimeStep:
         return self._run([("reset", None)] * self.num_envs)
+
+    def seed(self, seed: int) -> None:
+        """Reseed environment `i` with `seed + i`; the next `step` or `reset` starts anew."""
+        if self._closed:
+            raise RuntimeError("this VectorEnv is closed")
+        if self.mode == "inline":
+            for i, env in enumerate(self._envs):
+                env.seed(seed + i)
+        else:
+            for i, worker in enumerate(self._workers):
+                worker.send("seed", seed + i)
+            for worker in self._workers:
+                worker.receive()
+        self._needs_reset[:] = True
 
     def step(self, actions) -> dm_env.TimeStep:
         actions = np.asarray(actions)

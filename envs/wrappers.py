@@ -183,13 +183,17 @@ class FromGymnasium(base.Environment):
             self._action_spec = specs.DiscreteArray(int(action_space.n), name="action")
             self._action_offset = int(action_space.start)
         elif isinstance(action_space, gymnasium.spaces.Box):
-            if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+            if not (
+                np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))
+            ):
                 raise ValueError("Box action spaces need finite bounds to map onto [-1, 1]")
             self._low = action_space.low.astype(_FLOAT32)
             self._high = action_space.high.astype(_FLOAT32)
             self._action_spec = base.continuous_action_spec(int(np.prod(action_space.shape)))
         else:
-            raise ValueError(f"only Discrete and Box action spaces are supported, got {action_space}")
+            raise ValueError(
+                f"only Discrete and Box action spaces are supported, got {action_space}"
+            )
         self._next_seed: Optional[int] = seed
         self._needs_reset = True
 

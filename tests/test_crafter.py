@@ -72,8 +72,12 @@ _WORLDS = textwrap.dedent(
 def _world_hashes(seed, jit):
     environment = dict(os.environ, NUMBA_DISABLE_JIT="0" if jit else "1")
     result = subprocess.run(
-        [sys.executable, "-c", _WORLDS, str(seed)], capture_output=True, text=True,
-        env=environment, cwd=os.path.dirname(os.path.dirname(__file__)), check=True,
+        [sys.executable, "-c", _WORLDS, str(seed)],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        check=True,
     )
     return result.stdout.split()
 

@@ -29,7 +29,7 @@ def test_bad_keyword_names_accepted_ones():
 def test_defaults_and_overrides_reach_the_factory():
     registry.register("test_grid_small", "envs.toy:GridWorld", size=4, num_items=2)
     env = registry.make("test_grid_small", num_items=1)
-    assert env.observation_spec()["vector"].shape == (4 * 4 + 1,)
+    assert env.observation_spec()["vector"].shape == (2 * 4 * 4,)
     assert "test_grid_small" in registry.names()
 
 
@@ -85,10 +85,12 @@ def test_plugin_entry_point_group(tmp_path, monkeypatch):
     )
     dist = tmp_path / "mbxfer_test_plugin-1.0.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mbxfer-test-plugin\nVersion: 1.0\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mbxfer-test-plugin\nVersion: 1.0\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[mbxfer.envs]\nplugin_grid = mbxfer_test_plugin:register_all\n"
     )
     monkeypatch.setattr(registry, "_PLUGINS_LOADED", False)
     assert "plugin_grid" in registry.names()
-    assert registry.make("plugin_grid").observation_spec()["vector"].shape == (5 * 5 + 3,)
+    assert registry.make("plugin_grid").observation_spec()["vector"].shape == (2 * 5 * 5,)

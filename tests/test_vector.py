@@ -100,7 +100,9 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
         """
     )
     parent = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        text=True,
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     pids = [int(p) for p in parent.stdout.readline().split()]

@@ -84,7 +84,9 @@ def main(argv=None) -> dict:
         "2 workers / 1 worker": median["VectorEnv 2 workers"] / median["VectorEnv 1 worker"],
         "1 worker / raw": median["VectorEnv 1 worker"] / median["raw crafter.Env"],
     }
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    )
     print(f"machine: {machine}; {args.rounds} rounds x {args.steps} steps, median steps/s")
     for name, value in median.items():
         runs = ", ".join(f"{v:.0f}" for v in measured[name])

@@ -1,0 +1,280 @@
+"""Haiku building blocks shared by every agent, and the symlog / two-hot value transforms.
+
+Transforms (pure, shape-agnostic over leading axes):
+  * `symlog(x) = sign(x) log(1 + |x|)` and its inverse `symexp` (Hafner et al. 2023, DreamerV3).
+  * `two_hot(x, bins)`: the two-hot encoding of `symlog(x)` over `bins`, which are evenly
+    spaced in symlog space (`symlog_bins`). `two_hot_decode(logits, bins)` is the inverse
+    (expectation in symlog space, then `symexp`), and `two_hot_loss` the cross-entropy.
+
+Modules: `MLP`, `ConvEncoder`, `ConvDecoder`, `VectorEncoder`, and `ObservationEncoder` /
+`ObservationDecoder` for observation dicts with `image` (uint8 `[..., H, W, 3]`) and/or
+`vector` (float32 `[..., D]`) keys. Every layer is Linear/Conv -> LayerNorm -> SiLU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional, Sequence
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import rlax
+
+LOG_PREFIX = "log_"  # same as envs.base.LOG_PREFIX; observation keys agents ignore
+IMAGE_KEY = "image"
+VECTOR_KEY = "vector"
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms.
+
+
+def symlog(x: chex.Array) -> chex.Array:
+    """`sign(x) * log(1 + |x|)`: compresses large magnitudes, identity-like near zero."""
+    return rlax.signed_logp1(jnp.asarray(x, jnp.float32))
+
+
+def symexp(x: chex.Array) -> chex.Array:
+    """Inverse of `symlog`: `sign(x) * (exp(|x|) - 1)`."""
+    return rlax.signed_expm1(jnp.asarray(x, jnp.float32))
+
+
+def symlog_bins(num_bins: int = 255, limit: float = 20.0) -> jax.Array:
+    """`[num_bins]` bin centres evenly spaced in symlog space over `[-limit, limit]`."""
+    if num_bins < 2:
+        raise ValueError(f"num_bins={num_bins} must be at least 2")
+    return jnp.linspace(-limit, limit, num_bins, dtype=jnp.float32)
+
+
+def two_hot(x: chex.Array, bins: chex.Array) -> jax.Array:
+    """Two-hot encoding `[..., K]` of `symlog(x)` (`x`: `[...]`) over evenly spaced `bins` `[K]`.
+
+    The two bins around `symlog(x)` share the mass so that the expectation over `bins` is
+    exactly `symlog(x)`; values outside the range are clipped to the end bins.
+    """
+    chex.assert_rank(bins, 1)
+    chex.assert_type(x, float)
+    return rlax.transform_to_2hot(symlog(x), bins[0], bins[-1], bins.shape[0])
+
+
+def two_hot_decode(logits: chex.Array, bins: chex.Array) -> jax.Array:
+    """Scalar `[...]` of categorical `logits` `[..., K]`: `symexp` of the expected bin."""
+    chex.assert_rank(bins, 1)
+    chex.assert_axis_dimension(logits, logits.ndim - 1, bins.shape[0])
+    # rlax.transform_from_2hot adds a leading axis to unbatched inputs, so sum directly.
+    return symexp(jnp.sum(jax.nn.softmax(logits, axis=-1) * bins, axis=-1))
+
+
+def two_hot_loss(logits: chex.Array, target: chex.Array, bins: chex.Array) -> jax.Array:
+    """Cross-entropy `[...]` between `two_hot(target)` and `softmax(logits)` `[..., K]`.
+
+    The target encoding carries no gradient; the loss is minimal (equal to the entropy of the
+    two-hot target) when `softmax(logits) == two_hot(target, bins)`.
+    """
+    chex.assert_rank(bins, 1)
+    chex.assert_axis_dimension(logits, logits.ndim - 1, bins.shape[0])
+    chex.assert_equal_shape_prefix([logits, target], target.ndim)
+    target_probs = jax.lax.stop_gradient(two_hot(target, bins))
+    return -jnp.sum(target_probs * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def image_to_float(image: chex.Array) -> jax.Array:
+    """uint8 image in [0, 255] -> float32 in [0, 1]."""
+    return jnp.asarray(image, jnp.float32) / 255.0
+
+
+def agent_keys(observation: Mapping[str, object]) -> list[str]:
+    """The sorted observation keys an agent reads (drops `log_*`); rejects unknown keys."""
+    keys = sorted(k for k in observation if not k.startswith(LOG_PREFIX))
+    unknown = [k for k in keys if k not in (IMAGE_KEY, VECTOR_KEY)]
+    if unknown or not keys:
+        raise ValueError(
+            f"observation keys {sorted(observation)}: agents read `{IMAGE_KEY}` and/or "
+            f"`{VECTOR_KEY}` (plus ignored `{LOG_PREFIX}*` keys); unknown: {unknown}"
+        )
+    return keys
+
+
+# ---------------------------------------------------------------------------------------
+# Modules.
+
+
+def _norm_act(x: jax.Array, name: str) -> jax.Array:
+    x = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name=name)(x)
+    return jax.nn.silu(x)
+
+
+class MLP(hk.Module):
+    """`[..., I] -> [..., O]`: hidden layers of Linear -> LayerNorm -> SiLU, optional output."""
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int],
+        output_size: Optional[int] = None,
+        zero_output: bool = False,
+        name: Optional[str] = None,
+    ):
+        """`zero_output` zero-initialises the output layer (heads that should start at 0)."""
+        super().__init__(name=name)
+        self._hidden_sizes = tuple(hidden_sizes)
+        self._output_size = output_size
+        self._zero_output = zero_output
+
+    def __call__(self, x: chex.Array) -> jax.Array:
+        for i, size in enumerate(self._hidden_sizes):
+            x = _norm_act(hk.Linear(size, name=f"linear_{i}")(x), name=f"norm_{i}")
+        if self._output_size is not None:
+            w_init = hk.initializers.Constant(0.0) if self._zero_output else None
+            x = hk.Linear(self._output_size, w_init=w_init, name="output")(x)
+        return x
+
+
+def _num_stride_layers(size: int, min_resolution: int) -> int:
+    ratio = size / min_resolution
+    layers = int(round(math.log2(ratio))) if ratio >= 1 else -1
+    if layers < 1 or min_resolution * 2**layers != size:
+        raise ValueError(
+            f"image size {size} must be min_resolution={min_resolution} times a power of two"
+        )
+    return layers
+
+
+class ConvEncoder(hk.Module):
+    """uint8 image `[..., H, W, C]` -> `[..., E]` by stride-2 convs with channels `depth * 2**i`.
+
+    Halves the resolution until `min_resolution` (16x16 -> 2 layers, 64x64 -> 4 layers).
+    """
+
+    def __init__(
+        self, depth: int = 16, min_resolution: int = 4, kernel: int = 4, name: Optional[str] = None
+    ):
+        super().__init__(name=name)
+        self._depth = depth
+        self._min_resolution = min_resolution
+        self._kernel = kernel
+
+    def __call__(self, image: chex.Array) -> jax.Array:
+        if image.ndim < 3:
+            raise ValueError(f"ConvEncoder needs images [..., H, W, C], got {image.shape}")
+        height, width = image.shape[-3:-1]
+        if height != width:
+            raise ValueError(f"ConvEncoder needs square images, got {image.shape[-3:]}")
+        lead = image.shape[:-3]
+        x = image_to_float(image).reshape((-1,) + image.shape[-3:]) - 0.5
+        for i in range(_num_stride_layers(height, self._min_resolution)):
+            conv = hk.Conv2D(self._depth * 2**i, self._kernel, stride=2, name=f"conv_{i}")
+            x = _norm_act(conv(x), name=f"norm_{i}")
+        return x.reshape(lead + (-1,))
+
+
+class ConvDecoder(hk.Module):
+    """Features `[..., F]` -> image `[..., H, W, C]` in [0, 1] units (unclipped), mirroring
+    `ConvEncoder` with stride-2 transposed convs."""
+
+    def __init__(
+        self,
+        output_shape: Sequence[int],
+        depth: int = 16,
+        min_resolution: int = 4,
+        kernel: int = 4,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        self._output_shape = tuple(output_shape)
+        height, width, _ = self._output_shape
+        if height != width:
+            raise ValueError(f"ConvDecoder needs square images, got {self._output_shape}")
+        self._layers = _num_stride_layers(height, min_resolution)
+        self._depth = depth
+        self._min_resolution = min_resolution
+        self._kernel = kernel
+
+    def __call__(self, features: chex.Array) -> jax.Array:
+        lead = features.shape[:-1]
+        channels = [self._depth * 2**i for i in range(self._layers)]
+        r = self._min_resolution
+        x = hk.Linear(r * r * channels[-1], name="project")(
+            features.reshape(-1, features.shape[-1])
+        )
+        x = _norm_act(x.reshape(-1, r, r, channels[-1]), name="project_norm")
+        for i in reversed(range(1, self._layers)):
+            deconv = hk.Conv2DTranspose(channels[i - 1], self._kernel, stride=2, name=f"deconv_{i}")
+            x = _norm_act(deconv(x), name=f"norm_{i}")
+        output = hk.Conv2DTranspose(self._output_shape[-1], self._kernel, stride=2, name="deconv_0")
+        x = output(x) + 0.5
+        return x.reshape(lead + self._output_shape)
+
+
+class VectorEncoder(hk.Module):
+    """float vector `[..., D]` -> `[..., E]`: an MLP over `symlog(vector)`."""
+
+    def __init__(self, hidden_sizes: Sequence[int], name: Optional[str] = None):
+        super().__init__(name=name)
+        self._hidden_sizes = tuple(hidden_sizes)
+
+    def __call__(self, vector: chex.Array) -> jax.Array:
+        return MLP(self._hidden_sizes, name="mlp")(symlog(vector))
+
+
+class ObservationEncoder(hk.Module):
+    """Observation dict (`image` and/or `vector`, `log_*` ignored) -> embedding `[..., E]`.
+
+    The embedding concatenates the image and vector embeddings in sorted key order.
+    """
+
+    def __init__(
+        self,
+        depth: int = 16,
+        hidden_sizes: Sequence[int] = (128, 128),
+        min_resolution: int = 4,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        self._depth = depth
+        self._hidden_sizes = tuple(hidden_sizes)
+        self._min_resolution = min_resolution
+
+    def __call__(self, observation: Mapping[str, chex.Array]) -> jax.Array:
+        embeddings = []
+        for key in agent_keys(observation):
+            if key == IMAGE_KEY:
+                encoder = ConvEncoder(self._depth, self._min_resolution, name="image_encoder")
+            else:
+                encoder = VectorEncoder(self._hidden_sizes, name="vector_encoder")
+            embeddings.append(encoder(observation[key]))
+        return jnp.concatenate(embeddings, axis=-1)
+
+
+class ObservationDecoder(hk.Module):
+    """Features `[..., F]` -> dict of predictions for the keys of `observation_shapes`.
+
+    `image`: `[..., H, W, C]` in [0, 1] units (unclipped); `vector`: `[..., D]` in symlog space.
+    """
+
+    def __init__(
+        self,
+        observation_shapes: Mapping[str, Sequence[int]],
+        depth: int = 16,
+        hidden_sizes: Sequence[int] = (128, 128),
+        min_resolution: int = 4,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        self._shapes = {k: tuple(observation_shapes[k]) for k in agent_keys(observation_shapes)}
+        self._depth = depth
+        self._hidden_sizes = tuple(hidden_sizes)
+        self._min_resolution = min_resolution
+
+    def __call__(self, features: chex.Array) -> dict[str, jax.Array]:
+        predictions = {}
+        for key, shape in self._shapes.items():
+            if key == IMAGE_KEY:
+                decoder = ConvDecoder(
+                    shape, self._depth, self._min_resolution, name="image_decoder"
+                )
+            else:
+                decoder = MLP(self._hidden_sizes, output_size=shape[-1], name="vector_decoder")
+            predictions[key] = decoder(features)
+        return predictions

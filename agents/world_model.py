@@ -1,0 +1,333 @@
+"""THE shared world model: encode, observe (filter), imagine (one step), heads and losses.
+
+Both agents build it with `make_world_model(config, observation_spec, action_spec)`, which
+returns a `WorldModel` of pure, jittable functions over one Haiku parameter tree (types in
+`world_model_types.py`, dynamics in `latent.py`, loss terms in `world_model_losses.py`).
+
+Batch format (what `agents.replay.Replay.sample` returns; batch-major `[B, T, ...]`):
+  observation: dict of `[B, T, ...]`: `image` uint8 `[B, T, H, W, 3]` and/or `vector` float32
+    `[B, T, V]`; `log_*` keys (e.g. `log_task_rewards`) may be present and are ignored.
+  action: int `[B, T]` (discrete) or float32 `[B, T, A]` (continuous, in [-1, 1]).
+    `action[:, t]` is the action TAKEN AT observation t, so the model filters step t with
+    `action[:, t-1]` (zeros where `is_first`, and before the first step of the batch).
+  reward: float32 `[B, T]`, received on arriving at observation t (0 where `is_first`).
+  discount: float32 `[B, T]`, 0 where observation t is terminal.
+  is_first, is_last, is_terminal: bool `[B, T]`. A window may span an episode boundary: the
+    model resets its state where `is_first`.
+
+Sequences in and out of `observe_sequence`, `loss` and `open_loop` are batch-major too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import chex
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from dm_env import specs
+
+from agents import latent, networks
+from agents.world_model_losses import LOSS_TERMS
+from agents.world_model_types import (
+    Array,
+    Batch,
+    HeadOutputs,
+    LatentState,
+    LossConfig,
+    LossContext,
+    LossTerm,
+    Observation,
+    Params,
+    WorldModel,
+    WorldModelConfig,
+)
+
+__all__ = [
+    "HeadOutputs",
+    "LatentState",
+    "LossConfig",
+    "LossContext",
+    "WorldModel",
+    "WorldModelConfig",
+    "make_world_model",
+    "open_loop_error",
+]
+
+
+def _action_info(action_spec: specs.Array) -> tuple[bool, int]:
+    """(discrete, action size) of a `DiscreteArray` or a 1-D `BoundedArray` in [-1, 1]."""
+    if isinstance(action_spec, specs.DiscreteArray):
+        return True, int(action_spec.num_values)
+    if isinstance(action_spec, specs.BoundedArray) and len(action_spec.shape) == 1:
+        if np.any(action_spec.minimum != -1.0) or np.any(action_spec.maximum != 1.0):
+            raise ValueError(f"continuous actions must be bounded in [-1, 1], got {action_spec}")
+        return False, int(action_spec.shape[0])
+    raise ValueError(f"unsupported action spec {action_spec!r}: need DiscreteArray or 1-D [-1, 1]")
+
+
+def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int, ...]]):
+    """The Haiku multi-transform body: one set of modules shared by every function."""
+    hidden = [config.hidden] * config.mlp_layers
+    encoder = networks.ObservationEncoder(
+        config.encoder_depth, hidden, config.min_resolution, name="encoder"
+    )
+    core = latent.make_core(config)
+    reward_head = networks.MLP(hidden, config.reward_bins, zero_output=True, name="reward_head")
+    continuation_head = networks.MLP(hidden, 1, name="continuation_head")
+    decoder = None
+    if config.decoder:
+        decoder = networks.ObservationDecoder(
+            observation_shapes, config.encoder_depth, hidden, config.min_resolution, name="decoder"
+        )
+
+    def heads(features: Array) -> HeadOutputs:
+        return HeadOutputs(
+            reward_logits=reward_head(features),
+            continuation_logit=continuation_head(features)[..., 0],
+            observation=decoder(features) if decoder is not None else {},
+        )
+
+    def init(observation, state, action, rng):
+        posterior, _ = core.observe(state, action, encoder(observation), rng)
+        return heads(latent.features(posterior))
+
+    return init, (encoder, core.observe, core.imagine, heads)
+
+
+def _mask_first(tree: Any, is_first: Array) -> Any:
+    """Zeroes every `[B, ...]` leaf where `is_first` (the initial state is all zeros)."""
+    keep = 1.0 - jnp.asarray(is_first, jnp.float32)
+    return jax.tree.map(lambda x: x * keep.reshape(keep.shape + (1,) * (x.ndim - 1)), tree)
+
+
+def _time_major(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
+
+
+def make_world_model(
+    config: WorldModelConfig,
+    observation_spec: Mapping[str, specs.Array],
+    action_spec: specs.Array,
+    loss_terms: Mapping[str, LossTerm] = LOSS_TERMS,
+) -> WorldModel:
+    """Builds the world model's pure functions (see `WorldModel` for each signature).
+
+    `observation_spec` may contain `log_*` keys (ignored). `loss_terms` maps every loss name
+    with a non-zero scale in `config.losses` to its term (`world_model_losses.LOSS_TERMS`).
+    """
+    observation_shapes = {
+        key: tuple(observation_spec[key].shape) for key in networks.agent_keys(observation_spec)
+    }
+    observation_dtypes = {key: observation_spec[key].dtype for key in observation_shapes}
+    discrete, action_size = _action_info(action_spec)
+    scales = {name: scale for name, scale in config.losses.scales().items() if scale != 0}
+    missing = sorted(set(scales) - set(loss_terms))
+    if missing:
+        raise ValueError(f"no loss term registered for {missing}; known: {sorted(loss_terms)}")
+    transformed = hk.without_apply_rng(
+        hk.multi_transform(functools.partial(_build, config, observation_shapes))
+    )
+    encode_fn, observe_fn, imagine_fn, heads_fn = transformed.apply
+    bins = networks.symlog_bins(config.reward_bins)
+
+    def action_input(action: Array) -> jax.Array:
+        """int `[...]` -> one-hot `[..., A]` for discrete actions; float passes through."""
+        action = jnp.asarray(action)
+        if discrete and jnp.issubdtype(action.dtype, jnp.integer):
+            return jax.nn.one_hot(action, action_size, dtype=jnp.float32)
+        chex.assert_axis_dimension(action, action.ndim - 1, action_size)
+        return action.astype(jnp.float32)
+
+    def initial_state(batch_size: int) -> LatentState:
+        return latent.initial_state(config, batch_size)
+
+    def init(rng: chex.PRNGKey) -> Params:
+        observation = {
+            key: jnp.zeros((1,) + shape, observation_dtypes[key])
+            for key, shape in observation_shapes.items()
+        }
+        action = jnp.zeros((1, action_size), jnp.float32)
+        return transformed.init(rng, observation, initial_state(1), action, rng)
+
+    def encode(params: Params, observation: Observation) -> jax.Array:
+        return encode_fn(params, {key: observation[key] for key in observation_shapes})
+
+    def observe(
+        params: Params,
+        state: LatentState,
+        prev_action: Array,
+        embed: Array,
+        is_first: Array,
+        rng: chex.PRNGKey,
+    ) -> tuple[LatentState, LatentState]:
+        chex.assert_rank(is_first, 1)
+        chex.assert_rank(embed, 2)
+        state = _mask_first(state, is_first)
+        prev_action = _mask_first(action_input(prev_action), is_first)
+        return observe_fn(params, state, prev_action, embed, rng)
+
+    def observe_sequence(
+        params: Params,
+        state: LatentState,
+        actions: Array,
+        embeds: Array,
+        is_first: Array,
+        rng: chex.PRNGKey,
+        prev_action: Array | None = None,
+    ) -> tuple[LatentState, LatentState]:
+        chex.assert_rank(is_first, 2)
+        chex.assert_rank(embeds, 3)
+        actions = action_input(actions)
+        batch_size, length = is_first.shape
+        if prev_action is None:
+            first_action = jnp.zeros((batch_size, action_size), jnp.float32)
+        else:
+            first_action = action_input(prev_action)
+        prev_actions = jnp.concatenate([first_action[:, None], actions[:, :-1]], axis=1)
+
+        def step(state, inputs):
+            prev_action, embed, first, key = inputs
+            posterior, prior = observe(params, state, prev_action, embed, first, key)
+            return posterior, (posterior, prior)
+
+        inputs = (*_time_major((prev_actions, embeds, is_first)), jax.random.split(rng, length))
+        _, (posteriors, priors) = jax.lax.scan(step, state, inputs)
+        return _time_major(posteriors), _time_major(priors)
+
+    def imagine(
+        params: Params, state: LatentState, action: Array, rng: chex.PRNGKey
+    ) -> LatentState:
+        return imagine_fn(params, state, action_input(action), rng)
+
+    def reward(params: Params, features: Array) -> jax.Array:
+        return networks.two_hot_decode(heads_fn(params, features).reward_logits, bins)
+
+    def continuation(params: Params, features: Array) -> jax.Array:
+        return jax.nn.sigmoid(heads_fn(params, features).continuation_logit)
+
+    def decode(params: Params, features: Array) -> dict[str, jax.Array]:
+        if not config.decoder:
+            raise ValueError("decode needs a decoder (config.decoder=True)")
+        predicted = dict(heads_fn(params, features).observation)
+        if networks.IMAGE_KEY in predicted:
+            predicted[networks.IMAGE_KEY] = jnp.clip(predicted[networks.IMAGE_KEY], 0.0, 1.0)
+        if networks.VECTOR_KEY in predicted:
+            predicted[networks.VECTOR_KEY] = networks.symexp(predicted[networks.VECTOR_KEY])
+        return predicted
+
+    def loss(
+        params: Params,
+        batch: Batch,
+        state: LatentState,
+        rng: chex.PRNGKey,
+        target_params: Params | None = None,
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], LatentState, LatentState]]:
+        """`(total, (metrics, posteriors [B, T, ...], last_state [B, ...]))`.
+
+        `state` is the latent before the batch's first step: `initial_state(B)` for windows
+        sampled at random (step 0 then starts afresh), or a previous call's `last_state` for
+        consecutive chunks. Differentiate with `jax.value_and_grad(loss, has_aux=True)`.
+        """
+        chex.assert_rank(batch["reward"], 2)
+        chex.assert_equal_shape([batch["reward"], batch["is_first"], batch["is_terminal"]])
+        observe_rng, terms_rng = jax.random.split(rng)
+        embeds = encode(params, batch["observation"])
+        posteriors, priors = observe_sequence(
+            params, state, batch["action"], embeds, batch["is_first"], observe_rng
+        )
+        features = latent.features(posteriors)
+        context = LossContext(
+            model=model,
+            config=config,
+            params=params,
+            target_params=jax.lax.stop_gradient(params) if target_params is None else target_params,
+            batch=batch,
+            embeds=embeds,
+            posteriors=posteriors,
+            priors=priors,
+            features=features,
+            heads=heads_fn(params, features),
+            rng=terms_rng,
+        )
+        total = jnp.zeros((), jnp.float32)
+        metrics = {}
+        for name, scale in scales.items():
+            per_step, extra_metrics = loss_terms[name](context)
+            value = jnp.mean(per_step)
+            total = total + scale * value
+            metrics[f"loss/{name}"] = value
+            metrics.update(extra_metrics)
+        metrics["loss/total"] = total
+        last_state = jax.lax.stop_gradient(jax.tree.map(lambda x: x[:, -1], posteriors))
+        return total, (metrics, posteriors, last_state)
+
+    def open_loop(
+        params: Params, batch: Batch, context: int, horizon: int, rng: chex.PRNGKey
+    ) -> dict[str, jax.Array]:
+        """Decoded observations `[B, horizon, ...]` for steps `context .. context+horizon-1`,
+        imagined from the posterior after the first `context` real steps using the batch's
+        actions. `context` and `horizon` are Python ints (static under `jax.jit`). Episode
+        boundaries inside the horizon are not reset."""
+        length = batch["reward"].shape[1]
+        if context < 1 or horizon < 1 or context + horizon > length:
+            raise ValueError(f"need 1 <= context, 1 <= horizon, context + horizon <= {length}")
+        observe_rng, imagine_rng = jax.random.split(rng)
+        observation = {key: value[:, :context] for key, value in batch["observation"].items()}
+        posteriors, _ = observe_sequence(
+            params,
+            initial_state(batch["reward"].shape[0]),
+            batch["action"][:, :context],
+            encode(params, observation),
+            batch["is_first"][:, :context],
+            observe_rng,
+        )
+        start = jax.tree.map(lambda x: x[:, -1], posteriors)
+        actions = _time_major(batch["action"][:, context - 1 : context - 1 + horizon])
+
+        def step(state, inputs):
+            prior = imagine(params, state, *inputs)
+            return prior, prior
+
+        _, priors = jax.lax.scan(step, start, (actions, jax.random.split(imagine_rng, horizon)))
+        return decode(params, latent.features(_time_major(priors)))
+
+    model = WorldModel(
+        init=init,
+        initial_state=initial_state,
+        encode=encode,
+        observe=observe,
+        observe_sequence=observe_sequence,
+        imagine=imagine,
+        features=latent.features,
+        heads=heads_fn,
+        reward=reward,
+        continuation=continuation,
+        decode=decode,
+        loss=loss,
+        open_loop=open_loop,
+        config=config,
+        action_size=action_size,
+        discrete=discrete,
+    )
+    return model
+
+
+def open_loop_error(
+    predicted: Mapping[str, Array], batch: Batch, context: int, key: str = networks.IMAGE_KEY
+) -> jax.Array:
+    """Per-step mean squared error `[horizon]` of `open_loop` predictions against the batch.
+
+    Images are compared in [0, 1] units, vectors in their own units.
+    """
+    prediction = predicted[key]
+    horizon = prediction.shape[1]
+    truth = batch["observation"][key][:, context : context + horizon]
+    if key == networks.IMAGE_KEY:
+        truth = networks.image_to_float(truth)
+    chex.assert_equal_shape([prediction, truth])
+    error = jnp.square(prediction - jnp.asarray(truth, jnp.float32))
+    return error.reshape(error.shape[:2] + (-1,)).mean(axis=(0, 2))

@@ -1,0 +1,219 @@
+"""Types of the shared world model: configuration, latent state, head outputs, the model's
+function table and the context handed to loss terms. Read this before `world_model.py`.
+
+Shapes: `B` batch, `T` time, `D` deterministic size, `G` x `C` categorical groups x classes,
+`F` feature size, `E` embedding size, `K` reward bins, `A` action size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, Mapping, NamedTuple
+
+import chex
+
+Array = chex.Array
+Params = Any  # a Haiku parameter tree
+Observation = Mapping[str, Array]
+Batch = Mapping[str, Any]
+
+LATENTS = ("rssm", "deterministic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Scales of the world-model loss terms (0 switches a term off) and KL free bits.
+
+    Every field except `free_bits` is the scale of the loss term of the same name in
+    `world_model_losses.LOSS_TERMS`.
+    """
+
+    reconstruction: float = 1.0
+    """Observation reconstruction (image MSE summed over pixels, vector MSE in symlog space)."""
+    reward: float = 1.0
+    """Two-hot cross-entropy of the reward head against the reward received at each step."""
+    continuation: float = 1.0
+    """Binary cross-entropy of the continuation head against `1 - is_terminal`."""
+    kl_dynamics: float = 0.5
+    """KL(stop_grad(posterior) || prior): trains the prior to predict the posterior."""
+    kl_representation: float = 0.1
+    """KL(posterior || stop_grad(prior)): keeps the posterior predictable."""
+    free_bits: float = 1.0
+    """Each KL term is clipped below at this many nats per step (DreamerV3)."""
+
+    def scales(self) -> dict[str, float]:
+        """Loss-term name -> scale, for every field except `free_bits`."""
+        return {
+            field.name: float(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+            if field.name != "free_bits"
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldModelConfig:
+    """The shared world model; defaults are small enough to train on a CPU."""
+
+    latent: Literal["rssm", "deterministic"] = "rssm"
+    """`rssm`: deterministic GRU state plus categorical stochastic latents (DreamerV2/V3);
+    `deterministic`: a GRU state only (MuZero-like), see `LatentState`."""
+    deter: int = 128
+    """Size `D` of the deterministic (GRU) state."""
+    stoch_groups: int = 8
+    """Number `G` of categorical latent variables (rssm only)."""
+    stoch_classes: int = 8
+    """Number `C` of classes of each categorical latent (rssm only)."""
+    hidden: int = 128
+    """Width of every hidden layer (dynamics, heads, vector encoder and decoder)."""
+    mlp_layers: int = 2
+    """Hidden layers of the heads and of the vector encoder/decoder."""
+    encoder_depth: int = 16
+    """Channels of the first conv layer; each stride-2 layer doubles them."""
+    min_resolution: int = 4
+    """The conv encoder halves the image down to this resolution (the decoder mirrors it)."""
+    unimix: float = 0.01
+    """Mixed into every categorical as a uniform distribution, so no class has zero mass."""
+    reward_bins: int = 255
+    """Two-hot bins of the reward head, evenly spaced in symlog space over [-20, 20]."""
+    decoder: bool = True
+    """Whether the model has an observation decoder (needed by the reconstruction loss)."""
+    losses: LossConfig = dataclasses.field(default_factory=LossConfig)
+    """Loss scales and free bits."""
+
+    def __post_init__(self):
+        if self.latent not in LATENTS:
+            raise ValueError(f"latent={self.latent!r} is not one of {LATENTS}")
+        for name in ("deter", "stoch_groups", "stoch_classes", "hidden", "encoder_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if not 0.0 <= self.unimix < 1.0:
+            raise ValueError(f"unimix={self.unimix} must be in [0, 1)")
+        if not self.decoder and self.losses.reconstruction != 0:
+            raise ValueError("decoder=False needs losses.reconstruction=0")
+
+    @property
+    def stoch_size(self) -> int:
+        """Width of `LatentState.stoch`: `G * C` for rssm, 0 for deterministic."""
+        return self.stoch_groups * self.stoch_classes if self.latent == "rssm" else 0
+
+    @property
+    def feature_size(self) -> int:
+        """Width `F` of `features(state)`."""
+        return self.deter + self.stoch_size
+
+
+class LatentState(NamedTuple):
+    """The world model's state at one step (or a sequence of them, with a `T` axis after `B`).
+
+    For `latent="deterministic"` the stochastic part has zero width, so the same code path
+    serves both latents and `features(state) == deter`.
+
+    Attributes:
+      deter: `[B, D]` deterministic (GRU) state.
+      stoch: `[B, G * C]` flattened one-hot sample of the categorical latents (with
+        straight-through gradients); `[B, 0]` for the deterministic latent.
+      logits: `[B, G, C]` log-probabilities (unimix applied) the sample was drawn from;
+        `[B, 0, C]` for the deterministic latent.
+    """
+
+    deter: Array
+    stoch: Array
+    logits: Array
+
+
+class HeadOutputs(NamedTuple):
+    """Raw head outputs on features `[..., F]`, in the units the losses use.
+
+    Attributes:
+      reward_logits: `[..., K]` logits of the two-hot reward distribution.
+      continuation_logit: `[...]` logit of P(episode continues after this step).
+      observation: predicted observation: `image` `[..., H, W, 3]` in [0, 1] units
+        (unclipped), `vector` `[..., V]` in symlog space; empty without a decoder.
+    """
+
+    reward_logits: Array
+    continuation_logit: Array
+    observation: Mapping[str, Array]
+
+
+class LossContext(NamedTuple):
+    """Everything a loss term may read. Sequences are batch-major `[B, T, ...]`.
+
+    Attributes:
+      model: the world model's pure functions (to run heads, imagine, encode, ...).
+      config: the model's configuration.
+      params: parameters being trained.
+      target_params: parameters of a slow copy for self-predictive targets (an EMA kept by
+        the agent); `stop_gradient(params)` when the caller passes none.
+      batch: the training batch (format in `world_model.py`).
+      embeds: `[B, T, E]` encoder outputs of `batch["observation"]`.
+      posteriors: `LatentState` `[B, T, ...]` filtered with the observations.
+      priors: `LatentState` `[B, T, ...]` predicted one step ahead without the observation.
+      features: `[B, T, F]` features of the posteriors.
+      heads: `HeadOutputs` `[B, T, ...]` on `features`.
+      rng: a key for terms that sample (e.g. negatives of a contrastive loss).
+    """
+
+    model: "WorldModel"
+    config: WorldModelConfig
+    params: Params
+    target_params: Params
+    batch: Batch
+    embeds: Array
+    posteriors: LatentState
+    priors: LatentState
+    features: Array
+    heads: HeadOutputs
+    rng: Array
+
+
+LossTerm = Callable[[LossContext], "tuple[Array, dict[str, Array]]"]
+"""A loss term: context -> (per-step loss `[B, T]`, extra metrics). The caller averages,
+scales and reports it as `loss/<name>`."""
+
+
+class WorldModel(NamedTuple):
+    """The shared world model as pure functions over one Haiku parameter tree.
+
+    `state` arguments are `LatentState` `[B, ...]`; sequences are batch-major `[B, T, ...]`.
+    Discrete actions are int `[B]` (one-hot inside) or float one-hot `[B, A]` (e.g. a
+    straight-through policy sample); continuous actions are float `[B, A]` in [-1, 1].
+    """
+
+    init: Callable[[Array], Params]
+    """`init(rng) -> params`."""
+    initial_state: Callable[[int], LatentState]
+    """`initial_state(batch_size) -> LatentState` of zeros (what `is_first` resets to)."""
+    encode: Callable[[Params, Observation], Array]
+    """`encode(params, observation) -> embed [..., E]` for observation leaves `[..., *shape]`."""
+    observe: Callable[..., "tuple[LatentState, LatentState]"]
+    """`observe(params, state, prev_action, embed, is_first, rng) -> (posterior, prior)`: one
+    filtering step; resets `state` to initial and zeroes `prev_action` where `is_first`."""
+    observe_sequence: Callable[..., "tuple[LatentState, LatentState]"]
+    """`observe_sequence(params, state, actions, embeds, is_first, rng, prev_action=None)
+    -> (posteriors, priors)` `[B, T, ...]`; `actions[:, t]` is taken at step t, so step t is
+    filtered with `actions[:, t-1]` (and `prev_action`, default zeros, at t=0)."""
+    imagine: Callable[[Params, LatentState, Array, Array], LatentState]
+    """`imagine(params, state, action, rng) -> prior`: one step of the prior dynamics."""
+    features: Callable[[LatentState], Array]
+    """`features(state) -> [..., F]`: what every head, policy and exploration module reads."""
+    heads: Callable[[Params, Array], HeadOutputs]
+    """`heads(params, features) -> HeadOutputs` (raw logits and predictions)."""
+    reward: Callable[[Params, Array], Array]
+    """`reward(params, features) -> [...]` decoded reward prediction."""
+    continuation: Callable[[Params, Array], Array]
+    """`continuation(params, features) -> [...]` probability that the episode continues."""
+    decode: Callable[[Params, Array], "dict[str, Array]"]
+    """`decode(params, features) -> observation dict`: `image` float in [0, 1], `vector`."""
+    loss: Callable[..., "tuple[Array, tuple[dict[str, Array], LatentState, LatentState]]"]
+    """`loss(params, batch, state, rng, target_params=None) -> (total, (metrics, posteriors,
+    last_state))`."""
+    open_loop: Callable[..., "dict[str, Array]"]
+    """`open_loop(params, batch, context, horizon, rng) -> observation dict [B, horizon, ...]`
+    imagined after `context` real steps."""
+    config: WorldModelConfig
+    """The configuration the model was built from."""
+    action_size: int
+    """`A`: number of discrete actions or size of the continuous action."""
+    discrete: bool
+    """Whether actions are discrete."""

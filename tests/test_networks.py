@@ -1,0 +1,130 @@
+"""Tests for agents/networks.py: symlog and two-hot transforms, encoders and decoders."""
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agents import networks
+
+VALUES = np.array([-1e4, -37.5, -1.0, -0.3, 0.0, 0.25, 1.0, 2.5, 100.0, 5e5], np.float32)
+
+
+def test_symexp_inverts_symlog():
+    np.testing.assert_allclose(networks.symexp(networks.symlog(VALUES)), VALUES, rtol=1e-5)
+    np.testing.assert_allclose(
+        networks.symlog(networks.symexp(VALUES / 1e4)), VALUES / 1e4, atol=1e-6
+    )
+    assert float(networks.symlog(jnp.float32(0.0))) == 0.0
+    assert float(networks.symlog(jnp.float32(-3.0))) == pytest.approx(-np.log(4.0))
+
+
+def test_two_hot_encodes_symlog_value():
+    bins = networks.symlog_bins(255)
+    encoding = networks.two_hot(jnp.asarray(VALUES), bins)
+    assert encoding.shape == (len(VALUES), 255)
+    np.testing.assert_allclose(encoding.sum(-1), 1.0, atol=1e-5)
+    assert int(jnp.max(jnp.sum(encoding > 0, axis=-1))) <= 2
+    np.testing.assert_allclose(encoding @ bins, networks.symlog(VALUES), atol=1e-3)
+
+
+def test_two_hot_decode_round_trip():
+    bins = networks.symlog_bins(255)
+    logits = jnp.log(networks.two_hot(jnp.asarray(VALUES), bins) + 1e-12)
+    np.testing.assert_allclose(networks.two_hot_decode(logits, bins), VALUES, rtol=2e-3, atol=1e-3)
+    # Unbatched and batched calls agree.
+    single = networks.two_hot_decode(logits[3], bins)
+    assert single.shape == () and float(single) == pytest.approx(float(VALUES[3]), abs=1e-3)
+
+
+def test_two_hot_loss_is_minimal_at_target():
+    bins = networks.symlog_bins(41)
+    target = jnp.float32(3.7)
+    best = jnp.log(networks.two_hot(target, bins) + 1e-12)
+    rng = np.random.default_rng(0)
+    best_loss = networks.two_hot_loss(best, target, bins)
+    for _ in range(20):
+        perturbed = best + jnp.asarray(rng.normal(0, 0.5, 41), jnp.float32)
+        assert float(networks.two_hot_loss(perturbed, target, bins)) > float(best_loss)
+    gradient = jax.grad(networks.two_hot_loss)(best, target, bins)
+    np.testing.assert_allclose(gradient, 0.0, atol=1e-5)
+    # Decoding the minimiser gives the target back.
+    assert float(networks.two_hot_decode(best, bins)) == pytest.approx(3.7, rel=1e-3)
+
+
+def test_two_hot_loss_trains_towards_target():
+    bins = networks.symlog_bins(255)
+    targets = jnp.asarray([-12.0, 0.0, 0.7, 250.0])
+    logits = jnp.zeros((4, 255))
+    step = jax.jit(
+        lambda z: z - 5.0 * jax.grad(lambda y: networks.two_hot_loss(y, targets, bins).sum())(z)
+    )
+    for _ in range(300):
+        logits = step(logits)
+    np.testing.assert_allclose(networks.two_hot_decode(logits, bins), targets, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_conv_encoder_decoder_shapes(size):
+    def forward(image):
+        features = networks.ConvEncoder(depth=4)(image)
+        return features, networks.ConvDecoder((size, size, 3), depth=4)(features)
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    image = jnp.zeros((2, 3, size, size, 3), jnp.uint8)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
+    features, reconstruction = jax.eval_shape(model.apply, params, image)
+    layers = {16: 2, 64: 4}[size]
+    assert features.shape == (2, 3, 4 * 4 * 4 * 2 ** (layers - 1))
+    assert reconstruction.shape == (2, 3, size, size, 3)
+
+
+def test_conv_encoder_rejects_unsupported_sizes():
+    model = hk.transform(lambda image: networks.ConvEncoder()(image))
+    with pytest.raises(ValueError, match="power of two"):
+        model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3), jnp.uint8))
+
+
+def test_observation_encoder_and_decoder_handle_dicts():
+    shapes = {"image": (16, 16, 3), "vector": (5,), "log_task_rewards": (3,)}
+
+    def forward(observation):
+        embed = networks.ObservationEncoder(depth=4, hidden_sizes=(8,))(observation)
+        return embed, networks.ObservationDecoder(shapes, depth=4, hidden_sizes=(8,))(embed)
+
+    model = hk.without_apply_rng(hk.transform(forward))
+    observation = {
+        "image": jnp.zeros((2, 16, 16, 3), jnp.uint8),
+        "vector": jnp.ones((2, 5)),
+        "log_task_rewards": jnp.ones((2, 3)),
+    }
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), observation)
+    embed, predicted = jax.eval_shape(model.apply, params, observation)
+    assert embed.shape == (2, 4 * 4 * 8 + 8)
+    assert set(predicted) == {"image", "vector"}
+    assert predicted["image"].shape == (2, 16, 16, 3) and predicted["vector"].shape == (2, 5)
+    with pytest.raises(ValueError, match="unknown"):
+        jax.eval_shape(model.apply, params, {**observation, "depth": jnp.zeros((2, 4))})
+
+
+def test_observation_encoder_ignores_log_keys():
+    model = hk.without_apply_rng(
+        hk.transform(
+            lambda observation: networks.ObservationEncoder(hidden_sizes=(8,))(observation)
+        )
+    )
+    observation = {"vector": jnp.arange(10.0).reshape(2, 5), "log_task_rewards": jnp.ones((2, 3))}
+    params = model.init(jax.random.PRNGKey(0), observation)
+    embed = model.apply(params, observation)
+    np.testing.assert_allclose(model.apply(params, {"vector": observation["vector"]}), embed)
+    assert embed.shape == (2, 8)
+
+
+def test_mlp_zero_output_starts_at_zero():
+    model = hk.without_apply_rng(
+        hk.transform(lambda x: networks.MLP([8, 8], 3, zero_output=True)(x))
+    )
+    x = jnp.ones((4, 5))
+    params = model.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(model.apply(params, x), 0.0)

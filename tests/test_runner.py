@@ -1,0 +1,207 @@
+"""The one loop: metrics, checkpoints, exact resume after a real kill, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import checkpoint, cli, runner
+from benchmarks import config as config_lib
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "agent=dreamer",
+    "env.name=grid",
+    "env.task=collect_items",
+    "env.num_envs=2",
+    "env.kwargs={observation: vector, size: 5}",
+    "train.steps=240",
+    "train.batch_size=4",
+    "train.sequence_length=8",
+    "train.train_ratio=4",
+    "train.learning_starts=40",
+    "train.log_every=40",
+    "train.eval_every=120",
+    "train.eval_episodes=2",
+    "train.checkpoint_every=80",
+    "agent.model.deter=32",
+    "agent.model.hidden=32",
+    "agent.model.stoch_groups=4",
+    "agent.model.stoch_classes=4",
+    "agent.model.reward_bins=31",
+    "agent.actor_critic.hidden=32",
+    "agent.actor_critic.horizon=4",
+    "agent.actor_critic.critic_bins=31",
+]
+
+
+def _config(*extra):
+    return config_lib.build(config_lib.parse_overrides([*TINY, *extra]))
+
+
+def _lines(path, drop=("env_steps_per_second",)):
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in records]
+
+
+def _final_leaves(folder):
+    found = checkpoint.latest(Path(folder) / "checkpoints")
+    with np.load(found / "state.npz") as archive:
+        return [archive[f"arr_{i}"] for i in range(len(archive.files))]
+
+
+@pytest.fixture(scope="module")
+def finished_trial(tmp_path_factory):
+    """One uninterrupted tiny trial, shared by the tests that compare against it."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return folder, runner.run(_config(), folder, progress=False)
+
+
+def test_trial_writes_metrics_evals_checkpoints(finished_trial):
+    tmp_path, summary = finished_trial
+    assert summary["env_steps"] == 240 and summary["updates"] > 0
+    metrics = _lines(tmp_path / "metrics.jsonl")
+    assert [m["env_steps"] for m in metrics] == [40, 80, 120, 160, 200, 240]
+    assert all(np.isfinite(m["train/loss/total"]) for m in metrics if "train/loss/total" in m)
+    assert [e["env_steps"] for e in _lines(tmp_path / "eval.jsonl")] == [120, 240]
+    assert (tmp_path / "done.json").exists() and (tmp_path / "config.yaml").exists()
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000240"
+    # A finished trial is not run again.
+    assert runner.run(_config(), tmp_path, progress=False) == summary
+
+
+def test_killed_trial_resumes_to_the_same_result(tmp_path, finished_trial):
+    """Kill a real `mbxfer run` process after a checkpoint, resume, compare with no kill."""
+    uninterrupted = finished_trial[0]
+
+    killed = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.cli",
+        "run",
+        "--out",
+        str(killed),
+        "--no-progress",
+    ] + [a for item in TINY for a in ("--set", item)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if pointer.exists() and pointer.read_text().strip() >= "step-000000000080":
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, (
+        f"the run ended before it could be killed: {process.stderr.read()}"
+    )
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "done.json").exists()
+    killed_at = checkpoint.latest(killed / "checkpoints").name
+    assert killed_at < "step-000000000240"
+
+    runner.run(_config(), killed, progress=False)
+    for a, b in zip(_final_leaves(uninterrupted), _final_leaves(killed)):
+        np.testing.assert_array_equal(a, b)
+    assert _lines(killed / "metrics.jsonl") == _lines(uninterrupted / "metrics.jsonl")
+    assert _lines(killed / "eval.jsonl") == _lines(uninterrupted / "eval.jsonl")
+
+
+def test_stopped_trial_resumes_in_process(tmp_path, finished_trial):
+    stopped = runner.run(_config(), tmp_path, progress=False, stop_after=160)
+    assert stopped == {"stopped_at": 160}
+    runner.run(_config(), tmp_path, progress=False)
+    for a, b in zip(_final_leaves(finished_trial[0]), _final_leaves(tmp_path)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _cli(capsys, *argv):
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unknown_key_and_wrong_type_are_reported_together(capsys):
+    code, err = _cli(
+        capsys,
+        "run",
+        "--set",
+        "agent.model.latnt=deterministic",
+        "--set",
+        "train.batch_size=big",
+        "--print-config",
+    )
+    assert code == 2
+    assert "unknown key 'agent.model.latnt' (did you mean agent.model.latent?)" in err
+    assert "train.batch_size='big' must be an integer" in err
+    assert "Traceback" not in err
+    code, err = _cli(capsys, "run", "--set", "agent.model.latent=stochastic", "--print-config")
+    assert code == 2 and "must be one of ('rssm', 'deterministic')" in err
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
+    runner.run(_config(), tmp_path, progress=False, stop_after=80)
+    with pytest.raises(runner.IncompatibleTrialError, match="agent.model.deter: 32 -> 16"):
+        runner.run(_config("agent.model.deter=16"), tmp_path, progress=False)
+    code, err = _cli(
+        capsys,
+        "run",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        *[a for item in TINY for a in ("--set", item)],
+        "--set",
+        "seed=3",
+    )
+    assert code == 2 and "seed: 0 -> 3" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_structure_is_refused(tmp_path):
+    runner.run(_config(), tmp_path / "a", progress=False, stop_after=80)
+    # Same config file, but a checkpoint written by a model of another size.
+    runner.run(_config("agent.model.deter=16"), tmp_path / "b", progress=False, stop_after=80)
+    (tmp_path / "a" / "checkpoints").rename(tmp_path / "a" / "old")
+    os.rename(tmp_path / "b" / "checkpoints", tmp_path / "a" / "checkpoints")
+    with pytest.raises(runner.IncompatibleTrialError, match="different structure"):
+        runner.run(_config(), tmp_path / "a", progress=False)
+
+
+def test_crafter_smoke_run_writes_metrics_checkpoint_and_video(tmp_path):
+    config = config_lib.build(
+        config_lib.parse_overrides(
+            [
+                "agent=dreamer",
+                "env.name=crafter",
+                "env.task=reward",
+                "env.num_envs=2",
+                "train.steps=300",
+                "train.batch_size=2",
+                "train.sequence_length=12",
+                "train.train_ratio=2",
+                "train.learning_starts=100",
+                "train.log_every=100",
+                "train.eval_every=0",
+                "train.checkpoint_every=300",
+                "agent.model.deter=32",
+                "agent.model.hidden=32",
+                "agent.model.stoch_groups=4",
+                "agent.model.stoch_classes=4",
+                "agent.model.encoder_depth=4",
+                "agent.actor_critic.hidden=32",
+                "agent.actor_critic.horizon=3",
+            ]
+        )
+    )
+    summary = runner.run(config, tmp_path, progress=False)
+    assert summary["updates"] > 0
+    assert (tmp_path / "video.gif").stat().st_size > 1000
+    assert len(summary["video"]["open_loop_mse"]) == 12 - 5
+    assert checkpoint.latest(tmp_path / "checkpoints") is not None
+    assert "train/loss/reconstruction" in _lines(tmp_path / "metrics.jsonl")[-1]
