@@ -1,8 +1,9 @@
 """Tiny, fast environments for testing learning logic in seconds.
 
 `GridWorld`: a square grid with a few items. Discrete moves. Tasks share the dynamics:
-reach each corner (reward 1 the first time the corner is entered in an episode) and
-collect items (reward 1 per item picked up). Episodes end by truncation after `length`
+reach each corner (reward 1 on every step spent in that corner, so the task is Markov and
+its optimal return is the episode length minus the steps needed to get there) and collect
+items (reward 1 per item picked up; items disappear). Episodes end by truncation after `length`
 steps, or terminate when `terminate_on_collect_all` and every item is collected.
 
 `PointMass`: a 2-D point with velocity in [-1, 1]^2 driven by a continuous force.
@@ -74,10 +75,8 @@ class GridWorld(base.Environment):
             -1, 2
         )
         self._item_present = np.ones(self._num_items, bool)
-        self._corner_reached = np.zeros(4, bool)
         self._steps = 0
         self._needs_reset = False
-        self._update_corners()
         return dm_env.restart(self._observe(np.zeros(len(self._tasks), np.float32)))
 
     def step(self, action) -> dm_env.TimeStep:
@@ -86,7 +85,7 @@ class GridWorld(base.Environment):
         self._position = np.clip(self._position + _MOVES[int(action)], 0, self._size - 1)
         self._steps += 1
         task_rewards = np.zeros(len(self._tasks), np.float32)
-        task_rewards[:4] = self._update_corners()
+        task_rewards[:4] = np.all(self._corners == self._position, axis=1)
         on_item = self._item_present & np.all(self._items == self._position, axis=1)
         task_rewards[4] = on_item.sum()
         self._item_present &= ~on_item
@@ -98,12 +97,6 @@ class GridWorld(base.Environment):
             self._needs_reset = True
             return dm_env.truncation(0.0, observation)
         return dm_env.transition(0.0, observation)
-
-    def _update_corners(self) -> np.ndarray:
-        at_corner = np.all(self._corners == self._position, axis=1)
-        newly = at_corner & ~self._corner_reached
-        self._corner_reached |= at_corner
-        return newly.astype(np.float32)
 
     def _observe(self, task_rewards: np.ndarray) -> dict:
         observation = {}

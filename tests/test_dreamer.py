@@ -1,0 +1,72 @@
+"""The Dreamer agent: contract, acme adapter, modes, and learning on the toy tasks."""
+
+import acme
+import jax
+import numpy as np
+import pytest
+from acme.utils import loggers
+
+import agents
+from agents import acme_adapter, base
+from benchmarks import config as config_lib
+from benchmarks import runner
+from envs import base as env_base
+from envs import registry
+
+TINY = config_lib.build(
+    config_lib.parse_overrides(
+        [
+            "agent=dreamer",
+            "agent.model.deter=32",
+            "agent.model.hidden=32",
+            "agent.model.stoch_groups=4",
+            "agent.model.stoch_classes=4",
+            "agent.actor_critic.hidden=32",
+            "agent.actor_critic.horizon=4",
+        ]
+    )
+).agent_config
+
+
+def _agent(name="grid", **kwargs):
+    env = registry.make(name, **kwargs)
+    return env, agents.make("dreamer", env_base.environment_spec(env), TINY)
+
+
+@pytest.mark.parametrize("name", ["grid", "point_mass"])
+def test_runs_inside_acme_environment_loop(name):
+    env, agent = _agent(name, task="reach_top_left")
+    actor = acme_adapter.ActorAdapter(agent, agent.init(jax.random.PRNGKey(0)), mode="explore")
+    loop = acme.EnvironmentLoop(env, actor, logger=loggers.NoOpLogger())
+    result = loop.run_episode()
+    assert result["episode_length"] == 50 if name == "grid" else 100
+    loop.run(num_episodes=1)
+
+
+def test_explore_samples_and_eval_takes_the_mode():
+    env = registry.make("grid")
+    deterministic = config_lib.build(
+        config_lib.parse_overrides(["agent.model.latent=deterministic", "agent.model.deter=32"])
+    ).agent_config
+    agent = agents.make("dreamer", env_base.environment_spec(env), deterministic)
+    state = agent.init(jax.random.PRNGKey(0))
+    act = jax.jit(agent.act, static_argnums=4)
+    observation = env_base.agent_observation(env.reset().observation)
+    batch = {k: np.repeat(v[None], 64, 0) for k, v in observation.items()}
+    step = base.ActInput(batch, np.ones(64, bool))
+    carry = agent.initial_carry(64)
+    explored, _ = act(state, carry, step, jax.random.PRNGKey(1), "explore")
+    greedy_a, _ = act(state, carry, step, jax.random.PRNGKey(1), "eval")
+    greedy_b, _ = act(state, carry, step, jax.random.PRNGKey(2), "eval")
+    assert len(np.unique(np.asarray(explored))) > 1  # Same input, sampled actions differ.
+    # With a deterministic latent, the same input gives the actor's argmax whatever the key.
+    np.testing.assert_array_equal(greedy_a, greedy_b)
+    assert len(np.unique(np.asarray(greedy_a))) == 1
+    with pytest.raises(ValueError, match="mode="):
+        agent.act(state, carry, step, jax.random.PRNGKey(1), "greedy")
+
+
+def _learn(overrides, folder):
+    config = config_lib.build(config_lib.parse_overrides(overrides))
+    summary = runner.run(config, folder, progress=False)
+    return summary["final_eval"]["return_mean"]
