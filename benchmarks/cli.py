@@ -40,7 +40,7 @@ def random_rollout(
     finished, returns, lengths, achievements = 0, [], [], []
     start = time.time()
     steps = 0
-    with vector.VectorEnv(recipe, workers, mode=mode, seed=seed) as envs:
+    with vector.make(recipe, workers, mode=mode, seed=seed) as envs:
         action_spec = envs.action_spec()
         timestep = envs.reset()
         episode_return = np.zeros(workers)

@@ -64,7 +64,7 @@ def environment_spec(envs: vector.VectorEnv) -> acme_specs.EnvironmentSpec:
 def make_envs(config: config_lib.TrialConfig, num_envs: int, seed: int) -> vector.VectorEnv:
     recipe = registry.factory(config.env.name, task=config.env.task, **dict(config.env.kwargs))
     mode = "process" if config.env.workers else "inline"
-    return vector.VectorEnv(recipe, num_envs, mode=mode, seed=seed)
+    return vector.make(recipe, num_envs, mode=mode, seed=seed)
 
 
 class _JsonlLog:

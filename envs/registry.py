@@ -34,15 +34,9 @@ EntryPoint = Union[str, Callable[..., dm_env.Environment]]
 PLUGIN_GROUP = "mbxfer.envs"
 GENERIC_KEYWORDS = ("task", "action_repeat", "time_limit", "image_size")
 
-# Top-level module that may be missing -> the mbxfer extra that installs it.
-OPTIONAL_DEPENDENCIES = {
-    "metaworld": "metaworld",
-    "mujoco": "metaworld",
-    "dm_control": "robodesk",
-    "robodesk": "robodesk",
-    "envpool": "procgen",
-    "ray": "ray",
-}
+# Top-level module that may be missing -> the mbxfer extra that installs it. An environment
+# family with a heavy dependency adds its line here together with its extra in pyproject.toml.
+OPTIONAL_DEPENDENCIES: dict[str, str] = {}
 
 
 class UnknownEnvironmentError(base.ConfigurationError, KeyError):

@@ -283,3 +283,13 @@ class VectorEnv:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def make(
+    factory: Callable[..., dm_env.Environment], num_envs: int, mode: str = "process", seed: int = 0
+) -> VectorEnv:
+    """The batch of `num_envs` environments the rest of mbxfer uses (see `VectorEnv`).
+
+    The one place that decides how a registered environment is batched.
+    """
+    return VectorEnv(factory, num_envs, mode=mode, seed=seed)

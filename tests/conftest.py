@@ -1,4 +1,4 @@
-"""Shared test fixtures: the environments every conformance test runs on."""
+"""Test-wide settings: CPU threads, headless MuJoCo, and a shared JAX compilation cache."""
 
 import os
 
