@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _write_json_atomic(path: Path, payload) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def random_rollout(
@@ -90,7 +83,9 @@ def random_rollout(
         summary["crafter_score"] = crafter_env.score(rates)
         summary["success_rates"] = dict(zip(crafter_env.ACHIEVEMENTS, rates.round(2).tolist()))
     if out is not None:
-        _write_json_atomic(out / "summary.json", summary)
+        from benchmarks.checkpoint import write_atomic
+
+        write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 

@@ -31,7 +31,46 @@ def _check_mode(observation: str) -> None:
         raise ValueError(f"observation={observation!r} is not one of {_OBSERVATION_MODES}")
 
 
-class GridWorld(base.Environment):
+class _ToyEnvironment(base.Environment):
+    """What both toy environments share: observation modes, tasks, seeding, specs."""
+
+    def __init__(self, observation: str, image_size: int, tasks: tuple[str, ...], seed: int):
+        _check_mode(observation)
+        self._observation = observation
+        self._image_size = image_size
+        self._tasks = tasks
+        self.seed(seed)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._tasks
+
+    def seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._needs_reset = True
+
+    def _observe(self, task_rewards: np.ndarray) -> dict:
+        observation = {}
+        if self._observation in ("image", "both"):
+            observation["image"] = self._render()
+        if self._observation in ("vector", "both"):
+            observation["vector"] = self._vector()
+        observation[base.TASK_REWARDS_KEY] = task_rewards
+        observation["log_position"] = np.array(self._position, self._position_dtype)
+        return observation
+
+    def observation_spec(self) -> dict:
+        spec = {}
+        if self._observation in ("image", "both"):
+            spec["image"] = base.image_spec(self._image_size, self._image_size)
+        if self._observation in ("vector", "both"):
+            spec["vector"] = base.vector_spec(self._vector_size)
+        spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
+        spec["log_position"] = specs.Array((2,), self._position_dtype, name="log_position")
+        return spec
+
+
+class GridWorld(_ToyEnvironment):
     """A `size` x `size` grid, `num_items` items, 5 discrete actions."""
 
     def __init__(
@@ -44,7 +83,6 @@ class GridWorld(base.Environment):
         terminate_on_collect_all: bool = False,
         seed: int = 0,
     ):
-        _check_mode(observation)
         if size < 3:
             raise ValueError(f"size={size} must be at least 3")
         if not 0 <= num_items <= size * size - 1:
@@ -52,21 +90,13 @@ class GridWorld(base.Environment):
         self._size = size
         self._num_items = num_items
         self._length = length
-        self._observation = observation
-        self._image_size = image_size
         self._terminate_on_collect_all = terminate_on_collect_all
         s = size - 1
         self._corners = np.array([[0, 0], [0, s], [s, 0], [s, s]])
-        self._tasks = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
-        self.seed(seed)
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self._tasks
-
-    def seed(self, seed: int) -> None:
-        self._rng = np.random.default_rng(seed)
-        self._needs_reset = True
+        self._vector_size = 2 * size * size
+        self._position_dtype = np.int32
+        tasks = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
+        super().__init__(observation, image_size, tasks, seed)
 
     def reset(self) -> dm_env.TimeStep:
         cells = self._rng.permutation(self._size * self._size)[: self._num_items + 1]
@@ -98,20 +128,13 @@ class GridWorld(base.Environment):
             return dm_env.truncation(0.0, observation)
         return dm_env.transition(0.0, observation)
 
-    def _observe(self, task_rewards: np.ndarray) -> dict:
-        observation = {}
-        if self._observation in ("image", "both"):
-            observation["image"] = self._render()
-        if self._observation in ("vector", "both"):
-            # One-hot agent position and a map of the remaining items: fully observable.
-            cells = np.zeros((2, self._size, self._size), np.float32)
-            cells[0, self._position[0], self._position[1]] = 1.0
-            present = self._items[self._item_present]
-            cells[1, present[:, 0], present[:, 1]] = 1.0
-            observation["vector"] = cells.reshape(-1)
-        observation[base.TASK_REWARDS_KEY] = task_rewards
-        observation["log_position"] = self._position.astype(np.int32)
-        return observation
+    def _vector(self) -> np.ndarray:
+        # One-hot agent position and a map of the remaining items: fully observable.
+        cells = np.zeros((2, self._size, self._size), np.float32)
+        cells[0, self._position[0], self._position[1]] = 1.0
+        present = self._items[self._item_present]
+        cells[1, present[:, 0], present[:, 1]] = 1.0
+        return cells.reshape(-1)
 
     def _render(self) -> np.ndarray:
         grid = np.zeros((self._size, self._size, 3), np.uint8)
@@ -123,16 +146,6 @@ class GridWorld(base.Environment):
         index = (np.arange(self._image_size) * self._size) // self._image_size
         return grid[index][:, index]
 
-    def observation_spec(self) -> dict:
-        spec = {}
-        if self._observation in ("image", "both"):
-            spec["image"] = base.image_spec(self._image_size, self._image_size)
-        if self._observation in ("vector", "both"):
-            spec["vector"] = base.vector_spec(2 * self._size * self._size)
-        spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
-        spec["log_position"] = specs.Array((2,), np.int32, name="log_position")
-        return spec
-
     def action_spec(self) -> specs.DiscreteArray:
         return specs.DiscreteArray(len(_MOVES), name="action")
 
@@ -140,7 +153,7 @@ class GridWorld(base.Environment):
         return int(self._position[0]), int(self._position[1])
 
 
-class PointMass(base.Environment):
+class PointMass(_ToyEnvironment):
     """A point in [-1, 1]^2 with velocity; the action is a force in [-1, 1]^2."""
 
     def __init__(
@@ -152,23 +165,13 @@ class PointMass(base.Environment):
         dt: float = 0.1,
         seed: int = 0,
     ):
-        _check_mode(observation)
         self._length = length
-        self._observation = observation
-        self._image_size = image_size
         self._goal_radius = goal_radius
         self._dt = dt
         self._goals = np.array([[-0.8, -0.8], [-0.8, 0.8], [0.8, -0.8], [0.8, 0.8]], np.float32)
-        self._tasks = tuple(f"reach_{c}" for c in _CORNERS)
-        self.seed(seed)
-
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        return self._tasks
-
-    def seed(self, seed: int) -> None:
-        self._rng = np.random.default_rng(seed)
-        self._needs_reset = True
+        self._vector_size = 4
+        self._position_dtype = np.float32
+        super().__init__(observation, image_size, tuple(f"reach_{c}" for c in _CORNERS), seed)
 
     def reset(self) -> dm_env.TimeStep:
         self._position = self._rng.uniform(-0.3, 0.3, 2).astype(np.float32)
@@ -195,15 +198,8 @@ class PointMass(base.Environment):
             return dm_env.truncation(0.0, observation)
         return dm_env.transition(0.0, observation)
 
-    def _observe(self, task_rewards: np.ndarray) -> dict:
-        observation = {}
-        if self._observation in ("image", "both"):
-            observation["image"] = self._render()
-        if self._observation in ("vector", "both"):
-            observation["vector"] = np.concatenate([self._position, self._velocity])
-        observation[base.TASK_REWARDS_KEY] = task_rewards
-        observation["log_position"] = self._position.copy()
-        return observation
+    def _vector(self) -> np.ndarray:
+        return np.concatenate([self._position, self._velocity])
 
     def _render(self) -> np.ndarray:
         n = self._image_size
@@ -214,16 +210,6 @@ class PointMass(base.Environment):
         r, c = ((self._position + 1.0) / 2.0 * (n - 1)).round().astype(int)
         image[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] = (230, 50, 50)
         return image
-
-    def observation_spec(self) -> dict:
-        spec = {}
-        if self._observation in ("image", "both"):
-            spec["image"] = base.image_spec(self._image_size, self._image_size)
-        if self._observation in ("vector", "both"):
-            spec["vector"] = base.vector_spec(4)
-        spec[base.TASK_REWARDS_KEY] = base.task_rewards_spec(len(self._tasks))
-        spec["log_position"] = specs.Array((2,), np.float32, name="log_position")
-        return spec
 
     def action_spec(self) -> specs.BoundedArray:
         return base.continuous_action_spec(2)
