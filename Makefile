@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Headless OpenGL for MuJoCo (MUJOCO_GL=osmesa), Qt 5 for Procgen (envpool).
 APT_PACKAGES := libosmesa6 libgl1 libglfw3 libqt5gui5
+# MuJoCo renders headless through OSMesa unless told otherwise (e.g. MUJOCO_GL=egl on a GPU).
+export MUJOCO_GL ?= osmesa
 PYTEST_FLAGS ?=
 
 .PHONY: test test-slow demo install system-deps lint format clean

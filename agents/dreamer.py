@@ -15,7 +15,7 @@ Follows DreamerV3 (Hafner et al. 2023) at small, CPU-friendly sizes:
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import distrax
 import haiku as hk
@@ -59,6 +59,11 @@ class ActorCriticConfig:
     """Smallest standard deviation of the continuous actor."""
     max_std: float = 1.0
     """Largest standard deviation of the continuous actor."""
+    actor_gradient: Literal["reinforce", "dynamics"] = "reinforce"
+    """How the actor learns from imagined returns: `reinforce` (score function with
+    normalized advantages, as DreamerV3 does for every action space) or `dynamics`
+    (backpropagate returns through the world model with reparameterized or straight-through
+    actions, as DreamerV1/V2 did for continuous control)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,32 +202,49 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             action = jnp.clip(action, -1.0, 1.0)
         return action, DreamerCarry(posterior, action)
 
+    use_dynamics_gradient = ac.actor_gradient == "dynamics"
+
     def imagine(model_params, actor_params, start: LatentState, rng):
-        """Roll the actor through the prior for `horizon` steps from `start` `[M, ...]`."""
+        """Roll the actor through the prior for `horizon` steps from `start` `[M, ...]`.
+
+        Returns time-major states `[H+1, M, ...]` (the start, then every imagined state) and
+        the actions `[H, M, ...]` taken in the first H of them. With the dynamics gradient,
+        actions carry gradients (straight-through one-hot or reparameterized samples).
+        """
 
         def step(state, key):
             policy_key, dynamics_key = jax.random.split(key)
-            action = policy(actor_params, model.features(state)).sample(seed=policy_key)
-            model_action = action if discrete else jnp.clip(action, -1.0, 1.0)
+            distribution = policy(actor_params, model.features(state))
+            action = distribution.sample(seed=policy_key)
+            if discrete:
+                model_action = jax.nn.one_hot(action, action_size)
+                if use_dynamics_gradient:
+                    probs = distribution.probs
+                    model_action = model_action + probs - jax.lax.stop_gradient(probs)
+            else:
+                model_action = jnp.clip(action, -1.0, 1.0)
             next_state = model.imagine(model_params, state, model_action, dynamics_key)
             return next_state, (next_state, action)
 
         _, (states, actions) = jax.lax.scan(step, start, jax.random.split(rng, ac.horizon))
-        # Time-major [H+1, M, ...]: the start, then every imagined state.
         states = jax.tree.map(lambda s, x: jnp.concatenate([s[None], x]), start, states)
         return states, actions
 
     def actor_critic_loss(actor_params, critic_params, state: DreamerState, start, start_cont, rng):
         model_params = jax.lax.stop_gradient(state.model_params)
-        states, actions = imagine(model_params, jax.lax.stop_gradient(actor_params), start, rng)
-        states = jax.lax.stop_gradient(states)
+        imagination_actor = actor_params if use_dynamics_gradient else None
+        if imagination_actor is None:
+            imagination_actor = jax.lax.stop_gradient(actor_params)
+        states, actions = imagine(model_params, imagination_actor, start, rng)
         actions = jax.lax.stop_gradient(actions)
-        features = model.features(states)  # [H+1, M, F]
-        reward = config.extrinsic_scale * model.reward(model_params, features[1:])  # [H, M]
+        # With the dynamics gradient, returns depend on the actor through the imagined states.
+        features_with_gradient = model.features(states)  # [H+1, M, F]
+        features = jax.lax.stop_gradient(features_with_gradient)
+        reward = config.extrinsic_scale * model.reward(model_params, features_with_gradient[1:])
         continuation = model.continuation(model_params, features)
         continuation = continuation.at[0].set(start_cont)  # the real step's continuation
         discount = ac.discount * continuation[1:]
-        slow_values = value(state.slow_critic_params, features)  # [H+1, M]
+        slow_values = value(state.slow_critic_params, features_with_gradient)  # [H+1, M]
         returns = jax.vmap(rlax.lambda_returns, in_axes=(1, 1, 1, None), out_axes=1)(
             reward, discount, slow_values[1:], ac.lambda_
         )  # [H, M]: the return of state i
@@ -230,7 +252,9 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         weight = jax.lax.stop_gradient(jnp.cumprod(continuation[:-1], axis=0))
 
         # Return normalization: EMA of the 5th..95th percentile range, never scaled up.
-        low, high = jnp.percentile(returns, 5.0), jnp.percentile(returns, 95.0)
+        target_returns = jax.lax.stop_gradient(returns)
+        low = jnp.percentile(target_returns, 5.0)
+        high = jnp.percentile(target_returns, 95.0)
         decay = ac.return_norm_decay
         return_range = jnp.where(
             state.step == 0,
@@ -240,11 +264,15 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         scale = jnp.maximum(1.0, return_range[1] - return_range[0])
 
         distribution = policy(actor_params, features[:-1])
-        baseline = value(state.slow_critic_params, features[:-1])
-        advantage = jax.lax.stop_gradient((returns - baseline) / scale)
-        log_prob = distribution.log_prob(actions)
         entropy = distribution.entropy()
-        actor_loss = -jnp.mean(weight * (log_prob * advantage + ac.entropy * entropy))
+        if use_dynamics_gradient:
+            objective = returns / scale
+        else:
+            baseline = value(state.slow_critic_params, features[:-1])
+            advantage = jax.lax.stop_gradient((returns - baseline) / scale)
+            objective = distribution.log_prob(actions) * advantage
+        actor_loss = -jnp.mean(weight * (objective + ac.entropy * entropy))
+        returns = target_returns
 
         critic_logits = critic_net.apply(critic_params, features[:-1])
         critic_loss = networks.two_hot_loss(

@@ -36,7 +36,14 @@ GENERIC_KEYWORDS = ("task", "action_repeat", "time_limit", "image_size")
 
 # Top-level module that may be missing -> the mbxfer extra that installs it. An environment
 # family with a heavy dependency adds its line here together with its extra in pyproject.toml.
-OPTIONAL_DEPENDENCIES: dict[str, str] = {}
+OPTIONAL_DEPENDENCIES: dict[str, str] = {
+    "envpool": "procgen",
+    "metaworld": "metaworld",
+    "mujoco": "metaworld",
+    "robodesk": "robodesk",
+    "dm_control": "robodesk",
+    "gym": "robodesk",
+}
 
 
 class UnknownEnvironmentError(base.ConfigurationError, KeyError):
@@ -215,3 +222,6 @@ register("point_mass_image", "envs.toy:PointMass", observation="image")
 register("crafter", "envs.crafter:Crafter")
 register("cartpole", "envs.wrappers:from_gymnasium", gym_id="CartPole-v1", task="reward")
 register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
+register("procgen", "envs.procgen:Procgen", task="reward")
+register("metaworld", "envs.metaworld:MetaWorld", task="reward")
+register("robodesk", "envs.robodesk:RoboDesk")

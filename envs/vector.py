@@ -287,9 +287,30 @@ class VectorEnv:
 
 def make(
     factory: Callable[..., dm_env.Environment], num_envs: int, mode: str = "process", seed: int = 0
-) -> VectorEnv:
+):
     """The batch of `num_envs` environments the rest of mbxfer uses (see `VectorEnv`).
 
-    The one place that decides how a registered environment is batched.
+    The one place that decides how a registered environment is batched. A family that is
+    batched natively (Procgen on envpool) gives its own batch with the interface and auto-reset
+    semantics of `VectorEnv`: its entry point has `make_batch(num_envs, seed, keywords)`,
+    which returns None when the keywords need per-copy wrappers (then, and for every other
+    environment, the copies run in a `VectorEnv`, in subprocesses or inline by `mode`).
     """
+    native = _native_batch(factory, num_envs, seed)
+    if native is not None:
+        return native
     return VectorEnv(factory, num_envs, mode=mode, seed=seed)
+
+
+def _native_batch(factory, num_envs: int, seed: int):
+    from envs import registry  # Local: registry must not import the vector machinery.
+
+    if not isinstance(factory, registry.EnvFactory):
+        return None
+    if num_envs < 1:
+        raise ValueError(f"num_envs={num_envs} must be >= 1")
+    # Resolving the entry point imports its module, with the registry's missing-extra errors.
+    make_batch = getattr(registry._resolve(factory.entry), "make_batch", None)
+    if make_batch is None:
+        return None
+    return make_batch(num_envs, seed, {**factory.entry.defaults, **factory.overrides})

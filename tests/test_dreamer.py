@@ -70,3 +70,48 @@ def _learn(overrides, folder):
     config = config_lib.build(config_lib.parse_overrides(overrides))
     summary = runner.run(config, folder, progress=False)
     return summary["final_eval"]["return_mean"]
+
+
+LEARN = [
+    "agent=dreamer",
+    "agent.model.deter=64",
+    "agent.model.hidden=64",
+    "agent.actor_critic.hidden=64",
+    "agent.model_lr=1e-3",
+    "agent.actor_lr=3e-4",
+    "agent.critic_lr=3e-4",
+    "train.batch_size=16",
+    "train.sequence_length=16",
+    "train.train_ratio=64",
+    "train.learning_starts=500",
+    "train.eval_episodes=8",
+    "train.checkpoint_every=100000",
+    "env.num_envs=4",
+]
+
+
+@pytest.mark.slow
+def test_learns_discrete_grid_corner_task(tmp_path):
+    """Uniform random policy: 2.1 mean return on this task (optimal is about 45)."""
+    overrides = [
+        *LEARN,
+        "env.name=grid",
+        "env.task=reach_bottom_right",
+        "env.kwargs={observation: vector, size: 5}",
+        "train.steps=5000",
+        "train.eval_every=5000",
+    ]
+    assert _learn(overrides, tmp_path) >= 8.0
+
+
+@pytest.mark.slow
+def test_learns_continuous_point_mass_task(tmp_path):
+    """Uniform random policy: 18.8 mean return on this task (optimal is about 85)."""
+    overrides = [
+        *LEARN,
+        "env.name=point_mass",
+        "env.task=reach_top_left",
+        "train.steps=4000",
+        "train.eval_every=4000",
+    ]
+    assert _learn(overrides, tmp_path) >= 50.0

@@ -1,6 +1,12 @@
 """Environment overhead: raw `crafter.Env` vs `envs.make("crafter")` vs the vector environment.
 
     python -m benchmarks.perf.env_overhead --steps 3000 --rounds 3
+    python -m benchmarks.perf.env_overhead --families procgen,metaworld,robodesk --rounds 0
+
+`--families` adds rows per environment family (one run each, after the Crafter rounds): the
+raw library vs our environment, state and pixel observations, `fast` and `faithful` MuJoCo
+rendering, and Procgen's native batch; ratios are printed from the same run. Families whose
+optional dependency is missing are skipped.
 
 All variants run side by side in one process, interleaved round by round (the machine is
 shared and noisy), with the same random actions. Reported: median steps/s per variant and the
@@ -60,12 +66,149 @@ def _vector(steps: int, seed: int, workers: int) -> float:
         return batches * workers / (time.perf_counter() - start)
 
 
+def _rate(step, reset, steps: int) -> float:
+    """Steps/s of `step()` over `steps` calls (`step` returns True when a reset is due)."""
+    reset()
+    step()  # First render creates the GL context; not part of the rate.
+    start = time.perf_counter()
+    for _ in range(steps):
+        if step():
+            reset()
+    return steps / (time.perf_counter() - start)
+
+
+def _ours(name: str, steps: int, **keywords) -> float:
+    from envs import registry
+
+    env = registry.make(name, **keywords)
+    rng = np.random.default_rng(0)
+    spec = env.action_spec()
+    discrete = hasattr(spec, "num_values")
+
+    def step():
+        action = rng.integers(spec.num_values) if discrete else rng.uniform(-1, 1, spec.shape)
+        env.step(np.asarray(action, spec.dtype))  # Auto-resets after LAST.
+        return False
+
+    rate = _rate(step, env.reset, steps)
+    env.close()
+    return rate
+
+
+def _procgen_rows(steps: int) -> tuple[dict, dict]:
+    import envpool
+
+    from envs import registry, vector
+
+    rows = {}
+    for num_envs in (1, 8):
+        pool = envpool.make("CoinrunEasy-v0", env_type="dm", num_envs=num_envs, seed=0)
+        actions = np.zeros(num_envs, np.int32)
+        batches = max(1, steps // num_envs)
+        rows[f"procgen raw envpool x{num_envs}"] = (
+            _rate(lambda p=pool, a=actions: p.step(a) and False, pool.reset, batches) * num_envs
+        )
+        pool.close()
+        with vector.make(registry.factory("procgen", game="coinrun"), num_envs) as envs:
+            rows[f"procgen vector.make x{num_envs}"] = (
+                _rate(lambda e=envs, a=actions: e.step(a) and False, envs.reset, batches) * num_envs
+            )
+    rows["procgen registry.make"] = _ours("procgen", steps, game="coinrun")
+    ratios = {
+        f"procgen ours / raw x{n}": rows[f"procgen vector.make x{n}"]
+        / rows[f"procgen raw envpool x{n}"]
+        for n in (1, 8)
+    }
+    return rows, ratios
+
+
+def _metaworld_rows(steps: int) -> tuple[dict, dict]:
+    from envs import mujoco_render
+
+    mujoco_render.configure_headless()
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+    rows = {}
+    for pixels in (False, True):
+        raw = ALL_V3_ENVIRONMENTS["pick-place-v3"](
+            render_mode="rgb_array" if pixels else None, camera_name="corner2", width=64, height=64
+        )
+        raw._set_task_called, raw._freeze_rand_vec, raw.seeded_rand_vec = True, False, True
+        raw.seed(0)
+        rng = np.random.default_rng(0)
+
+        def step(raw=raw, rng=rng, pixels=pixels):
+            *_, truncated, _ = raw.step(rng.uniform(-1, 1, 4))
+            if pixels:
+                raw.render()
+            return truncated
+
+        label = "pixels (library render)" if pixels else "state"
+        rows[f"metaworld raw {label}"] = _rate(step, raw.reset, steps // 10 if pixels else steps)
+        raw.close()
+    rows["metaworld ours state"] = _ours("metaworld", steps, scene="pick-place")
+    for render in ("fast", "faithful"):
+        rows[f"metaworld ours pixels {render}"] = _ours(
+            "metaworld", steps // 10, scene="pick-place", observation="pixels", render=render
+        )
+    ratios = {
+        "metaworld ours / raw state": rows["metaworld ours state"] / rows["metaworld raw state"],
+        "metaworld pixels fast / faithful": rows["metaworld ours pixels fast"]
+        / rows["metaworld ours pixels faithful"],
+    }
+    return rows, ratios
+
+
+def _robodesk_rows(steps: int) -> tuple[dict, dict]:
+    from envs import robodesk as ours  # Applies the Pillow alias RoboDesk 1.0.0 needs.
+
+    ours._desk_class()
+    import robodesk
+
+    rows = {}
+    for pixels in (False, True):
+        raw = robodesk.RoboDesk()
+        if not pixels:
+            raw.render = lambda *args, **kwargs: np.zeros((64, 64, 3), np.uint8)
+        rng = np.random.default_rng(0)
+        np.random.seed(0)
+        label = "pixels (library render)" if pixels else "state"
+        rows[f"robodesk raw {label}"] = _rate(
+            lambda raw=raw, rng=rng: raw.step(rng.uniform(-1, 1, 5))[2],
+            raw.reset,
+            5 if pixels else steps,
+        )
+        raw.physics.free()  # Its render contexts, now rather than at interpreter exit.
+    rows["robodesk ours state"] = _ours("robodesk", steps, observation="state")
+    rows["robodesk ours pixels fast"] = _ours("robodesk", steps // 5, render="fast")
+    rows["robodesk ours pixels faithful"] = _ours("robodesk", 5, render="faithful")
+    ratios = {
+        "robodesk ours / raw state": rows["robodesk ours state"] / rows["robodesk raw state"],
+        "robodesk ours pixels fast / raw pixels": rows["robodesk ours pixels fast"]
+        / rows["robodesk raw pixels (library render)"],
+    }
+    return rows, ratios
+
+
+FAMILIES = {"procgen": _procgen_rows, "metaworld": _metaworld_rows, "robodesk": _robodesk_rows}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3000, help="steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--families", default="", help="comma-separated: procgen, metaworld, robodesk"
+    )
+    parser.add_argument("--family-steps", type=int, default=1000, help="state steps per row")
     args = parser.parse_args(argv)
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    )
+    families = [f for f in args.families.split(",") if f]
+    if args.rounds < 1:
+        return _report_families(families, args.family_steps, machine, args.json)
 
     _raw(200, 99), _wrapped(200, 99)  # Compile opensimplex (numba) before timing.
     variants = {
@@ -84,9 +227,6 @@ def main(argv=None) -> dict:
         "2 workers / 1 worker": median["VectorEnv 2 workers"] / median["VectorEnv 1 worker"],
         "1 worker / raw": median["VectorEnv 1 worker"] / median["raw crafter.Env"],
     }
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
-    )
     print(f"machine: {machine}; {args.rounds} rounds x {args.steps} steps, median steps/s")
     for name, value in median.items():
         runs = ", ".join(f"{v:.0f}" for v in measured[name])
@@ -94,8 +234,38 @@ def main(argv=None) -> dict:
     for name, value in ratios.items():
         print(f"  {name:24s} {value:8.3f}x")
     result = {"machine": machine, "steps_per_second": median, "ratios": ratios, "runs": measured}
+    if families:
+        family_result = _report_families(families, args.family_steps, machine, None)
+        result["steps_per_second"].update(family_result["steps_per_second"])
+        result["ratios"].update(family_result["ratios"])
     if args.json:
         with open(args.json, "w") as file:
+            json.dump(result, file, indent=2)
+    return result
+
+
+def _report_families(families, steps: int, machine: str, json_path) -> dict:
+    from envs import registry
+
+    rates, ratios = {}, {}
+    print(f"machine: {machine}; environment families, one run each, steps/s")
+    for family in families:
+        if family not in FAMILIES:
+            raise SystemExit(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+        try:
+            family_rates, family_ratios = FAMILIES[family](steps)
+        except (ImportError, registry.MissingDependencyError) as error:
+            print(f"  {family}: skipped ({error})")
+            continue
+        rates.update(family_rates)
+        ratios.update(family_ratios)
+        for name, value in family_rates.items():
+            print(f"  {name:40s} {value:9.1f}")
+        for name, value in family_ratios.items():
+            print(f"  {name:40s} {value:9.3f}x")
+    result = {"machine": machine, "steps_per_second": rates, "ratios": ratios}
+    if json_path:
+        with open(json_path, "w") as file:
             json.dump(result, file, indent=2)
     return result
 

@@ -1,0 +1,101 @@
+"""RoboDesk: every task's reward in one environment, equal to the raw `robodesk.RoboDesk`."""
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from envs import base, registry, robodesk, wrappers
+
+raw_robodesk = pytest.importorskip("robodesk", reason="pip install 'mbxfer[robodesk]'")
+STEPS = 25
+
+
+def _actions(seed=0, steps=STEPS):
+    return np.random.default_rng(seed).uniform(-1, 1, (steps, 5)).astype(np.float32)
+
+
+def _raw_rewards(task, reward, seed, actions):
+    """The raw library: one environment per task and reward type, rendering skipped."""
+    raw = raw_robodesk.RoboDesk(task=task, reward=reward)
+    raw.render = lambda *args, **kwargs: np.zeros((64, 64, 3), np.uint8)  # Not under test.
+    np.random.seed(seed)
+    raw.reset()
+    return [raw.step(action)[1] for action in actions]
+
+
+@pytest.mark.parametrize("reward", robodesk.REWARDS)
+def test_every_task_reward_equals_the_raw_environment(reward):
+    actions = _actions()
+    env = registry.make("robodesk", observation="state", reward=reward, seed=5)
+    env.reset()
+    ours = np.stack([env.step(action).observation[base.TASK_REWARDS_KEY] for action in actions])
+    tasks = robodesk.TASKS if reward == "dense" else robodesk.TASKS[:3]
+    for task in tasks:
+        expected = _raw_rewards(task, reward, 5, actions)
+        np.testing.assert_allclose(
+            ours[:, robodesk.TASKS.index(task)], expected, rtol=1e-5, atol=1e-6, err_msg=task
+        )
+    if reward == "dense":
+        assert len(np.unique(ours[-1])) > 3  # Nine different reward functions.
+
+
+def test_success_reward_is_given_once_and_sparse_every_step():
+    env = registry.make("robodesk", observation="state", reward="success")
+    env.reset()
+    desk = env.unwrapped.raw
+    # Open the slide by hand: its success condition then holds on every following step.
+    desk.physics.named.data.qpos["slide_joint"] = 0.6
+    rewards = [env.step(np.zeros(5, np.float32)) for _ in range(3)]
+    index = robodesk.TASKS.index("open_slide")
+    assert [t.observation[base.TASK_REWARDS_KEY][index] for t in rewards] == [1.0, 0.0, 0.0]
+    assert all(t.observation["log_success"][index] == 1.0 for t in rewards)
+
+
+def test_seeding_reproduces_resets_without_touching_global_random_state():
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    first = registry.make("robodesk", observation="state", seed=4).reset().observation["vector"]
+    again = registry.make("robodesk", observation="state", seed=4).reset().observation["vector"]
+    other = registry.make("robodesk", observation="state", seed=9).reset().observation["vector"]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+
+
+def test_episodes_are_500_steps_and_truncate():
+    env = registry.make("robodesk", observation="state", episode_length=20)
+    timestep, steps = env.reset(), 0
+    while not timestep.last():
+        timestep = env.step(np.zeros(5, np.float32))
+        steps += 1
+    assert steps == 20 and timestep.discount == 1.0
+    assert registry.make("robodesk", observation="state").unwrapped.raw.episode_length == 500
+
+
+def test_observations_and_errors():
+    env = registry.make("robodesk", observation="both")
+    spec = env.observation_spec()
+    assert spec["image"].shape == (64, 64, 3) and spec["vector"].shape == (robodesk.STATE_SIZE,)
+    assert spec["log_success"].shape == (len(robodesk.TASKS),)
+    with pytest.raises(base.ConfigurationError, match="reward="):
+        registry.make("robodesk", reward="shaped")
+    with pytest.raises(wrappers.UnknownTaskError, match="open_drawer"):
+        registry.make("robodesk", task="open_drawr")
+
+
+def test_gymnasium_checker():
+    env = registry.make("robodesk", observation="state", task="open_drawer")
+    check_env(wrappers.ToGymnasium(env), skip_render_check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", robodesk.TASKS)
+def test_each_task_selects_its_reward(task):
+    env = registry.make("robodesk", observation="state", task=task)
+    env.reset()
+    for action in _actions(1, 40):
+        timestep = env.step(action)
+        assert (
+            timestep.reward
+            == timestep.observation[base.TASK_REWARDS_KEY][robodesk.TASKS.index(task)]
+        )
