@@ -15,6 +15,8 @@ are the same (tests/test_crafter.py checks it).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Sequence
 
 import dm_env
@@ -45,7 +47,10 @@ class Crafter(base.Environment):
         length: int = 10000,
         seed: int = 0,
     ):
-        import crafter
+        # crafter imports the legacy `gym` when it is installed (RoboDesk pulls it in), which
+        # prints an "unmaintained" notice; crafter uses nothing of it here.
+        with contextlib.redirect_stderr(io.StringIO()):
+            import crafter
 
         if tuple(crafter.constants.achievements) != ACHIEVEMENTS:
             raise RuntimeError(
