@@ -15,7 +15,7 @@ Follows DreamerV3 (Hafner et al. 2023) at small, CPU-friendly sizes:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import distrax
 import haiku as hk
@@ -25,8 +25,10 @@ import optax
 import rlax
 from acme import specs as acme_specs
 
+import exploration
 from agents import base, networks
 from agents.world_model import LatentState, WorldModelConfig, make_world_model
+from exploration import ExplorationConfig, Transitions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +84,8 @@ class DreamerConfig:
     """Adam learning rate of the critic."""
     grad_clip: float = 100.0
     """Global gradient-norm clip of each optimizer."""
-    extrinsic_scale: float = 1.0
-    """Weight of the task reward in imagined rewards."""
+    exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
+    """Intrinsic reward module and the reward mix of imagined rewards."""
 
 
 class DreamerState(NamedTuple):
@@ -99,6 +101,9 @@ class DreamerState(NamedTuple):
     return_range: jax.Array
     """`[2]` EMA of the 5th and 95th percentile of imagined lambda-returns."""
     step: jax.Array
+    exploration: Optional[exploration.ExplorationState] = None
+    """The intrinsic reward module's parameters and statistics (None without one)."""
+    exploration_opt: Optional[optax.OptState] = None
 
 
 class DreamerCarry(NamedTuple):
@@ -137,6 +142,8 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     actor_net = _policy_network(ac, discrete, action_size)
     critic_net = _critic_network(ac)
     critic_bins = networks.symlog_bins(ac.critic_bins)
+    explorer = exploration.make(config.exploration, config.model.feature_size, action_size)
+    explorer_opt = optax.adam(config.exploration.learning_rate)
 
     def optimizer(lr):
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lr, eps=1e-8))
@@ -166,7 +173,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         features = jnp.zeros((1, config.model.feature_size), jnp.float32)
         actor_params = actor_net.init(actor_key, features)
         critic_params = critic_net.init(critic_key, features)
-        return DreamerState(
+        state = DreamerState(
             model_params,
             actor_params,
             critic_params,
@@ -177,6 +184,13 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             jnp.zeros(2, jnp.float32),
             jnp.zeros((), jnp.int32),
         )
+        if explorer is not None:
+            # fold_in, not split: the other keys stay those of the agent without exploration.
+            explorer_state = explorer.init(jax.random.fold_in(rng, 17))
+            state = state._replace(
+                exploration=explorer_state, exploration_opt=explorer_opt.init(explorer_state.params)
+            )
+        return state
 
     def initial_carry(num_envs: int) -> DreamerCarry:
         if discrete:
@@ -240,7 +254,14 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         # With the dynamics gradient, returns depend on the actor through the imagined states.
         features_with_gradient = model.features(states)  # [H+1, M, F]
         features = jax.lax.stop_gradient(features_with_gradient)
-        reward = config.extrinsic_scale * model.reward(model_params, features_with_gradient[1:])
+        task_reward = model.reward(model_params, features_with_gradient[1:])  # [H, M]
+        intrinsic = None
+        if explorer is not None:
+            action_input = jax.nn.one_hot(actions, action_size) if discrete else actions
+            intrinsic = explorer.reward(
+                state.exploration, features[:-1], action_input, features_with_gradient[1:]
+            )
+        reward = exploration.mix(config.exploration, task_reward, intrinsic)
         continuation = model.continuation(model_params, features)
         continuation = continuation.at[0].set(start_cont)  # the real step's continuation
         discount = ac.discount * continuation[1:]
@@ -290,6 +311,32 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         }
         return actor_loss, critic_loss, return_range, metrics
 
+    def update_explorer(state: DreamerState, posteriors: LatentState, batch):
+        """Train the intrinsic reward module on the replayed one-step transitions."""
+        features = jax.lax.stop_gradient(model.features(posteriors))  # [B, T, F]
+        actions = batch["action"]
+        if discrete:
+            actions = jax.nn.one_hot(actions, action_size)
+        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+        transitions = Transitions(
+            flat(features[:, :-1]),
+            flat(actions[:, :-1].astype(jnp.float32)),
+            flat(features[:, 1:]),
+        )
+        (_, metrics), grads = jax.value_and_grad(explorer.loss, has_aux=True)(
+            state.exploration.params, transitions
+        )
+        updates, opt_state = explorer_opt.update(grads, state.exploration_opt)
+        params = optax.apply_updates(state.exploration.params, updates)
+        explorer_state = explorer.update_stats(
+            state.exploration._replace(params=params), transitions
+        )
+        replayed = explorer.reward(
+            explorer_state, transitions.features, transitions.action, transitions.next_features
+        )
+        metrics = {**metrics, **exploration.base.reward_statistics(explorer.name, replayed)}
+        return state._replace(exploration=explorer_state, exploration_opt=opt_state), metrics
+
     def update(state: DreamerState, batch, rng):
         model_key, imagine_key = jax.random.split(rng)
         batch_size = batch["reward"].shape[0]
@@ -303,6 +350,9 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.stop_gradient(posteriors)
         )
         start_cont = 1.0 - batch["is_terminal"].reshape(-1).astype(jnp.float32)
+        explorer_metrics = {}
+        if explorer is not None:
+            state, explorer_metrics = update_explorer(state, posteriors, batch)
 
         def objective(params):
             # The two losses touch disjoint parameters (imagination is stop-gradient), so
@@ -322,18 +372,18 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         slow_critic_params = optax.incremental_update(
             critic_params, state.slow_critic_params, ac.slow_critic_fraction
         )
-        new_state = DreamerState(
-            model_params,
-            actor_params,
-            critic_params,
-            slow_critic_params,
-            model_opt_state,
-            actor_opt_state,
-            critic_opt_state,
-            return_range,
-            state.step + 1,
+        new_state = state._replace(
+            model_params=model_params,
+            actor_params=actor_params,
+            critic_params=critic_params,
+            slow_critic_params=slow_critic_params,
+            model_opt=model_opt_state,
+            actor_opt=actor_opt_state,
+            critic_opt=critic_opt_state,
+            return_range=return_range,
+            step=state.step + 1,
         )
-        metrics = {**model_metrics, **ac_metrics}
+        metrics = {**model_metrics, **ac_metrics, **explorer_metrics}
         metrics["grad_norm/model"] = optax.tree.norm(model_grads)
         metrics["grad_norm/actor"] = optax.tree.norm(actor_grads)
         return new_state, metrics

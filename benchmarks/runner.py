@@ -109,6 +109,40 @@ def _summarize_episodes(records: list[dict]) -> dict:
     return out
 
 
+class Coverage:
+    """How much of the environment the agent has seen: the exploration metrics.
+
+    Distinct `log_position` values (toy grid cells; continuous positions are binned to a
+    20x20 grid over [-1, 1]^2) and distinct Crafter achievements unlocked, over all training
+    steps so far. The sets are part of the checkpoint, so resumed runs continue the count.
+    """
+
+    def __init__(self, positions=(), achievements=()):
+        self.positions = {tuple(p) for p in positions}
+        self.achievements = set(achievements)
+
+    def observe(self, observation) -> None:
+        if "log_position" in observation:
+            position = np.asarray(observation["log_position"])
+            if np.issubdtype(position.dtype, np.floating):
+                position = np.floor((position + 1.0) * 10.0).astype(np.int64)
+            self.positions.update(map(tuple, position.tolist()))
+        if "log_achievements" in observation:
+            unlocked = np.asarray(observation["log_achievements"]).max(axis=0) > 0
+            self.achievements.update(np.flatnonzero(unlocked).tolist())
+
+    def metrics(self) -> dict:
+        out = {}
+        if self.positions:
+            out["coverage/distinct_positions"] = len(self.positions)
+        if self.achievements:
+            out["coverage/achievements_unlocked"] = len(self.achievements)
+        return out
+
+    def state(self) -> dict:
+        return {"positions": sorted(self.positions), "achievements": sorted(self.achievements)}
+
+
 class _EpisodeTracker:
     """Running return/length per environment; finished episodes as records."""
 
@@ -249,6 +283,7 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
         seed=config.seed,
     )
     env_steps, updates, evals, episodes_total = 0, 0, 0, 0
+    coverage = Coverage()
     offsets: dict[str, Optional[int]] = {"metrics": None, "eval": None}
     checkpoints = out / "checkpoints"
     found = checkpoint.latest(checkpoints)
@@ -262,6 +297,7 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
         evals, episodes_total = runner_state["evals"], runner_state["episodes"]
         loop_key = jnp.asarray(runner_state["rng"], jnp.uint32)
         offsets = runner_state["offsets"]
+        coverage = Coverage(**runner_state.get("coverage", {}))
         replay.load(found / "replay.npz")
     metrics_log = _JsonlLog(out / "metrics.jsonl", offsets["metrics"])
     eval_log = _JsonlLog(out / "eval.jsonl", offsets["eval"])
@@ -298,6 +334,7 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
             "episodes": episodes_total,
             "rng": np.asarray(loop_key).tolist(),
             "offsets": {"metrics": metrics_log.offset(), "eval": eval_log.offset()},
+            "coverage": coverage.state(),
         }
         checkpoint.save(checkpoints, env_steps, state, runner_state, replay.save)
 
@@ -310,6 +347,7 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
         timestep = envs.step(action)
         env_steps += num_envs
         finished = tracker.observe(timestep)
+        coverage.observe(timestep.observation)
         episodes_total += len(finished)
         recent_episodes += finished
 
@@ -325,6 +363,7 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
         # Metrics are also flushed at checkpoints, so a resumed run writes the same lines.
         if env_steps % train.log_every < num_envs or checkpoint_due:
             record = {"env_steps": env_steps, "updates": updates, "episodes": episodes_total}
+            record.update(coverage.metrics())
             record.update(
                 {
                     f"episode/{k}": v

@@ -1,0 +1,203 @@
+"""Intrinsic rewards: novelty signals on real arrays, reward mixing, agents with each module."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import agents
+import exploration
+from agents.replay import Replay
+from benchmarks import config as config_lib
+from benchmarks import runner
+from envs import base as env_base
+from envs import registry, vector
+from exploration import ExplorationConfig, Transitions
+
+
+def _grid_transitions(steps=3000, seed=0):
+    """Real one-step transitions of the toy grid (vector observations, one-hot actions)."""
+    env = registry.make("grid", size=5, observation="vector", seed=seed)
+    rng = np.random.default_rng(seed)
+    features, actions, following = [], [], []
+    timestep = env.reset()
+    for _ in range(steps):
+        action = rng.integers(5)
+        next_timestep = env.step(action)
+        if not next_timestep.first():
+            features.append(timestep.observation["vector"])
+            actions.append(np.eye(5, dtype=np.float32)[action])
+            following.append(next_timestep.observation["vector"])
+        timestep = next_timestep
+    return Transitions(
+        *map(jnp.asarray, (np.array(features), np.array(actions), np.array(following)))
+    )
+
+
+@pytest.mark.parametrize("module", ["disagreement", "rnd"])
+def test_novel_transitions_get_more_intrinsic_reward(module):
+    config = ExplorationConfig(module=module, intrinsic_scale=1.0, hidden=64)
+    data = _grid_transitions()
+    feature_size, action_size = data.features.shape[1], data.action.shape[1]
+    explorer = exploration.make(config, feature_size, action_size)
+    state = explorer.init(jax.random.PRNGKey(0))
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(state.params)
+
+    @jax.jit
+    def train(state, opt_state, batch):
+        grads, _ = jax.grad(explorer.loss, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        state = state._replace(params=optax.apply_updates(state.params, updates))
+        return explorer.update_stats(state, batch), opt_state
+
+    def raw(state, batch):  # Compare unnormalized rewards across training.
+        fresh = state._replace(stats=explorer.init(jax.random.PRNGKey(0)).stats)
+        return float(explorer.reward(fresh, *batch).mean())
+
+    # Unlike the training data: the grid's cells seen through an inverted observation.
+    novel = Transitions(1.0 - data.features, data.action, 1.0 - data.next_features)
+    before = raw(state, data)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        index = rng.integers(len(data.features), size=128)
+        batch = Transitions(*(x[index] for x in data))
+        state, opt_state = train(state, opt_state, batch)
+    trained, unseen = raw(state, data), raw(state, novel)
+    assert trained < 0.5 * before, (trained, before)
+    assert unseen > 2.0 * trained, (unseen, trained)
+    normalized = explorer.reward(state, *data)
+    assert np.all(np.isfinite(normalized)) and float(normalized.min()) >= 0.0
+
+
+def test_reward_mixing_is_one_formula():
+    extrinsic, intrinsic = jnp.array([1.0, 2.0]), jnp.array([10.0, 20.0])
+    mixed = exploration.mix(ExplorationConfig("rnd", 0.5, 0.1), extrinsic, intrinsic)
+    np.testing.assert_allclose(mixed, [1.5, 3.0])
+    reward_free = exploration.mix(ExplorationConfig("rnd", 0.0, 1.0), extrinsic, intrinsic)
+    np.testing.assert_allclose(reward_free, intrinsic)
+    with pytest.raises(ValueError, match="module='none'"):
+        ExplorationConfig(module="none", intrinsic_scale=1.0)
+
+
+TINY = [
+    "agent.model.deter=32",
+    "agent.model.hidden=32",
+    "agent.model.stoch_groups=4",
+    "agent.model.stoch_classes=4",
+    "agent.actor_critic.hidden=32",
+    "agent.actor_critic.horizon=4",
+    "agent.exploration.hidden=32",
+]
+
+
+def _dreamer(module, intrinsic_scale):
+    overrides = [
+        *TINY,
+        f"agent.exploration.module={module}",
+        f"agent.exploration.intrinsic_scale={intrinsic_scale}",
+    ]
+    config = config_lib.build(config_lib.parse_overrides(overrides)).agent_config
+    env = registry.make("grid", size=5, observation="vector", task="reach_bottom_right")
+    return agents.make("dreamer", env_base.environment_spec(env), config)
+
+
+def _batches(count=2):
+    factory = registry.factory("grid", size=5, observation="vector", task="reach_bottom_right")
+    envs = vector.make(factory, 2, mode="inline")
+    replay = Replay(1000, 2, 8, envs.observation_spec(), envs.action_spec())
+    rng = np.random.default_rng(0)
+    timestep = envs.reset()
+    for _ in range(40):
+        action = rng.integers(5, size=2)
+        replay.add({**runner._replay_step(timestep, action)})
+        timestep = envs.step(action)
+    return [replay.sample(4) for _ in range(count)]
+
+
+def _train(agent, batches):
+    state, update = agent.init(jax.random.PRNGKey(0)), jax.jit(agent.update)
+    for i, batch in enumerate(batches):
+        state, metrics = update(state, batch, jax.random.PRNGKey(i))
+    return state, metrics
+
+
+@pytest.fixture(scope="module")
+def extrinsic_only():
+    batches = _batches()
+    return batches, _train(_dreamer("none", 0.0), batches)[0]
+
+
+@pytest.mark.parametrize("module", ["disagreement", "rnd"])
+def test_dreamer_accepts_module_and_zero_scale_is_extrinsic_only(module, extrinsic_only):
+    batches, plain_state = extrinsic_only
+    explorer_state, metrics = _train(_dreamer(module, 0.0), batches)
+    assert f"intrinsic/{module}_mean" in metrics
+    shared = ("model_params", "actor_params", "critic_params", "slow_critic_params")
+    for field in shared:
+        for a, b in zip(
+            jax.tree.leaves(getattr(plain_state, field)),
+            jax.tree.leaves(getattr(explorer_state, field)),
+        ):
+            np.testing.assert_array_equal(a, b)
+    # With a non-zero scale the same module changes what the actor learns.
+    driven_state, _ = _train(_dreamer(module, 1.0), batches)
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(
+            jax.tree.leaves(driven_state.actor_params), jax.tree.leaves(plain_state.actor_params)
+        )
+    )
+
+
+def _distinct_cells(folder):
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return lines[-1]["coverage/distinct_positions"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["disagreement", "rnd"])
+def test_reward_free_dreamer_covers_more_cells_than_random(tmp_path, module):
+    common = [
+        "env.name=grid",
+        "env.task=null",
+        "env.kwargs={observation: vector, size: 15, num_items: 0, length: 200}",
+        "env.num_envs=4",
+        "train.steps=4000",
+        "train.eval_every=0",
+        "train.log_every=1000",
+        "train.checkpoint_every=100000",
+        "train.learning_starts=500",
+        "train.batch_size=16",
+        "train.sequence_length=16",
+        "train.train_ratio=64",
+        "seed=0",
+    ]
+    random_run = config_lib.build(config_lib.parse_overrides([*common, "agent=random"]))
+    runner.run(random_run, tmp_path / "random", progress=False)
+    explorer_run = config_lib.build(
+        config_lib.parse_overrides(
+            [
+                *common,
+                "agent=dreamer",
+                "agent.model.deter=64",
+                "agent.model.hidden=64",
+                "agent.actor_critic.hidden=64",
+                "agent.model_lr=1e-3",
+                "agent.actor_lr=3e-4",
+                "agent.critic_lr=3e-4",
+                f"agent.exploration.module={module}",
+                "agent.exploration.extrinsic_scale=0",
+                "agent.exploration.intrinsic_scale=1",
+            ]
+        )
+    )
+    runner.run(explorer_run, tmp_path / module, progress=False)
+    random_cells, explored_cells = (
+        _distinct_cells(tmp_path / "random"),
+        _distinct_cells(tmp_path / module),
+    )
+    assert explored_cells >= 1.2 * random_cells, (explored_cells, random_cells)
