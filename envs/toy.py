@@ -3,7 +3,8 @@
 `GridWorld`: a square grid with a few items. Discrete moves. Tasks share the dynamics:
 reach each corner (reward 1 on every step spent in that corner, so the task is Markov and
 its optimal return is the episode length minus the steps needed to get there) and collect
-items (reward 1 per item picked up; items disappear). Episodes end by truncation after `length`
+items (reward 1 per item picked up; items disappear). `start="center"` starts every episode
+in the centre, so that the cells covered measure the policy, not the resets. Episodes end by truncation after `length`
 steps, or terminate when `terminate_on_collect_all` and every item is collected.
 
 `PointMass`: a 2-D point with velocity in [-1, 1]^2 driven by a continuous force.
@@ -81,6 +82,7 @@ class GridWorld(_ToyEnvironment):
         observation: str = "both",
         image_size: int = 16,
         terminate_on_collect_all: bool = False,
+        start: str = "random",
         seed: int = 0,
     ):
         if size < 3:
@@ -89,7 +91,10 @@ class GridWorld(_ToyEnvironment):
             raise ValueError(f"num_items={num_items} must be in [0, {size * size - 1}]")
         self._size = size
         self._num_items = num_items
+        if start not in ("random", "center"):
+            raise ValueError(f"start={start!r} must be 'random' or 'center'")
         self._length = length
+        self._start = start
         self._terminate_on_collect_all = terminate_on_collect_all
         s = size - 1
         self._corners = np.array([[0, 0], [0, s], [s, 0], [s, s]])
@@ -101,6 +106,8 @@ class GridWorld(_ToyEnvironment):
     def reset(self) -> dm_env.TimeStep:
         cells = self._rng.permutation(self._size * self._size)[: self._num_items + 1]
         self._position = np.array(divmod(int(cells[0]), self._size))
+        if self._start == "center":  # Exploration tests: coverage must come from the policy.
+            self._position = np.array([self._size // 2, self._size // 2])
         self._items = np.array([divmod(int(c), self._size) for c in cells[1:]], np.int64).reshape(
             -1, 2
         )
