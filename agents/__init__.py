@@ -15,6 +15,7 @@ from agents.base import ActInput, Agent  # noqa: F401  (the public types)
 _AGENTS = {
     "random": ("agents.random_agent:make", "agents.random_agent:RandomConfig"),
     "dreamer": ("agents.dreamer:make", "agents.dreamer:DreamerConfig"),
+    "muzero": ("agents.muzero:make", "agents.muzero:MuZeroConfig"),
 }
 
 

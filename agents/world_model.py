@@ -33,6 +33,7 @@ from dm_env import specs
 from agents import latent, networks
 from agents.world_model_losses import LOSS_TERMS
 from agents.world_model_types import (
+    PROJECTION_HEADS,
     Array,
     Batch,
     HeadOutputs,
@@ -84,6 +85,17 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
             observation_shapes, config.encoder_depth, hidden, config.min_resolution, name="decoder"
         )
 
+    # Projection heads exist only for the self-supervised terms that are on.
+    enabled = {
+        "contrastive": config.losses.contrastive,
+        "predictive": config.losses.self_predictive,
+    }
+    projections = {
+        name: networks.MLP([config.hidden], config.losses.projection_size, name=name)
+        for name in PROJECTION_HEADS
+        if enabled[name.split("_")[0]]
+    }
+
     def heads(features: Array) -> HeadOutputs:
         return HeadOutputs(
             reward_logits=reward_head(features),
@@ -91,11 +103,27 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
             observation=decoder(features) if decoder is not None else {},
         )
 
-    def init(observation, state, action, rng):
-        posterior, _ = core.observe(state, action, encoder(observation), rng)
-        return heads(latent.features(posterior))
+    def project(head: str, inputs: Array) -> Array:
+        if head not in projections:
+            raise ValueError(
+                f"no projection head {head!r}: the contrastive_* heads exist only when "
+                "losses.contrastive is non-zero, the predictive_* ones when "
+                "losses.self_predictive is"
+            )
+        return projections[head](inputs)
 
-    return init, (encoder, core.observe, core.imagine, heads)
+    def init(observation, state, action, rng):
+        embed = encoder(observation)
+        posterior, _ = core.observe(state, action, embed, rng)
+        features = latent.features(posterior)
+        if "contrastive_latent" in projections:
+            project("contrastive_latent", features)
+            project("contrastive_embed", embed)
+        if "predictive_projection" in projections:
+            project("predictive_predictor", project("predictive_projection", features))
+        return heads(features)
+
+    return init, (encoder, core.observe, core.imagine, heads, project)
 
 
 def _mask_first(tree: Any, is_first: Array) -> Any:
@@ -131,7 +159,7 @@ def make_world_model(
     transformed = hk.without_apply_rng(
         hk.multi_transform(functools.partial(_build, config, observation_shapes))
     )
-    encode_fn, observe_fn, imagine_fn, heads_fn = transformed.apply
+    encode_fn, observe_fn, imagine_fn, heads_fn, project_fn = transformed.apply
     bins = networks.symlog_bins(config.reward_bins)
 
     def action_input(action: Array) -> jax.Array:
@@ -252,6 +280,7 @@ def make_world_model(
             features=features,
             heads=heads_fn(params, features),
             rng=terms_rng,
+            initial_state=state,
         )
         total = jnp.zeros((), jnp.float32)
         metrics = {}
@@ -307,6 +336,7 @@ def make_world_model(
         reward=reward,
         continuation=continuation,
         decode=decode,
+        project=project_fn,
         loss=loss,
         open_loop=open_loop,
         config=config,

@@ -6,12 +6,21 @@ outputs; all batch-major `[B, T, ...]`) to `(per_step_loss [B, T], extra_metrics
 the mean of its per-step loss, reports it as `loss/<name>` and adds `scale * mean` to the total.
 A term with scale 0 is never run: no metric, no gradient.
 
-Adding a term (e.g. `contrastive`: InfoNCE between `imagine`d and encoded future latents, or
-`self_predictive`: SPR-style cosine similarity to projections under `context.target_params`,
-an EMA copy kept by the agent) takes three edits and no change to callers of `loss`:
-  1. write `def contrastive(context: LossContext) -> tuple[Array, dict[str, Array]]` here;
-  2. add `"contrastive": contrastive` to `LOSS_TERMS`;
-  3. add `contrastive: float = 0.0` (with a docstring) to `LossConfig`.
+Self-supervised terms (off by default; `LossConfig.contrastive`, `LossConfig.self_predictive`)
+predict the future: from every posterior of the batch they `imagine` up to
+`self_supervised_horizon` steps with the replayed actions, and compare each imagined latent with
+the observed future through projection heads (`WorldModel.project`):
+  * `contrastive` (CoBERL / ReLIC spirit, no augmentations): InfoNCE that picks the encoder's
+    embedding of the true future observation among every embedding of the batch;
+  * `self_predictive` (SPR, Schwarzer et al. 2021): negative cosine similarity between the
+    online projection + predictor of the imagined latent and the target network's projection
+    of the latent it filters from the real observations (`context.target_params`: the agent's
+    EMA copy, or the stopped online parameters).
+
+Adding a term takes three edits and no change to callers of `loss`:
+  1. write `def my_term(context: LossContext) -> tuple[Array, dict[str, Array]]` here;
+  2. add `"my_term": my_term` to `LOSS_TERMS`;
+  3. add `my_term: float = 0.0` (with a docstring) to `LossConfig`, before `free_bits`.
 New parameters it needs (projection heads) go into `world_model.py`'s Haiku builder and
 are reached through `context.model`. `make_world_model` also takes a `loss_terms` table, so
 an experiment can register a term without editing this file.
@@ -91,11 +100,114 @@ def kl_representation(context: LossContext) -> tuple[Array, dict[str, Array]]:
     return _per_step(jnp.maximum(kl, context.config.losses.free_bits), context), {}
 
 
+def imagined_futures(context: LossContext) -> tuple[Array, Array, Array]:
+    """Latents imagined ahead of every posterior with the replayed actions.
+
+    Returns `(features [B, T, H, F], future_index [T, H], valid [B, T, H])`: `features[:, t,
+    k-1]` is imagined k steps after step t and predicts step `future_index[t, k-1] = t + k`
+    (clipped to T-1); `valid` is False where t + k is past the window or an episode starts
+    in t+1 .. t+k (the replayed action there belongs to another episode).
+    """
+    model, batch = context.model, context.batch
+    horizon = context.config.losses.self_supervised_horizon
+    batch_size, length = batch["reward"].shape
+    steps = jnp.arange(length)[:, None] + jnp.arange(1, horizon + 1)[None, :]  # [T, H]: t + k
+    future_index = jnp.minimum(steps, length - 1)
+    # The action taken at t + k - 1 leads to t + k.
+    actions = jnp.moveaxis(batch["action"][:, jnp.minimum(steps - 1, length - 1)], 2, 0)
+    actions = actions.reshape((horizon, batch_size * length) + actions.shape[3:])  # [H, B*T, ...]
+    start = jax.tree.map(
+        lambda x: x.reshape((batch_size * length,) + x.shape[2:]), context.posteriors
+    )
+
+    def step(state, inputs):
+        action, key = inputs
+        state = model.imagine(context.params, state, action, key)
+        return state, model.features(state)
+
+    keys = jax.random.split(context.rng, horizon)
+    _, features = jax.lax.scan(step, start, (actions, keys))  # [H, B*T, F]
+    features = jnp.moveaxis(features.reshape((horizon, batch_size, length, -1)), 0, 2)
+    episode_starts = jnp.cumsum(jnp.asarray(batch["is_first"], jnp.int32), axis=1)  # [B, T]
+    crossed = episode_starts[:, future_index] != episode_starts[:, :, None]
+    valid = (steps < length)[None] & ~crossed
+    return features, future_index, valid
+
+
+def _masked_mean_over_horizon(loss: Array, valid: Array) -> Array:
+    """`[B, T, H]` -> `[B, T]`: the mean over the valid horizon steps (0 where none is)."""
+    valid = valid.astype(jnp.float32)
+    return jnp.sum(loss * valid, -1) / jnp.maximum(jnp.sum(valid, -1), 1.0)
+
+
+def _normalize(x: Array) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-8)
+
+
+def contrastive(context: LossContext) -> tuple[Array, dict[str, Array]]:
+    """InfoNCE between imagined future latents and encoded future observations.
+
+    For step t and horizon k, the query is `project("contrastive_latent", imagined_{t,k})` and
+    the positive key is `project("contrastive_embed", embed_{t+k})`; the keys of every other
+    step of the batch (`B * T - 1` of them) are the negatives. Logits are cosine similarities
+    over `contrastive_temperature`; gradients reach both the dynamics and the encoder (CoBERL's
+    targets are the encoder's own embeddings). Metric: top-1 accuracy of the positive.
+    """
+    losses = context.config.losses
+    imagined, future_index, valid = imagined_futures(context)
+    batch_size, length, horizon = valid.shape
+    queries = _normalize(context.model.project(context.params, "contrastive_latent", imagined))
+    keys = _normalize(context.model.project(context.params, "contrastive_embed", context.embeds))
+    keys = keys.reshape(batch_size * length, -1)  # [B*T, P]
+    logits = jnp.einsum("bthp,np->bthn", queries, keys) / losses.contrastive_temperature
+    positive = jnp.arange(batch_size)[:, None, None] * length + future_index[None]  # [B, T, H]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, positive)
+    correct = (jnp.argmax(logits, -1) == positive).astype(jnp.float32)
+    accuracy = jnp.sum(correct * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return _per_step(_masked_mean_over_horizon(loss, valid), context), {
+        "world_model/contrastive_accuracy": accuracy
+    }
+
+
+def self_predictive(context: LossContext) -> tuple[Array, dict[str, Array]]:
+    """SPR: `1 - cos(q(g(imagined_{t,k})), stop_grad(g_target(target_posterior_{t+k})))`.
+
+    `g` is the `predictive_projection` head and `q` the `predictive_predictor` head of the
+    online parameters; `g_target` and the target posteriors (the batch filtered again from the
+    same initial state) use `context.target_params`, the agent's EMA copy. Metric: the mean
+    cosine similarity over valid predictions.
+    """
+    model = context.model
+    imagined, future_index, valid = imagined_futures(context)
+    online = model.project(context.params, "predictive_projection", imagined)
+    online = _normalize(model.project(context.params, "predictive_predictor", online))
+    target_params = jax.lax.stop_gradient(context.target_params)
+    observe_key = jax.random.fold_in(context.rng, 1)
+    target_posteriors, _ = model.observe_sequence(
+        target_params,
+        jax.lax.stop_gradient(context.initial_state),
+        context.batch["action"],
+        model.encode(target_params, context.batch["observation"]),
+        context.batch["is_first"],
+        observe_key,
+    )
+    target_features = model.features(target_posteriors)[:, future_index]  # [B, T, H, F]
+    target = model.project(target_params, "predictive_projection", target_features)
+    target = jax.lax.stop_gradient(_normalize(target))
+    cosine = jnp.sum(online * target, axis=-1)  # [B, T, H]
+    mean_cosine = jnp.sum(cosine * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return _per_step(_masked_mean_over_horizon(1.0 - cosine, valid), context), {
+        "world_model/self_predictive_cosine": mean_cosine
+    }
+
+
 LOSS_TERMS: Mapping[str, LossTerm] = {
     "reconstruction": reconstruction,
     "reward": reward,
     "continuation": continuation,
     "kl_dynamics": kl_dynamics,
     "kl_representation": kl_representation,
+    "contrastive": contrastive,
+    "self_predictive": self_predictive,
 }
 """Loss-term name (a `LossConfig` field) -> term."""

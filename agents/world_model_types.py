@@ -2,7 +2,7 @@
 function table and the context handed to loss terms. Read this before `world_model.py`.
 
 Shapes: `B` batch, `T` time, `D` deterministic size, `G` x `C` categorical groups x classes,
-`F` feature size, `E` embedding size, `K` reward bins, `A` action size.
+`F` feature size, `E` embedding size, `K` reward bins, `A` action size, `P` projection size.
 """
 
 from __future__ import annotations
@@ -18,14 +18,22 @@ Observation = Mapping[str, Array]
 Batch = Mapping[str, Any]
 
 LATENTS = ("rssm", "deterministic")
+PROJECTION_HEADS = {
+    "contrastive_latent": "features [..., F] -> [..., P] (imagined side of `contrastive`)",
+    "contrastive_embed": "embed [..., E] -> [..., P] (encoded side of `contrastive`)",
+    "predictive_projection": "features [..., F] -> [..., P] (both sides of `self_predictive`)",
+    "predictive_predictor": "[..., P] -> [..., P] (online side of `self_predictive`, as SPR)",
+}
+"""Projection heads by name -> what they map; `contrastive_*` exist when `contrastive` is on,
+`predictive_*` when `self_predictive` is."""
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Scales of the world-model loss terms (0 switches a term off) and KL free bits.
+    """Scales of the world-model loss terms (0 switches a term off) and their settings.
 
-    Every field except `free_bits` is the scale of the loss term of the same name in
-    `world_model_losses.LOSS_TERMS`.
+    Every float field before `free_bits` is the scale of the loss term of the same name in
+    `world_model_losses.LOSS_TERMS`; the fields from `free_bits` on configure the terms.
     """
 
     reconstruction: float = 1.0
@@ -38,16 +46,44 @@ class LossConfig:
     """KL(stop_grad(posterior) || prior): trains the prior to predict the posterior."""
     kl_representation: float = 0.1
     """KL(posterior || stop_grad(prior)): keeps the posterior predictable."""
+    contrastive: float = 0.0
+    """InfoNCE between imagined future latents and the encoder's embeddings of the observed
+    future (CoBERL / ReLIC spirit); the other steps of the batch are the negatives."""
+    self_predictive: float = 0.0
+    """SPR-style: negative cosine similarity between projections of imagined future latents
+    and a target network's projections of the filtered future latents (an EMA target when
+    the caller passes `target_params`)."""
     free_bits: float = 1.0
     """Each KL term is clipped below at this many nats per step (DreamerV3)."""
+    self_supervised_horizon: int = 3
+    """Steps imagined ahead (with the replayed actions) by the contrastive and self-predictive
+    terms; predictions that cross an episode start or the window's end are masked."""
+    projection_size: int = 64
+    """Width of the projection heads of the contrastive and self-predictive terms."""
+    contrastive_temperature: float = 0.1
+    """Temperature of the contrastive term's cosine-similarity logits."""
+
+    def __post_init__(self):
+        if self.self_supervised_horizon < 1 or self.projection_size < 1:
+            raise ValueError("self_supervised_horizon and projection_size must be positive")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"contrastive_temperature={self.contrastive_temperature} must be > 0")
 
     def scales(self) -> dict[str, float]:
-        """Loss-term name -> scale, for every field except `free_bits`."""
+        """Loss-term name -> scale, for every field that is the scale of a term."""
         return {
             field.name: float(getattr(self, field.name))
             for field in dataclasses.fields(self)
-            if field.name != "free_bits"
+            if field.name not in _NOT_SCALES
         }
+
+
+_NOT_SCALES = (
+    "free_bits",
+    "self_supervised_horizon",
+    "projection_size",
+    "contrastive_temperature",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +188,8 @@ class LossContext(NamedTuple):
       features: `[B, T, F]` features of the posteriors.
       heads: `HeadOutputs` `[B, T, ...]` on `features`.
       rng: a key for terms that sample (e.g. negatives of a contrastive loss).
+      initial_state: `LatentState` `[B, ...]` the sequence was filtered from (a target
+        network filters the batch again from it).
     """
 
     model: "WorldModel"
@@ -165,6 +203,7 @@ class LossContext(NamedTuple):
     features: Array
     heads: HeadOutputs
     rng: Array
+    initial_state: LatentState
 
 
 LossTerm = Callable[[LossContext], "tuple[Array, dict[str, Array]]"]
@@ -205,6 +244,9 @@ class WorldModel(NamedTuple):
     """`continuation(params, features) -> [...]` probability that the episode continues."""
     decode: Callable[[Params, Array], "dict[str, Array]"]
     """`decode(params, features) -> observation dict`: `image` float in [0, 1], `vector`."""
+    project: Callable[[Params, str, Array], Array]
+    """`project(params, head, inputs) -> [..., P]`: a projection head of the self-supervised
+    terms (`PROJECTION_HEADS`); a term's heads exist only while its scale is non-zero."""
     loss: Callable[..., "tuple[Array, tuple[dict[str, Array], LatentState, LatentState]]"]
     """`loss(params, batch, state, rng, target_params=None) -> (total, (metrics, posteriors,
     last_state))`."""

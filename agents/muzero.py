@@ -1,0 +1,423 @@
+"""MuZero-style agent on the shared world model: mctx planning, reanalyse, value targets.
+
+    representation  the world model's `encode` + `observe`: the root is the posterior filtered
+                    over recent real steps (the acting carry holds it, reset by `is_first`)
+    dynamics        the world model's `imagine`, reward head and continuation head
+    prediction      policy and value heads owned by this agent (`muzero_search.py`)
+
+Training (`update`), on a replay batch `[B, T, ...]`:
+* the world-model loss (`WorldModelConfig.losses`: reward, continuation, KL between filtered
+  and predicted latents, optional contrastive / self-predictive terms) filters the batch and
+  gives a posterior at every step; every step is a root;
+* from every root the model unrolls `unroll_steps` (K) steps with the replayed actions
+  (gradients halved at each step, as in MuZero); at each unrolled step it predicts the reward
+  (two-hot), the value and the policy;
+* value targets: n-step returns over replayed rewards, bootstrapped with the value of a
+  target network (an EMA or periodic copy of every parameter) on the batch filtered again;
+* policy targets come from REANALYSE: the replay stores no search statistics, so a search with
+  the current parameters runs inside `update` on the first `round(reanalyse_fraction * B)`
+  sequences of the batch (replay samples them uniformly) at every step. The other sequences
+  are masked out of the policy loss (they still train the model, reward and value): with no
+  visit counts stored at acting time, the alternatives were to search them with the target
+  network (the same cost as reanalysing them, for staler targets) or to reuse the policy's
+  own prediction (no target at all). `reanalyse_fraction` is therefore the fraction of the
+  batch that trains the policy, and it trades update cost for policy-target throughput;
+* `planning=False` is the model-free control: acting samples the policy head, no search runs
+  anywhere, and the policy learns by advantage-weighted regression on replayed actions
+  (advantage = n-step target - value); networks, model losses, replay and ratio are the same.
+
+Continuous actions use Sampled MuZero; the prior correction is documented in `muzero_search`.
+Rewards are mixed in ONE place, `mixed_reward`, used by the search and by the value targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from acme import specs as acme_specs
+
+from agents import base, networks
+from agents import muzero_targets as targets_lib
+from agents.muzero_search import (
+    Search,
+    SearchConfig,
+    SearchParams,
+    branch_log_probs,
+    make_prediction_network,
+    make_search,
+    policy_distribution,
+)
+from agents.world_model import (
+    LatentState,
+    LossConfig,
+    WorldModel,
+    WorldModelConfig,
+    make_world_model,
+)
+
+__all__ = [
+    "MuZeroCarry",
+    "MuZeroConfig",
+    "MuZeroNetworks",
+    "MuZeroState",
+    "SearchConfig",
+    "make",
+    "make_networks",
+]
+
+
+def _default_model() -> WorldModelConfig:
+    return WorldModelConfig(
+        latent="deterministic", decoder=False, losses=LossConfig(reconstruction=0.0)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MuZeroConfig:
+    """The MuZero-style agent: world model, search, targets, optimizer."""
+
+    model: WorldModelConfig = dataclasses.field(default_factory=_default_model)
+    """The shared world model (deterministic latent, no decoder by default)."""
+    search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+    """The tree search used to act and to reanalyse."""
+    planning: bool = True
+    """False: the model-free control (act from the policy head, no search anywhere, policy by
+    advantage-weighted regression); same networks, replay and ratio."""
+    discount: float = 0.99
+    """Discount per step, in the search and in the value targets."""
+    unroll_steps: int = 5
+    """K: steps the model is unrolled with replayed actions from every root."""
+    n_step: int = 5
+    """Steps of reward before the value target bootstraps from the target network."""
+    reanalyse_fraction: float = 1.0
+    """Fraction of each batch's sequences that get fresh search policy targets from the current
+    network (the rest are masked out of the policy loss); must be > 0 when planning."""
+    target_update_rate: float = 0.01
+    """EMA step of the target network towards the trained parameters, every update."""
+    target_update_period: int = 0
+    """If > 0, copy the parameters into the target network every this many updates instead of
+    the EMA."""
+    policy_unimix: float = 0.1
+    """Uniform mixture of the discrete policy (prior and acting). It keeps every prior above
+    `policy_unimix / A`, so that the search, whose Q-term spans about 5 logits (mctx's Gumbel
+    scaling; PUCT similarly), can still overturn a confident prior when the values change:
+    without it, reanalysed targets that include the prior drive the policy to a point mass the
+    search cannot leave (0.1 suffices up to ~17 actions)."""
+    value_bins: int = 255
+    """Two-hot bins of the value head (symlog space); reward bins are `model.reward_bins`."""
+    hidden: int = 128
+    """Width of the policy and value MLPs."""
+    layers: int = 2
+    """Hidden layers of the policy and value MLPs."""
+    value_scale: float = 0.25
+    """Weight of the value loss (MuZero Reanalyse uses 0.25)."""
+    policy_scale: float = 1.0
+    """Weight of the policy loss."""
+    reward_scale: float = 1.0
+    """Weight of the unrolled reward loss (on imagined states; the world model's own reward
+    term trains the same head on filtered states)."""
+    advantage_temperature: float = 1.0
+    """planning=False only: temperature of the advantage weights (advantages are divided by
+    their batch standard deviation first)."""
+    learning_rate: float = 3e-4
+    """Adam learning rate of every parameter (world model and prediction heads)."""
+    grad_clip: float = 100.0
+    """Global gradient-norm clip."""
+    extrinsic_scale: float = 1.0
+    """Weight of the task reward in the search reward and the value targets."""
+
+    def __post_init__(self):
+        if self.unroll_steps < 1 or self.n_step < 1:
+            raise ValueError("unroll_steps and n_step must be positive")
+        if not 0.0 <= self.reanalyse_fraction <= 1.0:
+            raise ValueError(f"reanalyse_fraction={self.reanalyse_fraction} must be in [0, 1]")
+        if self.planning and self.reanalyse_fraction == 0.0:
+            raise ValueError(
+                "planning=True needs reanalyse_fraction > 0: the replay stores no search "
+                "statistics, so reanalysed sequences are the only policy targets"
+            )
+        if not 0.0 <= self.policy_unimix < 1.0:
+            raise ValueError(f"policy_unimix={self.policy_unimix} must be in [0, 1)")
+        if self.target_update_period < 0 or not 0.0 < self.target_update_rate <= 1.0:
+            raise ValueError("need target_update_period >= 0 and 0 < target_update_rate <= 1")
+
+
+class MuZeroState(NamedTuple):
+    """Everything the MuZero agent learns, as one pytree."""
+
+    params: SearchParams
+    """World-model and prediction parameters (what the search reads)."""
+    target_params: SearchParams
+    """The target network: value bootstrap and self-predictive targets."""
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+class MuZeroCarry(NamedTuple):
+    """Acting state per environment: the filtered latent and the previous action."""
+
+    latent: LatentState
+    prev_action: jax.Array
+    """`[N]` int (discrete) or `[N, A]` float (continuous)."""
+
+
+class MuZeroNetworks(NamedTuple):
+    """The agent's pure functions: the shared world model, its prediction network, the search
+    over both, and the reward mixing they share."""
+
+    model: WorldModel
+    prediction: hk.Transformed
+    """`apply(params, features) -> Prediction` (policy and value heads)."""
+    search: Search
+    mixed_reward: Callable[[jax.Array], jax.Array]
+    """THE reward the agent maximizes, from the task reward, in the search and in the value
+    targets: `extrinsic_scale * r_task`. An intrinsic reward (`intrinsic_scale * r_intrinsic`)
+    is added here."""
+
+
+def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> MuZeroNetworks:
+    """The world model, prediction network and search of the agent for `env_spec`."""
+    model = make_world_model(config.model, env_spec.observations, env_spec.actions)
+    prediction = make_prediction_network(
+        config.hidden,
+        config.layers,
+        config.value_bins,
+        model.action_size,
+        model.discrete,
+        config.policy_unimix,
+    )
+
+    def mixed_reward(task_reward: jax.Array) -> jax.Array:
+        return config.extrinsic_scale * task_reward
+
+    value_bins = networks.symlog_bins(config.value_bins)
+    search = make_search(
+        model, prediction.apply, config.search, config.discount, value_bins, mixed_reward
+    )
+    return MuZeroNetworks(model, prediction, search, mixed_reward)
+
+
+def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Agent:
+    """The MuZero agent for `env_spec` (see `agents.base` for the contract)."""
+    model, prediction_net, search, mixed_reward = make_networks(env_spec, config)
+    discrete, action_size = model.discrete, model.action_size
+    value_bins = networks.symlog_bins(config.value_bins)
+    reward_bins = networks.symlog_bins(config.model.reward_bins)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate, eps=1e-8)
+    )
+    K = config.unroll_steps
+
+    def value(prediction_params, features) -> jax.Array:
+        logits = prediction_net.apply(prediction_params, features).value_logits
+        return networks.two_hot_decode(logits, value_bins)
+
+    def init(rng) -> MuZeroState:
+        model_key, prediction_key = jax.random.split(rng)
+        features = jnp.zeros((1, config.model.feature_size), jnp.float32)
+        params = SearchParams(model.init(model_key), prediction_net.init(prediction_key, features))
+        return MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def initial_carry(num_envs: int) -> MuZeroCarry:
+        if discrete:
+            prev_action = jnp.zeros((num_envs,), jnp.int32)
+        else:
+            prev_action = jnp.zeros((num_envs, action_size), jnp.float32)
+        return MuZeroCarry(model.initial_state(num_envs), prev_action)
+
+    def act(state: MuZeroState, carry: MuZeroCarry, step: base.ActInput, rng, mode: str):
+        if mode not in base.MODES:
+            raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
+        observe_key, action_key = jax.random.split(rng)
+        params = state.params
+        embed = model.encode(params.model, step.observation)
+        posterior, _ = model.observe(
+            params.model, carry.latent, carry.prev_action, embed, step.is_first, observe_key
+        )
+        if config.planning:
+            action = search.run(params, posterior, action_key, mode).action
+        else:
+            policy = prediction_net.apply(params.prediction, model.features(posterior)).policy
+            distribution = policy_distribution(policy, discrete)
+            if mode == "explore":
+                action = distribution.sample(seed=action_key)
+            else:
+                action = distribution.mode()
+            if not discrete:
+                action = jnp.clip(action, -1.0, 1.0)
+        if discrete:
+            action = action.astype(jnp.int32)
+        return action, MuZeroCarry(posterior, action)
+
+    def bootstrap_targets(target_params: SearchParams, batch, rng):
+        """n-step value targets `[B, T]` (and where they exist) from the target network."""
+        batch_size = batch["reward"].shape[0]
+        embeds = model.encode(target_params.model, batch["observation"])
+        posteriors, _ = model.observe_sequence(
+            target_params.model,
+            model.initial_state(batch_size),
+            batch["action"],
+            embeds,
+            batch["is_first"],
+            rng,
+        )
+        values = value(target_params.prediction, model.features(posteriors))
+        return targets_lib.value_targets(
+            mixed_reward(jnp.asarray(batch["reward"], jnp.float32)),
+            jnp.asarray(batch["discount"], jnp.float32),
+            jnp.asarray(batch["is_last"], bool),
+            values,
+            config.n_step,
+            config.discount,
+        )
+
+    def policy_targets(params, posteriors, batch, returns, returns_valid, root_values, rng):
+        """`(PolicyTargets, metrics)`: reanalysed search targets for the first rows (planning)
+        or advantage weights on the replayed actions of every row (model-free control)."""
+        if not config.planning:
+            weights = targets_lib.advantage_weights(
+                returns - root_values, returns_valid, config.advantage_temperature
+            )
+            actions = jnp.asarray(batch["action"])
+            branches = actions[:, :, None] if discrete else actions[:, :, None, :]
+            return targets_lib.PolicyTargets(branches, weights[..., None], returns_valid), {}
+        batch_size, length = batch["reward"].shape
+        rows = max(1, round(config.reanalyse_fraction * batch_size))
+        roots = jax.tree.map(lambda x: x[:rows].reshape((rows * length,) + x.shape[2:]), posteriors)
+        output = search.run(params, roots, rng, "reanalyse")
+
+        def unflatten(x):  # [R*T, ...] -> [R, T, ...]
+            return x.reshape((rows, length) + x.shape[1:])
+
+        not_last = ~jnp.asarray(batch["is_last"], bool)[:rows]
+        weights = unflatten(output.weights)
+        search_entropy = -jnp.sum(weights * jnp.log(jnp.maximum(weights, 1e-12)), -1)
+        metrics = {
+            "muzero/search_value": jnp.mean(output.value),
+            "muzero/search_policy_entropy": jnp.mean(search_entropy),
+        }
+        return targets_lib.PolicyTargets(unflatten(output.branches), weights, not_last), metrics
+
+    def unroll(params: SearchParams, posteriors: LatentState, batch, rng):
+        """Predictions `[B, T, K+1, ...]` (and reward logits `[B, T, K, ...]`) unrolled from
+        every posterior with the replayed actions."""
+        batch_size, length = batch["reward"].shape
+        start = jax.tree.map(lambda x: x.reshape((batch_size * length,) + x.shape[2:]), posteriors)
+
+        def step(latent, inputs):
+            action, key = inputs
+            latent = model.imagine(
+                params.model, targets_lib.scale_gradient(latent, 0.5), action, key
+            )
+            return latent, latent
+
+        actions = targets_lib.unroll_actions(jnp.asarray(batch["action"]), K)
+        _, imagined = jax.lax.scan(step, start, (actions, jax.random.split(rng, K)))
+        latents = jax.tree.map(lambda s, x: jnp.concatenate([s[None], x]), start, imagined)
+        features = model.features(latents)  # [K+1, B*T, F]
+        prediction = prediction_net.apply(params.prediction, features)
+        reward_logits = model.heads(params.model, features[1:]).reward_logits
+
+        def batch_major(x):  # [S, B*T, ...] -> [B, T, S, ...]
+            return jnp.moveaxis(x.reshape((x.shape[0], batch_size, length) + x.shape[2:]), 0, 2)
+
+        return jax.tree.map(batch_major, prediction), batch_major(reward_logits)
+
+    def loss(params: SearchParams, state: MuZeroState, batch, rng):
+        model_key, unroll_key, target_key, search_key = jax.random.split(rng, 4)
+        batch_size = batch["reward"].shape[0]
+        model_loss, (metrics, posteriors, _) = model.loss(
+            params.model,
+            batch,
+            model.initial_state(batch_size),
+            model_key,
+            target_params=state.target_params.model,
+        )
+        metrics = dict(metrics)
+        metrics["loss/world_model"] = metrics.pop("loss/total")
+        returns, returns_valid = bootstrap_targets(state.target_params, batch, target_key)
+        prediction, reward_logits = unroll(params, posteriors, batch, unroll_key)
+        valid = targets_lib.unroll_valid(batch["is_first"], K)  # [B, T, K+1]
+
+        value_logits = prediction.value_logits
+        value_loss = networks.two_hot_loss(
+            value_logits, targets_lib.at_future(returns, K), value_bins
+        )
+        value_valid = valid & targets_lib.at_future(returns_valid, K)
+        value_loss = targets_lib.unroll_weighted(
+            targets_lib.masked_step_means(value_loss, value_valid)
+        )
+
+        reward_targets = targets_lib.at_future(jnp.asarray(batch["reward"], jnp.float32), K)
+        reward_loss = networks.two_hot_loss(reward_logits, reward_targets[:, :, 1:], reward_bins)
+        reward_loss = jnp.mean(targets_lib.masked_step_means(reward_loss, valid[:, :, 1:]))
+
+        root_values = networks.two_hot_decode(
+            jax.lax.stop_gradient(value_logits[:, :, 0]), value_bins
+        )
+        frozen_params, frozen_posteriors = jax.lax.stop_gradient((params, posteriors))
+        targets, search_metrics = policy_targets(
+            frozen_params, frozen_posteriors, batch, returns, returns_valid, root_values, search_key
+        )
+        metrics.update(search_metrics)
+        rows = targets.weights.shape[0]
+        log_probs = branch_log_probs(
+            prediction.policy[:rows], targets_lib.at_future(targets.branches, K), discrete
+        )  # [R, T, K+1, M]
+        policy_loss = -jnp.sum(targets_lib.at_future(targets.weights, K) * log_probs, axis=-1)
+        policy_valid = valid[:rows] & targets_lib.at_future(targets.valid, K)
+        policy_loss = targets_lib.unroll_weighted(
+            targets_lib.masked_step_means(policy_loss, policy_valid)
+        )
+
+        total = (
+            model_loss
+            + config.value_scale * value_loss
+            + config.policy_scale * policy_loss
+            + config.reward_scale * reward_loss
+        )
+        entropy = policy_distribution(prediction.policy[:, :, 0], discrete).entropy()
+        metrics.update(
+            {
+                "loss/value": value_loss,
+                "loss/policy": policy_loss,
+                "loss/unroll_reward": reward_loss,
+                "loss/total": total,
+                "muzero/value_target": jnp.sum(returns * returns_valid)
+                / jnp.maximum(jnp.sum(returns_valid), 1),
+                "muzero/root_value": jnp.mean(root_values),
+                "muzero/policy_entropy": jnp.mean(entropy),
+            }
+        )
+        return total, metrics
+
+    def update(state: MuZeroState, batch, rng):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+            state.params, state, batch, rng
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        if config.target_update_period:
+            target_params = optax.periodic_update(
+                params, state.target_params, step, config.target_update_period
+            )
+        else:
+            target_params = optax.incremental_update(
+                params, state.target_params, config.target_update_rate
+            )
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return MuZeroState(params, target_params, opt_state, step), metrics
+
+    open_loop = None
+    if config.model.decoder:
+
+        def open_loop(state: MuZeroState, batch, context: int, horizon: int, rng):
+            return model.open_loop(state.params.model, batch, context, horizon, rng)
+
+    return base.Agent("muzero", config, init, initial_carry, act, update, True, open_loop)
