@@ -27,7 +27,14 @@ from acme import specs as acme_specs
 
 import exploration
 from agents import base, networks
-from agents.world_model import LatentState, WorldModelConfig, make_world_model
+from agents.world_model import (
+    FilterCarry,
+    LatentState,
+    WorldModelConfig,
+    filter_step,
+    initial_filter_carry,
+    make_world_model,
+)
 from exploration import ExplorationConfig, Transitions
 
 
@@ -106,12 +113,7 @@ class DreamerState(NamedTuple):
     exploration_opt: Optional[optax.OptState] = None
 
 
-class DreamerCarry(NamedTuple):
-    """Acting state per environment: the filtered latent and the previous action."""
-
-    latent: LatentState
-    prev_action: jax.Array
-    """`[N]` int (discrete) or `[N, A]` float (continuous)."""
+DreamerCarry = FilterCarry  # The acting carry is the world model's filter state.
 
 
 def _policy_network(config: ActorCriticConfig, discrete: bool, action_size: int):
@@ -193,19 +195,14 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         return state
 
     def initial_carry(num_envs: int) -> DreamerCarry:
-        if discrete:
-            prev_action = jnp.zeros((num_envs,), jnp.int32)
-        else:
-            prev_action = jnp.zeros((num_envs, action_size), jnp.float32)
-        return DreamerCarry(model.initial_state(num_envs), prev_action)
+        return initial_filter_carry(model, num_envs)
 
     def act(state: DreamerState, carry: DreamerCarry, step: base.ActInput, rng, mode: str):
         if mode not in base.MODES:
             raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
         observe_key, action_key = jax.random.split(rng)
-        embed = model.encode(state.model_params, step.observation)
-        posterior, _ = model.observe(
-            state.model_params, carry.latent, carry.prev_action, embed, step.is_first, observe_key
+        posterior = filter_step(
+            model, state.model_params, carry, step.observation, step.is_first, observe_key
         )
         distribution = policy(state.actor_params, model.features(posterior))
         if mode == "explore":

@@ -53,10 +53,13 @@ from agents.muzero_search import (
     policy_distribution,
 )
 from agents.world_model import (
+    FilterCarry,
     LatentState,
     LossConfig,
     WorldModel,
     WorldModelConfig,
+    filter_step,
+    initial_filter_carry,
     make_world_model,
 )
 
@@ -158,12 +161,7 @@ class MuZeroState(NamedTuple):
     step: jax.Array
 
 
-class MuZeroCarry(NamedTuple):
-    """Acting state per environment: the filtered latent and the previous action."""
-
-    latent: LatentState
-    prev_action: jax.Array
-    """`[N]` int (discrete) or `[N, A]` float (continuous)."""
+MuZeroCarry = FilterCarry  # The acting carry is the world model's filter state.
 
 
 class MuZeroNetworks(NamedTuple):
@@ -205,7 +203,7 @@ def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) ->
 def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Agent:
     """The MuZero agent for `env_spec` (see `agents.base` for the contract)."""
     model, prediction_net, search, mixed_reward = make_networks(env_spec, config)
-    discrete, action_size = model.discrete, model.action_size
+    discrete = model.discrete
     value_bins = networks.symlog_bins(config.value_bins)
     reward_bins = networks.symlog_bins(config.model.reward_bins)
     optimizer = optax.chain(
@@ -224,20 +222,15 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         return MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
     def initial_carry(num_envs: int) -> MuZeroCarry:
-        if discrete:
-            prev_action = jnp.zeros((num_envs,), jnp.int32)
-        else:
-            prev_action = jnp.zeros((num_envs, action_size), jnp.float32)
-        return MuZeroCarry(model.initial_state(num_envs), prev_action)
+        return initial_filter_carry(model, num_envs)
 
     def act(state: MuZeroState, carry: MuZeroCarry, step: base.ActInput, rng, mode: str):
         if mode not in base.MODES:
             raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
         observe_key, action_key = jax.random.split(rng)
         params = state.params
-        embed = model.encode(params.model, step.observation)
-        posterior, _ = model.observe(
-            params.model, carry.latent, carry.prev_action, embed, step.is_first, observe_key
+        posterior = filter_step(
+            model, params.model, carry, step.observation, step.is_first, observe_key
         )
         if config.planning:
             action = search.run(params, posterior, action_key, mode).action

@@ -21,7 +21,7 @@ Sequences in and out of `observe_sequence`, `loss` and `open_loop` are batch-maj
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import chex
 import haiku as hk
@@ -56,6 +56,9 @@ __all__ = [
     "WorldModelConfig",
     "make_world_model",
     "open_loop_error",
+    "FilterCarry",
+    "initial_filter_carry",
+    "filter_step",
 ]
 
 
@@ -361,3 +364,29 @@ def open_loop_error(
     chex.assert_equal_shape([prediction, truth])
     error = jnp.square(prediction - jnp.asarray(truth, jnp.float32))
     return error.reshape(error.shape[:2] + (-1,)).mean(axis=(0, 2))
+
+
+class FilterCarry(NamedTuple):
+    """Acting state per environment: the filtered latent and the previous action."""
+
+    latent: LatentState
+    prev_action: jax.Array
+    """`[N]` int (discrete) or `[N, A]` float (continuous)."""
+
+
+def initial_filter_carry(model: WorldModel, num_envs: int) -> FilterCarry:
+    """The carry agents start acting from (reset again wherever `is_first`)."""
+    if model.discrete:
+        prev_action = jnp.zeros((num_envs,), jnp.int32)
+    else:
+        prev_action = jnp.zeros((num_envs, model.action_size), jnp.float32)
+    return FilterCarry(model.initial_state(num_envs), prev_action)
+
+
+def filter_step(
+    model: WorldModel, params: Params, carry: FilterCarry, observation, is_first, rng
+) -> LatentState:
+    """The posterior of one real acting step `[N, ...]`: what every agent's policy reads."""
+    embed = model.encode(params, observation)
+    posterior, _ = model.observe(params, carry.latent, carry.prev_action, embed, is_first, rng)
+    return posterior
