@@ -54,3 +54,8 @@ class Agent(NamedTuple):
     open_loop: Optional[Callable[..., Mapping[str, Array]]] = None
     """Model-based agents: `open_loop(state, batch, context, horizon, rng)` -> observations
     imagined after `context` real steps of `batch` (`[B, horizon, ...]`, image in [0, 1])."""
+    rollout_length: int = 0
+    """On-policy agents (PPO): every `rollout_length` steps of each environment the runner
+    calls `update` once on `replay.latest(rollout_length + 1)` (`[num_envs, T + 1, ...]`, the
+    steps just collected with the current parameters; the last row is the bootstrap step)
+    instead of on replay samples at the train ratio. 0: off-policy replay training."""

@@ -121,6 +121,23 @@ class Replay:
                 batch[name] = array[env, time]
         return batch
 
+    def latest(self, length: int) -> dict[str, Any]:
+        """The newest `length` steps of every stream, `[num_envs, length, ...]`, oldest first.
+
+        On-policy agents train on this (see `Agent.rollout_length`): the rows are the steps
+        just collected, in order, one sequence per environment.
+        """
+        if not 1 <= length <= self._count:
+            raise ValueError(f"latest({length}): each env stream holds {self._count} steps")
+        time = (self._cursor - length + np.arange(length)) % self._stream_capacity
+        batch: dict[str, Any] = {"observation": {}}
+        for name, array in self._storage.items():
+            if name.startswith("observation/"):
+                batch["observation"][name.split("/", 1)[1]] = array[:, time]
+            else:
+                batch[name] = array[:, time]
+        return batch
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes storage, write position and sampler RNG state atomically to `path` (npz)."""
         path = os.fspath(path)

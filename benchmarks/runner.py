@@ -351,7 +351,15 @@ def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
         episodes_total += len(finished)
         recent_episodes += finished
 
-        if agent.learns and env_steps >= train.learning_starts and replay.num_windows:
+        if agent.learns and agent.rollout_length:
+            # On-policy: one update per rollout, on the steps just collected.
+            rollout = agent.rollout_length
+            if (env_steps // num_envs) % rollout == 0 and len(replay) > rollout * num_envs:
+                loop_key, update_key = jax.random.split(loop_key)
+                state, metrics = update(state, replay.latest(rollout + 1), update_key)
+                updates += 1
+                update_metrics.append(metrics)
+        elif agent.learns and env_steps >= train.learning_starts and replay.num_windows:
             owed = int(env_steps * train.train_ratio / replayed_per_update) - updates
             for _ in range(max(owed, 0)):
                 loop_key, update_key = jax.random.split(loop_key)

@@ -170,3 +170,14 @@ def test_invalid_arguments_raise():
     del step["observation"]["vector"]
     with pytest.raises(KeyError, match="vector"):
         replay.add(step)
+
+
+def test_latest_returns_the_newest_steps_of_every_stream_in_order():
+    replay = filled(steps=27)  # wrapped: steps 7..26 stored, write head mid-ring
+    batch = replay.latest(6)
+    vector = batch["observation"]["vector"]
+    assert vector.shape == (3, 6, 2) and batch["action"].shape == (3, 6)
+    np.testing.assert_array_equal(vector[..., 0], np.repeat(np.arange(3.0)[:, None], 6, 1))
+    np.testing.assert_array_equal(vector[..., 1], np.tile(np.arange(21.0, 27.0), (3, 1)))
+    with pytest.raises(ValueError, match="holds 20 steps"):
+        replay.latest(21)
