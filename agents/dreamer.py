@@ -35,7 +35,7 @@ from agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
-from exploration import ExplorationConfig, Transitions
+from exploration import ExplorationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,28 +310,13 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
 
     def update_explorer(state: DreamerState, posteriors: LatentState, batch):
         """Train the intrinsic reward module on the replayed one-step transitions."""
-        features = jax.lax.stop_gradient(model.features(posteriors))  # [B, T, F]
         actions = batch["action"]
         if discrete:
             actions = jax.nn.one_hot(actions, action_size)
-        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-        transitions = Transitions(
-            flat(features[:, :-1]),
-            flat(actions[:, :-1].astype(jnp.float32)),
-            flat(features[:, 1:]),
+        transitions = exploration.base.sequence_transitions(model.features(posteriors), actions)
+        explorer_state, opt_state, metrics = exploration.base.train_step(
+            explorer, explorer_opt, state.exploration, state.exploration_opt, transitions
         )
-        (_, metrics), grads = jax.value_and_grad(explorer.loss, has_aux=True)(
-            state.exploration.params, transitions
-        )
-        updates, opt_state = explorer_opt.update(grads, state.exploration_opt)
-        params = optax.apply_updates(state.exploration.params, updates)
-        explorer_state = explorer.update_stats(
-            state.exploration._replace(params=params), transitions
-        )
-        replayed = explorer.reward(
-            explorer_state, transitions.features, transitions.action, transitions.next_features
-        )
-        metrics = {**metrics, **exploration.base.reward_statistics(explorer.name, replayed)}
         return state._replace(exploration=explorer_state, exploration_opt=opt_state), metrics
 
     def update(state: DreamerState, batch, rng):

@@ -33,7 +33,7 @@ Rewards are mixed in ONE place, `mixed_reward`, used by the search and by the va
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import optax
 from acme import specs as acme_specs
 
+import exploration as exploration_lib
 from agents import base, networks
 from agents import muzero_targets as targets_lib
 from agents.muzero_search import (
@@ -62,6 +63,7 @@ from agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
+from exploration import ExplorationConfig
 
 __all__ = [
     "MuZeroCarry",
@@ -131,8 +133,9 @@ class MuZeroConfig:
     """Adam learning rate of every parameter (world model and prediction heads)."""
     grad_clip: float = 100.0
     """Global gradient-norm clip."""
-    extrinsic_scale: float = 1.0
-    """Weight of the task reward in the search reward and the value targets."""
+    exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
+    """Intrinsic reward module and the reward mix, used in the search (reward along the tree)
+    and in the value targets."""
 
     def __post_init__(self):
         if self.unroll_steps < 1 or self.n_step < 1:
@@ -159,6 +162,9 @@ class MuZeroState(NamedTuple):
     """The target network: value bootstrap and self-predictive targets."""
     opt_state: optax.OptState
     step: jax.Array
+    exploration: Optional[exploration_lib.ExplorationState] = None
+    """The intrinsic reward module's parameters and statistics (None without one)."""
+    exploration_opt: Optional[optax.OptState] = None
 
 
 MuZeroCarry = FilterCarry  # The acting carry is the world model's filter state.
@@ -172,10 +178,11 @@ class MuZeroNetworks(NamedTuple):
     prediction: hk.Transformed
     """`apply(params, features) -> Prediction` (policy and value heads)."""
     search: Search
-    mixed_reward: Callable[[jax.Array], jax.Array]
-    """THE reward the agent maximizes, from the task reward, in the search and in the value
-    targets: `extrinsic_scale * r_task`. An intrinsic reward (`intrinsic_scale * r_intrinsic`)
-    is added here."""
+    explorer: Optional[exploration_lib.ExplorationModule]
+    reward: Callable[[SearchParams, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+    """THE reward the agent maximizes, in the search and in the value targets:
+    `reward(params, task_reward, features, action, next_features)` is `exploration.mix` of the
+    task reward and (when the module is on) the intrinsic reward of the transition."""
 
 
 def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> MuZeroNetworks:
@@ -190,19 +197,33 @@ def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) ->
         config.policy_unimix,
     )
 
-    def mixed_reward(task_reward: jax.Array) -> jax.Array:
-        return config.extrinsic_scale * task_reward
+    explorer = exploration_lib.make(
+        config.exploration, config.model.feature_size, model.action_size
+    )
+
+    def reward(params: SearchParams, task_reward, features, action, next_features):
+        intrinsic = None
+        if explorer is not None and config.exploration.intrinsic_scale:
+            if model.discrete:
+                action = jax.nn.one_hot(action, model.action_size)
+            intrinsic = explorer.reward(params.exploration, features, action, next_features)
+        return exploration_lib.mix(config.exploration, task_reward, intrinsic)
+
+    def search_reward(params: SearchParams, features, action, next_features):
+        task_reward = model.reward(params.model, next_features)
+        return reward(params, task_reward, features, action, next_features)
 
     value_bins = networks.symlog_bins(config.value_bins)
     search = make_search(
-        model, prediction.apply, config.search, config.discount, value_bins, mixed_reward
+        model, prediction.apply, config.search, config.discount, value_bins, search_reward
     )
-    return MuZeroNetworks(model, prediction, search, mixed_reward)
+    return MuZeroNetworks(model, prediction, search, explorer, reward)
 
 
 def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Agent:
     """The MuZero agent for `env_spec` (see `agents.base` for the contract)."""
-    model, prediction_net, search, mixed_reward = make_networks(env_spec, config)
+    model, prediction_net, search, explorer, mixed_reward = make_networks(env_spec, config)
+    explorer_opt = optax.adam(config.exploration.learning_rate)
     discrete = model.discrete
     value_bins = networks.symlog_bins(config.value_bins)
     reward_bins = networks.symlog_bins(config.model.reward_bins)
@@ -219,7 +240,38 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         model_key, prediction_key = jax.random.split(rng)
         features = jnp.zeros((1, config.model.feature_size), jnp.float32)
         params = SearchParams(model.init(model_key), prediction_net.init(prediction_key, features))
-        return MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        state = MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
+        if explorer is not None:
+            # fold_in, not split: the other keys stay those of the agent without exploration.
+            explorer_state = explorer.init(jax.random.fold_in(rng, 17))
+            state = state._replace(
+                exploration=explorer_state, exploration_opt=explorer_opt.init(explorer_state.params)
+            )
+        return state
+
+    def search_params(state: MuZeroState, params: SearchParams) -> SearchParams:
+        """`params` with the module's state, which the search's reward reads."""
+        return params._replace(exploration=state.exploration)
+
+    def one_hot(actions):
+        actions = jnp.asarray(actions)
+        if discrete:
+            return jax.nn.one_hot(actions, model.action_size)
+        return actions.astype(jnp.float32)
+
+    def replayed_intrinsic(state: MuZeroState, posteriors: LatentState, batch):
+        """`[B, T]` intrinsic reward of each replayed transition, aligned with
+        `batch["reward"]` (row t: the transition into step t; 0 at sequence and episode
+        starts), or None when the module is off."""
+        if explorer is None or not config.exploration.intrinsic_scale:
+            return None
+        features = jax.lax.stop_gradient(model.features(posteriors))
+        actions = one_hot(batch["action"])
+        intrinsic = explorer.reward(
+            state.exploration, features[:, :-1], actions[:, :-1], features[:, 1:]
+        )
+        intrinsic = jnp.where(jnp.asarray(batch["is_first"])[:, 1:], 0.0, intrinsic)
+        return jnp.concatenate([jnp.zeros_like(intrinsic[:, :1]), intrinsic], axis=1)
 
     def initial_carry(num_envs: int) -> MuZeroCarry:
         return initial_filter_carry(model, num_envs)
@@ -233,7 +285,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             model, params.model, carry, step.observation, step.is_first, observe_key
         )
         if config.planning:
-            action = search.run(params, posterior, action_key, mode).action
+            action = search.run(search_params(state, params), posterior, action_key, mode).action
         else:
             policy = prediction_net.apply(params.prediction, model.features(posterior)).policy
             distribution = policy_distribution(policy, discrete)
@@ -247,7 +299,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             action = action.astype(jnp.int32)
         return action, MuZeroCarry(posterior, action)
 
-    def bootstrap_targets(target_params: SearchParams, batch, rng):
+    def bootstrap_targets(target_params: SearchParams, batch, intrinsic, rng):
         """n-step value targets `[B, T]` (and where they exist) from the target network."""
         batch_size = batch["reward"].shape[0]
         embeds = model.encode(target_params.model, batch["observation"])
@@ -260,8 +312,11 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             rng,
         )
         values = value(target_params.prediction, model.features(posteriors))
+        rewards = exploration_lib.mix(
+            config.exploration, jnp.asarray(batch["reward"], jnp.float32), intrinsic
+        )
         return targets_lib.value_targets(
-            mixed_reward(jnp.asarray(batch["reward"], jnp.float32)),
+            rewards,
             jnp.asarray(batch["discount"], jnp.float32),
             jnp.asarray(batch["is_last"], bool),
             values,
@@ -333,7 +388,10 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         )
         metrics = dict(metrics)
         metrics["loss/world_model"] = metrics.pop("loss/total")
-        returns, returns_valid = bootstrap_targets(state.target_params, batch, target_key)
+        intrinsic = replayed_intrinsic(state, posteriors, batch)
+        returns, returns_valid = bootstrap_targets(
+            state.target_params, batch, intrinsic, target_key
+        )
         prediction, reward_logits = unroll(params, posteriors, batch, unroll_key)
         valid = targets_lib.unroll_valid(batch["is_first"], K)  # [B, T, K+1]
 
@@ -353,7 +411,9 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         root_values = networks.two_hot_decode(
             jax.lax.stop_gradient(value_logits[:, :, 0]), value_bins
         )
-        frozen_params, frozen_posteriors = jax.lax.stop_gradient((params, posteriors))
+        frozen_params, frozen_posteriors = jax.lax.stop_gradient(
+            (search_params(state, params), posteriors)
+        )
         targets, search_metrics = policy_targets(
             frozen_params, frozen_posteriors, batch, returns, returns_valid, root_values, search_key
         )
@@ -387,10 +447,12 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
                 "muzero/policy_entropy": jnp.mean(entropy),
             }
         )
-        return total, metrics
+        if intrinsic is not None:
+            metrics["muzero/intrinsic_reward"] = jnp.mean(intrinsic)
+        return total, (metrics, posteriors)
 
     def update(state: MuZeroState, batch, rng):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+        (_, (metrics, posteriors)), grads = jax.value_and_grad(loss, has_aux=True)(
             state.params, state, batch, rng
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -405,7 +467,21 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
                 params, state.target_params, config.target_update_rate
             )
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return MuZeroState(params, target_params, opt_state, step), metrics
+        new_state = state._replace(
+            params=params, target_params=target_params, opt_state=opt_state, step=step
+        )
+        if explorer is not None:
+            transitions = exploration_lib.base.sequence_transitions(
+                model.features(posteriors), one_hot(batch["action"])
+            )
+            explorer_state, explorer_opt_state, explorer_metrics = exploration_lib.base.train_step(
+                explorer, explorer_opt, state.exploration, state.exploration_opt, transitions
+            )
+            new_state = new_state._replace(
+                exploration=explorer_state, exploration_opt=explorer_opt_state
+            )
+            metrics.update(explorer_metrics)
+        return new_state, metrics
 
     open_loop = None
     if config.model.decoder:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import chex
 import distrax
@@ -89,10 +89,12 @@ class SearchConfig:
 
 
 class SearchParams(NamedTuple):
-    """What `recurrent_fn` reads: the shared world model and the agent's prediction heads."""
+    """What `recurrent_fn` reads: the shared world model and the agent's prediction heads,
+    and the intrinsic reward module's state when the agent has one."""
 
     model: hk.Params
     prediction: hk.Params
+    exploration: Any = None
 
 
 class Embedding(NamedTuple):
@@ -199,12 +201,13 @@ def make_search(
     config: SearchConfig,
     discount: float,
     value_bins: Array,
-    mixed_reward: Callable[[Array], Array],
+    reward_fn: Callable[[SearchParams, Array, Array, Array], Array],
 ) -> Search:
     """The search over `model` and the prediction network `predict(params, features)`.
 
-    `mixed_reward(task_reward)` turns the reward head's prediction into the reward the search
-    maximizes (the agent's one place for reward mixing).
+    `reward_fn(params, features, action, next_features)` is the reward the search maximizes on
+    each imagined transition (`action` is the environment action): the agent's reward mix of
+    the reward head's prediction and, if it explores, the intrinsic reward.
     """
     discrete, action_size = model.discrete, model.action_size
     num_branches = action_size if discrete else config.sampled_actions
@@ -237,11 +240,10 @@ def make_search(
 
     def recurrent_fn(params: SearchParams, rng_key, action: Array, embedding: Embedding):
         imagine_key, sample_key = jax.random.split(rng_key)
-        latent = model.imagine(
-            params.model, embedding.latent, branch_action(embedding, action), imagine_key
-        )
+        env_action = branch_action(embedding, action)
+        latent = model.imagine(params.model, embedding.latent, env_action, imagine_key)
         features = model.features(latent)
-        reward = mixed_reward(model.reward(params.model, features))
+        reward = reward_fn(params, model.features(embedding.latent), env_action, features)
         continuation = model.continuation(params.model, features)
         prior_logits, value, next_embedding = evaluate(params, latent, sample_key)
         output = mctx.RecurrentFnOutput(

@@ -135,3 +135,34 @@ def mlp(hidden: int, layers: int, output: int, name: str):
 
 def stop_gradient_transitions(batch: Transitions) -> Transitions:
     return jax.tree.map(jax.lax.stop_gradient, batch)
+
+
+def sequence_transitions(features: Array, actions: Array) -> Transitions:
+    """The one-step transitions of replayed sequences, flattened to `[B * (T - 1), ...]`.
+
+    `features` `[B, T, F]` (stop-gradient), `actions` `[B, T, A]` float (one-hot if discrete):
+    the action at row t leads from row t to row t + 1. Pairs that cross an episode start are
+    included; they are a small fraction and only make the predictors slightly noisier.
+    """
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    features = jax.lax.stop_gradient(features)
+    return Transitions(
+        flat(features[:, :-1]), flat(actions[:, :-1].astype(jnp.float32)), flat(features[:, 1:])
+    )
+
+
+def train_step(module: ExplorationModule, optimizer, state: ExplorationState, opt_state, batch):
+    """One optimizer step of the module on `batch`, then its reward statistics.
+
+    Returns `(state, opt_state, metrics)`; the metrics include the intrinsic reward of the
+    batch after the step (`reward_statistics`). Shared by every agent that has a module.
+    """
+    import optax
+
+    (_, metrics), grads = jax.value_and_grad(module.loss, has_aux=True)(state.params, batch)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    state = module.update_stats(
+        state._replace(params=optax.apply_updates(state.params, updates)), batch
+    )
+    replayed = module.reward(state, batch.features, batch.action, batch.next_features)
+    return state, opt_state, {**metrics, **reward_statistics(module.name, replayed)}

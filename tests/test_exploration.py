@@ -81,26 +81,46 @@ def test_reward_mixing_is_one_formula():
         ExplorationConfig(module="none", intrinsic_scale=1.0)
 
 
-TINY = [
-    "agent.model.deter=32",
-    "agent.model.hidden=32",
-    "agent.model.stoch_groups=4",
-    "agent.model.stoch_classes=4",
-    "agent.actor_critic.hidden=32",
-    "agent.actor_critic.horizon=4",
-    "agent.exploration.hidden=32",
-]
+TINY = {
+    "dreamer": [
+        "agent.model.deter=32",
+        "agent.model.hidden=32",
+        "agent.model.stoch_groups=4",
+        "agent.model.stoch_classes=4",
+        "agent.actor_critic.hidden=32",
+        "agent.actor_critic.horizon=4",
+        "agent.exploration.hidden=32",
+    ],
+    "muzero": [
+        "agent.model.deter=32",
+        "agent.model.hidden=32",
+        "agent.hidden=32",
+        "agent.value_bins=21",
+        "agent.model.reward_bins=21",
+        "agent.search.num_simulations=4",
+        "agent.unroll_steps=2",
+        "agent.n_step=2",
+        "agent.exploration.hidden=32",
+    ],
+}
+# What the module must leave untouched when its scale is 0, and what a non-zero scale changes.
+SHARED = {
+    "dreamer": ("model_params", "actor_params", "critic_params", "slow_critic_params"),
+    "muzero": ("params", "target_params"),
+}
+DRIVEN = {"dreamer": "actor_params", "muzero": "params"}
 
 
-def _dreamer(module, intrinsic_scale):
+def _agent(name, module, intrinsic_scale):
     overrides = [
-        *TINY,
+        f"agent={name}",
+        *TINY[name],
         f"agent.exploration.module={module}",
         f"agent.exploration.intrinsic_scale={intrinsic_scale}",
     ]
     config = config_lib.build(config_lib.parse_overrides(overrides)).agent_config
     env = registry.make("grid", size=5, observation="vector", task="reach_bottom_right")
-    return agents.make("dreamer", env_base.environment_spec(env), config)
+    return agents.make(name, env_base.environment_spec(env), config)
 
 
 def _batches(count=2):
@@ -124,28 +144,30 @@ def _train(agent, batches):
 
 
 @pytest.fixture(scope="module")
-def extrinsic_only():
-    batches = _batches()
-    return batches, _train(_dreamer("none", 0.0), batches)[0]
+def batches():
+    return _batches()
 
 
+@pytest.mark.parametrize("name", ["dreamer", "muzero"])
 @pytest.mark.parametrize("module", ["disagreement", "rnd"])
-def test_dreamer_accepts_module_and_zero_scale_is_extrinsic_only(module, extrinsic_only):
-    batches, plain_state = extrinsic_only
-    explorer_state, metrics = _train(_dreamer(module, 0.0), batches)
+def test_agent_accepts_module_and_zero_scale_is_extrinsic_only(name, module, batches):
+    plain_state, _ = _train(_agent(name, "none", 0.0), batches)
+    explorer_state, metrics = _train(_agent(name, module, 0.0), batches)
     assert f"intrinsic/{module}_mean" in metrics
-    shared = ("model_params", "actor_params", "critic_params", "slow_critic_params")
-    for field in shared:
+    assert explorer_state.exploration is not None
+    for field in SHARED[name]:
         for a, b in zip(
             jax.tree.leaves(getattr(plain_state, field)),
             jax.tree.leaves(getattr(explorer_state, field)),
+            strict=True,
         ):
             np.testing.assert_array_equal(a, b)
-    # With a non-zero scale the same module changes what the actor learns.
-    driven_state, _ = _train(_dreamer(module, 1.0), batches)
+    # With a non-zero scale the same module changes what the agent learns.
+    driven_state, _ = _train(_agent(name, module, 1.0), batches)
     assert any(
         not np.array_equal(a, b)
         for a, b in zip(
-            jax.tree.leaves(driven_state.actor_params), jax.tree.leaves(plain_state.actor_params)
+            jax.tree.leaves(getattr(driven_state, DRIVEN[name])),
+            jax.tree.leaves(getattr(plain_state, DRIVEN[name])),
         )
     )

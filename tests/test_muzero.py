@@ -118,8 +118,12 @@ def _search_setup(env_name, policy="muzero"):
     spec = env_base.environment_spec(env)
     agent = agents.make("muzero", spec, _agent_config(f"agent.search.policy={policy}"))
     state = agent.init(jax.random.PRNGKey(0))
-    config = dataclasses.replace(agent.config, discount=0.9, extrinsic_scale=2.0)
-    model, prediction, search, _ = muzero.make_networks(spec, config)
+    config = dataclasses.replace(
+        agent.config,
+        discount=0.9,
+        exploration=dataclasses.replace(agent.config.exploration, extrinsic_scale=2.0),
+    )
+    model, prediction, search, _, _ = muzero.make_networks(spec, config)
     observation = env_base.agent_observation(env.reset().observation)
     embed = model.encode(
         state.params.model, {k: v[None].repeat(3, 0) for k, v in observation.items()}

@@ -54,7 +54,7 @@ def _networks(config: muzero.MuZeroConfig):
         discounts=specs.BoundedArray((), np.float32, 0.0, 1.0),
     )
     params = muzero.make(spec, config).init(jax.random.PRNGKey(0)).params
-    model, prediction, search, _ = muzero.make_networks(spec, config)
+    model, prediction, search, _, _ = muzero.make_networks(spec, config)
     return model, prediction, params, search
 
 
@@ -114,7 +114,7 @@ def _make_python_mcts(model, prediction, config: muzero.MuZeroConfig) -> Callabl
         output = prediction.apply(params.prediction, features)
         return (
             latent,
-            config.extrinsic_scale * model.reward(params.model, features),
+            config.exploration.extrinsic_scale * model.reward(params.model, features),
             config.discount * model.continuation(params.model, features),
             jax.nn.softmax(output.policy, -1),
             networks.two_hot_decode(output.value_logits, bins),
