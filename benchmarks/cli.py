@@ -2,6 +2,9 @@
 
 mbxfer run --agent dreamer --env crafter --task reward --steps 20000 --out results/x
                                   train (or resume) one trial
+mbxfer sweep SPEC.yaml            run a grid of trials (local processes or Ray), resumable
+mbxfer report RESULTS_DIR         IQM/CI tables, CSV files and plots from trial folders
+mbxfer agents                     list agents and their config classes
 mbxfer envs                       list environments and their tasks
 mbxfer rollout --env crafter      uniform random policy through the vector environment
 mbxfer demo                       the smallest end-to-end run (what `make demo` runs)
@@ -182,6 +185,109 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from benchmarks import sweep
+
+    spec = sweep.load_spec(Path(args.spec))
+    plan = sweep.expand(spec)
+    out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
+    if args.dry_run:
+        rows = sweep.plan(plan, out)
+        print(f"{len(rows)} trials in {out}:")
+        print(
+            f"{'trial':12s}  {'status':8s}  {'env steps':>19s}  agent / env / task / protocol / seed"
+        )
+        for trial, status, steps in rows:
+            labels = trial.labels
+            overrides = " ".join(f"{k}={v}" for k, v in labels["overrides"].items())
+            print(
+                f"{trial.trial_id:12s}  {status:8s}  {steps:>9,}/{sweep.trial_budget(trial.config):<9,}  "
+                f"{labels['agent']} / {labels['env']} / {labels['task']} / "
+                f"{labels['protocol']} / {labels['seed']}  {overrides}".rstrip()
+            )
+        counts = {s: sum(r[1] == s for r in rows) for s in sweep.STATUSES}
+        print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        return 0
+    try:
+        outcome = sweep.run(
+            plan,
+            out,
+            executor=args.executor,
+            workers=args.workers,
+            address=args.address,
+            retries=args.retries,
+            stream=sys.stderr,
+            progress=not args.no_progress,
+            spec_path=str(args.spec),
+        )
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume ({out})", file=sys.stderr)
+        return 130
+    failed = list(sweep.iter_failed(outcome))
+    for trial_id, error in failed:
+        print(
+            f"trial {trial_id} not finished: {error} (see {out / trial_id / 'error.txt'})",
+            file=sys.stderr,
+        )
+    done = len(outcome.statuses) - len(failed)
+    print(
+        f"{done}/{len(outcome.statuses)} trials done in {out}; tables and plots: "
+        f"mbxfer report {out}"
+    )
+    return 1 if failed else 0
+
+
+def _cmd_report(args) -> int:
+    from benchmarks import report
+
+    argv = ["mbxfer", "report", args.results] + (["--out", args.out] if args.out else [])
+    path = report.write(
+        Path(args.results),
+        Path(args.out) if args.out else None,
+        command=" ".join(argv),
+        reps=args.reps,
+        curve_reps=args.curve_reps,
+        seed=args.seed,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_agents(args) -> int:
+    import agents
+    from benchmarks import config as config_lib
+
+    for name in agents.names():
+        config_class = agents.config_class(name)
+        doc = " ".join((config_class.__doc__ or "").split())
+        print(f"{name:16s} {config_class.__module__}.{config_class.__name__}: {doc}")
+        if args.keys:
+            instance = config_lib.build({"agent": name}).agent_config
+            for line in config_lib.describe(instance, "agent."):
+                print("    " + line)
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
+    return value
+
+
+_EXIT_CODES = (
+    "exit codes: 0 all trials done, 1 some trial failed (or is running elsewhere), "
+    "2 bad input (spec, options, Ray missing), 130 interrupted"
+)
+
+
 class _KeysHelp(argparse.Action):
     """`--keys`: every config key with its type, default and documentation."""
 
@@ -227,6 +333,79 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--keys", action=_KeysHelp, help="list every config key and exit")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a sweep spec: a grid of trials, locally or on Ray",
+        description=(
+            "Expand SPEC.yaml (agents, envs, tasks, protocols, seeds, base, grid, resources; "
+            "see benchmarks/sweep.py) into trials, check them all, then run every unfinished "
+            "one in OUT/<trial_id>. Re-running skips finished trials, resumes interrupted "
+            "ones from their checkpoints and retries failed ones."
+        ),
+        epilog=_EXIT_CODES,
+    )
+    sweep.add_argument("spec", metavar="SPEC.yaml", help="sweep spec (YAML)")
+    sweep.add_argument("--out", default=None, help="results folder (default results/<spec name>)")
+    sweep.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="local executor: trials at once, each pinned to its share of the cores "
+        "(default: cores / resources.num_cpus)",
+    )
+    sweep.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local process pool (default) or one Ray task per trial",
+    )
+    sweep.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster address (e.g. auto or HOST:6379); default: start Ray on this machine",
+    )
+    sweep.add_argument(
+        "--retries",
+        type=_non_negative,
+        default=1,
+        metavar="K",
+        help="run a failed trial up to K more times (Ray: also when its worker or node dies)",
+    )
+    sweep.add_argument(
+        "--dry-run", action="store_true", help="list the trials and their status, run nothing"
+    )
+    sweep.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    report = commands.add_parser(
+        "report",
+        help="tables (IQM, bootstrap CIs), CSV files and plots from trial folders",
+        description=(
+            "Read every trial folder (*/config.yaml) below RESULTS_DIR and write report.md, "
+            "CSV files and plots/ with rliable statistics."
+        ),
+        epilog="exit codes: 0 ok, 2 no trial folders found",
+    )
+    report.add_argument("results", metavar="RESULTS_DIR", help="folder holding trial folders")
+    report.add_argument("--out", default=None, help="output folder (default RESULTS_DIR)")
+    report.add_argument(
+        "--reps", type=_positive, default=5000, help="bootstrap resamples for final scores"
+    )
+    report.add_argument(
+        "--curve-reps",
+        type=_positive,
+        default=1000,
+        help="bootstrap resamples per point of learning curves and performance profiles",
+    )
+    report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+
+    agents_parser = commands.add_parser(
+        "agents", help="list registered agents and their config classes"
+    )
+    agents_parser.add_argument(
+        "--keys", action="store_true", help="also list every config key with type and default"
+    )
+
     commands.add_parser("envs", help="list registered environments and their tasks")
 
     rollout = commands.add_parser("rollout", help="run a uniform random policy")
@@ -250,7 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     from envs.base import ConfigurationError
 
     args = build_parser().parse_args(argv)
-    handlers = {"run": _cmd_run, "envs": _cmd_envs, "rollout": _cmd_rollout, "demo": _cmd_demo}
+    handlers = {
+        "run": _cmd_run,
+        "sweep": _cmd_sweep,
+        "report": _cmd_report,
+        "agents": _cmd_agents,
+        "envs": _cmd_envs,
+        "rollout": _cmd_rollout,
+        "demo": _cmd_demo,
+    }
     try:
         return handlers[args.command](args)
     except (

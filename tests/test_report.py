@@ -1,0 +1,222 @@
+"""Reports: rliable statistics on synthetic trial folders with known values, plots, merging."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from rliable import library, metrics
+
+from benchmarks import cli, report
+
+REPS = 300
+DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]
+PPO = [0.0, 1.0, 1.0, 2.0, 3.0]
+FINETUNED = [3.0, 4.0, 6.0]
+CRAFTER = [2.0, 3.5, 5.0]
+
+
+def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **extra):
+    """A trial folder as the runner writes it; `finals` are the last scores per phase."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = {
+        "agent": agent,
+        "seed": seed,
+        "env": {"name": env, "task": task, "num_envs": 2, "workers": False, "kwargs": {}},
+        "train": {"steps": 200},
+        "protocol": {"name": protocol},
+        "agent_config": {},
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    score_key = report.SCORE_KEYS.get(env, "return_mean")
+    phases = extra.get("phases", ["train"])
+    lines = []
+    for index, (phase, final) in enumerate(zip(phases, finals)):
+        for steps, value in ((100, final / 2), (200, final)):
+            record = {
+                "env_steps": steps,
+                "total_env_steps": 200 * index + steps,
+                "phase": phase,
+                "phase_index": index,
+                "eval_set": "eval",
+                "episodes": 2,
+                "return_mean": value,
+                "length_mean": 50.0,
+                score_key: value,
+            }
+            if "success_rates" in extra:
+                record["success_rates"] = extra["success_rates"]
+            if extra.get("legacy"):  # Written before phases existed.
+                for key in ("phase", "phase_index", "eval_set", "total_env_steps"):
+                    record.pop(key)
+            lines.append(json.dumps(record))
+    (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    if extra.get("done", True):
+        done = {"env_steps": 200 * len(phases), "phases": phases}
+        if "transfer" in extra:
+            done["transfer"] = extra["transfer"]
+        (folder / "done.json").write_text(json.dumps(done))
+    if extra.get("video"):
+        Image.new("RGB", (8, 8)).save(folder / "video.gif")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    for seed, score in enumerate(DREAMER):
+        _trial(root, f"d{seed}", "dreamer", "grid", "collect_items", seed, [score])
+    for seed, score in enumerate(PPO):  # Legacy eval lines: no phase or eval set keys.
+        _trial(root, f"p{seed}", "ppo", "grid", "collect_items", seed, [score], legacy=True)
+    for seed, score in enumerate(FINETUNED):
+        transfer = {"finetune": {"jumpstart": seed + 1.0, "auc_ratio": 1.5, "final_gain": 2.0}}
+        _trial(
+            root,
+            f"f{seed}",
+            "dreamer",
+            "grid",
+            "collect_items",
+            seed,
+            [0.5, score],
+            protocol="pretrain_finetune",
+            phases=["pretrain", "finetune"],
+            transfer=transfer,
+        )
+    rates = {"collect_wood": 0.9, "place_table": 0.4, "eat_cow": 0.1}
+    for seed, score in enumerate(CRAFTER):
+        _trial(
+            root,
+            f"machine_a/c{seed}",
+            "dreamer",
+            "crafter",
+            "reward",
+            seed,
+            [score],
+            success_rates=rates,
+            video=seed == 0,
+        )
+    _trial(root, "unfinished", "muzero", "grid", "collect_items", 0, [1.0], done=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def written(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    path = report.write(results, out, command="mbxfer report results", reps=REPS, curve_reps=50)
+    return out, path.read_text()
+
+
+def _rows(path):
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def _rliable(scores, aggregate):
+    np.random.seed(0)  # rliable resamples with numpy's global RNG.
+    points, intervals = library.get_interval_estimates(
+        {"x": np.array(scores)[:, None]}, lambda x: np.array([aggregate(x)]), reps=REPS
+    )
+    return [points["x"][0], intervals["x"][0, 0], intervals["x"][1, 0]]
+
+
+@pytest.mark.parametrize(
+    "protocol, agent, scores",
+    [
+        ("scratch", "dreamer", DREAMER),
+        ("scratch", "ppo", PPO),
+        ("pretrain_finetune", "dreamer", FINETUNED),
+    ],
+)
+def test_iqm_and_mean_with_cis_are_rliables(written, protocol, agent, scores):
+    out, _ = written
+    (row,) = [
+        r
+        for r in _rows(out / "scores.csv")
+        if (r["env"], r["protocol"], r["agent"]) == ("grid", protocol, agent)
+    ]
+    assert int(row["seeds"]) == len(scores)
+    iqm = [float(row[k]) for k in ("iqm", "iqm_low", "iqm_high")]
+    mean = [float(row[k]) for k in ("mean", "mean_low", "mean_high")]
+    np.testing.assert_allclose(iqm, _rliable(scores, metrics.aggregate_iqm))
+    np.testing.assert_allclose(mean, _rliable(scores, metrics.aggregate_mean))
+    assert iqm[1] <= iqm[0] <= iqm[2]
+
+
+def test_probability_of_improvement_pairs(written):
+    out, text = written
+    rows = {(r["x"], r["y"]): r for r in _rows(out / "improvement.csv")}
+    assert set(rows) == {("dreamer", "ppo"), ("pretrain_finetune / dreamer", "dreamer")}
+    expected = metrics.probability_of_improvement(
+        np.array(DREAMER)[:, None], np.array(PPO)[:, None]
+    )
+    assert float(rows[("dreamer", "ppo")]["probability"]) == pytest.approx(expected)
+    assert "## Probability of improvement" in text
+
+
+def test_report_tables_budgets_and_provenance(written):
+    out, text = written
+    assert "Produced by `mbxfer report results`" in text
+    assert "rliable 1.2.0" in text and "numpy" in text
+    assert "| scratch | dreamer | 5 | 200 |" in text
+    assert "| pretrain_finetune | dreamer | 3 | pretrain 200 + finetune 200 |" in text
+    assert "score `crafter_score`" in text  # Crafter is scored by its score, not its return.
+    assert "## Unfinished trials" in text and "| muzero | 0 | incomplete |" in text
+    assert "[video.gif](" in text
+    video_link = text.split("[video.gif](")[1].split(")")[0]
+    assert (out / video_link).resolve().exists()
+    transfer = _rows(out / "transfer.csv")
+    assert len(transfer) == 1 and float(transfer[0]["jumpstart"]) == pytest.approx(2.0)
+    achievements = {
+        r["achievement"]: float(r["success_rate"]) for r in _rows(out / "crafter_achievements.csv")
+    }
+    assert achievements == pytest.approx({"collect_wood": 0.9, "place_table": 0.4, "eat_cow": 0.1})
+
+
+def test_plots_are_written_and_not_empty(written):
+    out, text = written
+    names = {p.name for p in (out / "plots").glob("*.png")}
+    assert {
+        "curves_grid_collect_items_eval.png",
+        "curves_crafter_reward_eval.png",
+        "profile_grid_collect_items_eval.png",
+        "profile_crafter_reward_eval.png",
+        "transfer.png",
+        "crafter_achievements.png",
+    } <= names
+    for name in names:
+        with Image.open(out / "plots" / name) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+            # Not a blank canvas: more than one colour drawn.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or [0, 0]) > 1
+        assert f"plots/{name}" in text
+
+
+def test_folders_from_two_machines_merge_once(results, tmp_path):
+    merged = tmp_path / "merged"
+    shutil.copytree(results, merged / "laptop")
+    shutil.copytree(results / "machine_a", merged / "cluster" / "machine_a")  # Same trials.
+    shutil.copytree(results / "d0", merged / "cluster" / "extra" / "d0")
+    notes = []
+    trials = report.load_trials(merged, notes)
+    assert len(trials) == 17  # 5 + 5 + 3 + 3 + 1, each counted once.
+    assert sum("found twice" in note for note in notes) == 4
+
+
+def test_grid_variants_are_separate_groups(tmp_path):
+    for seed in range(2):
+        for deter in (16, 32):
+            folder = _trial(tmp_path, f"t{deter}_{seed}", "dreamer", "grid", "a", seed, [1.0])
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            config["agent_config"] = {"model": {"deter": deter}}
+            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    labels = sorted({t.label for t in report.load_trials(tmp_path)})
+    assert labels == ["dreamer [agent.model.deter=16]", "dreamer [agent.model.deter=32]"]
+
+
+def test_report_of_an_empty_folder_is_bad_input(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no trial folders" in capsys.readouterr().err
