@@ -17,9 +17,10 @@ every agent the same way.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import chex
+import jax
 
 Array = chex.Array
 AgentState = Any  # a NamedTuple pytree owned by the agent
@@ -59,3 +60,39 @@ class Agent(NamedTuple):
     calls `update` once on `replay.latest(rollout_length + 1)` (`[num_envs, T + 1, ...]`, the
     steps just collected with the current parameters; the last row is the bootstrap step)
     instead of on replay samples at the train ratio. 0: off-policy replay training."""
+    part_of: Optional[Callable[[str], str]] = None
+    """`part_of(path)` names the part of the agent a state leaf belongs to (`path` is
+    `jax.tree_util.keystr` of the leaf): one of `PARTS`. The transfer protocols carry parts
+    over between phases by it (`benchmarks/protocols.py`). None: the state is one part."""
+    adapt: Optional[Callable[[AgentState, Mapping[str, Any], chex.PRNGKey], Any]] = None
+    """Model-based agents: `update` with the world model frozen except its reward head (the
+    zero-shot protocol fits the reward head on relabelled pretraining data, and the policy
+    learns from it, without environment steps)."""
+
+
+PARTS = ("world_model", "policy", "value", "exploration", "counter")
+"""The parts of an agent's state: the world model (with its reward head), the policy, the value
+function, the intrinsic reward module, and step counters."""
+
+
+def parts_by_substring(rules: Sequence[tuple[str, str]]) -> Callable[[str], str]:
+    """A `part_of` from `(substring, part)` rules tried in order; unmatched leaves: counter."""
+    for _, part in rules:
+        if part not in PARTS:
+            raise ValueError(f"part {part!r} must be one of {PARTS}")
+
+    def part_of(path: str) -> str:
+        for substring, part in rules:
+            if substring in path:
+                return part
+        return "counter"
+
+    return part_of
+
+
+def only_reward_head(updates, head: str = "reward_head"):
+    """World-model parameter updates with every leaf outside `head` zeroed (for `adapt`)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u if head in jax.tree_util.keystr(path) else jax.numpy.zeros_like(u),
+        updates,
+    )

@@ -15,6 +15,7 @@ Follows DreamerV3 (Hafner et al. 2023) at small, CPU-friendly sizes:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal, NamedTuple, Optional
 
 import distrax
@@ -319,13 +320,15 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         )
         return state._replace(exploration=explorer_state, exploration_opt=opt_state), metrics
 
-    def update(state: DreamerState, batch, rng):
+    def update(state: DreamerState, batch, rng, adapt: bool = False):
         model_key, imagine_key = jax.random.split(rng)
         batch_size = batch["reward"].shape[0]
         (_, (model_metrics, posteriors, _)), model_grads = jax.value_and_grad(
             model.loss, has_aux=True
         )(state.model_params, batch, model.initial_state(batch_size), model_key)
         updates, model_opt_state = model_opt.update(model_grads, state.model_opt)
+        if adapt:
+            updates = base.only_reward_head(updates)
         model_params = optax.apply_updates(state.model_params, updates)
 
         start = jax.tree.map(
@@ -373,4 +376,27 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     def open_loop(state: DreamerState, batch, context: int, horizon: int, rng):
         return model.open_loop(state.model_params, batch, context, horizon, rng)
 
-    return base.Agent("dreamer", config, init, initial_carry, act, update, True, open_loop)
+    return base.Agent(
+        "dreamer",
+        config,
+        init,
+        initial_carry,
+        act,
+        update,
+        True,
+        open_loop,
+        part_of=PARTS,
+        adapt=functools.partial(update, adapt=True),
+    )
+
+
+PARTS = base.parts_by_substring(
+    [
+        ("exploration", "exploration"),
+        (".model_", "world_model"),
+        (".actor_", "policy"),
+        ("critic", "value"),
+        (".return_range", "value"),
+    ]
+)
+"""Which part of `DreamerState` each leaf is (see `agents.base.Agent.part_of`)."""

@@ -33,6 +33,7 @@ Rewards are mixed in ONE place, `mixed_reward`, used by the search and by the va
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
@@ -451,11 +452,13 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             metrics["muzero/intrinsic_reward"] = jnp.mean(intrinsic)
         return total, (metrics, posteriors)
 
-    def update(state: MuZeroState, batch, rng):
+    def update(state: MuZeroState, batch, rng, adapt: bool = False):
         (_, (metrics, posteriors)), grads = jax.value_and_grad(loss, has_aux=True)(
             state.params, state, batch, rng
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if adapt:
+            updates = updates._replace(model=base.only_reward_head(updates.model))
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
         if config.target_update_period:
@@ -489,4 +492,28 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         def open_loop(state: MuZeroState, batch, context: int, horizon: int, rng):
             return model.open_loop(state.params.model, batch, context, horizon, rng)
 
-    return base.Agent("muzero", config, init, initial_carry, act, update, True, open_loop)
+    return base.Agent(
+        "muzero",
+        config,
+        init,
+        initial_carry,
+        act,
+        update,
+        True,
+        open_loop,
+        part_of=PARTS,
+        adapt=functools.partial(update, adapt=True),
+    )
+
+
+PARTS = base.parts_by_substring(
+    [
+        ("exploration", "exploration"),
+        (".model", "world_model"),
+        ("policy_head", "policy"),
+        ("value_head", "value"),
+        # The one Adam's step count: it follows the world model, whose moments it corrects.
+        (".opt_state", "world_model"),
+    ]
+)
+"""Which part of `MuZeroState` each leaf is (see `agents.base.Agent.part_of`)."""

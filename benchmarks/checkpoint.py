@@ -57,10 +57,14 @@ def save(
     runner_state: dict,
     save_replay: Optional[Callable[[Path], None]] = None,
     keep: int = 2,
+    name: Optional[str] = None,
 ) -> Path:
-    """Write checkpoint `step` under `directory`; returns its folder."""
+    """Write checkpoint `step` under `directory` (folder `name`, by default `step-<step>`;
+    names must start with `step-` and sort in writing order); returns its folder."""
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:012d}"
+    name = name or f"step-{step:012d}"
+    if not name.startswith("step-"):
+        raise ValueError(f"checkpoint name {name!r} must start with 'step-'")
     final = directory / name
     staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp"))
     try:
@@ -91,6 +95,30 @@ def save(
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def link_copy(folder: Path, destination: Path) -> Path:
+    """A durable copy of checkpoint `folder` at `destination`, made of hard links (no extra
+    space; checkpoint files are never modified after they are written), atomically."""
+    destination = Path(destination)
+    staging = Path(
+        tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    )
+    try:
+        for source in Path(folder).iterdir():
+            try:
+                os.link(source, staging / source.name)
+            except OSError:  # Another file system, or no hard links: copy.
+                shutil.copy2(source, staging / source.name)
+        _fsync_dir(staging)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+        _fsync_dir(destination.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return destination
 
 
 def latest(directory: Path) -> Optional[Path]:

@@ -158,6 +158,7 @@ def _run_updates(args) -> dict:
             if v is not None
         },
         "train": {"steps": args.steps} if args.steps is not None else {},
+        "protocol": {"name": args.protocol} if args.protocol is not None else {},
     }
     merge(updates, {k: v for k, v in shortcuts.items() if v not in (None, {})})
     if args.task == "none":
@@ -180,7 +181,8 @@ def _cmd_run(args) -> int:
         f"(task {config.env.task}), {config.train.steps} steps -> {out}",
         file=sys.stderr,
     )
-    summary = runner.run(config, out, progress=not args.no_progress)
+    start_from = Path(args.start_from) if args.start_from else None
+    summary = runner.run(config, out, progress=not args.no_progress, start_from=start_from)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -321,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="seed")
     run.add_argument("--num-envs", type=int, default=None, help="environments per batch")
     run.add_argument("--out", default=None, help="trial folder (default results/runs/<id>)")
+    run.add_argument(
+        "--protocol",
+        default=None,
+        help="transfer protocol: scratch (default), pretrain_finetune, task_transfer, "
+        "zero_shot, procedural_generalization, task_generalization, custom",
+    )
+    run.add_argument(
+        "--from",
+        dest="start_from",
+        default=None,
+        metavar="CKPT",
+        help="start after the phase that checkpoint ends (results/<trial>/phase0.ckpt) "
+        "instead of re-running the earlier phases",
+    )
     run.add_argument("--config", default=None, help="YAML file of config values")
     run.add_argument(
         "--set",
@@ -426,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     from agents import UnknownAgentError
     from benchmarks.checkpoint import IncompatibleCheckpointError
     from benchmarks.config import ConfigError
+    from benchmarks.protocols import ProtocolError
     from envs.base import ConfigurationError
 
     args = build_parser().parse_args(argv)
@@ -443,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ConfigurationError,
         ConfigError,
+        ProtocolError,
         UnknownAgentError,
         IncompatibleCheckpointError,
     ) as error:

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 import yaml
 
 import agents
+from benchmarks.protocols import ProtocolConfig
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,8 @@ class TrialConfig:
     """Seeds parameters, environments, replay sampling and action noise."""
     env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
+    """The transfer protocol: the phases the trial runs (`benchmarks/protocols.py`)."""
     agent_config: Any = None
     """The agent's own frozen config; built from its class when left None."""
 

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from acme import specs as acme_specs
 import agents
 from agents.base import ActInput
 from agents.replay import Replay
-from benchmarks import checkpoint
+from benchmarks import checkpoint, protocols, transfer
 from benchmarks import config as config_lib
 from envs import base as env_base
 from envs import registry, vector
@@ -61,8 +61,18 @@ def environment_spec(envs: vector.VectorEnv) -> acme_specs.EnvironmentSpec:
     )
 
 
-def make_envs(config: config_lib.TrialConfig, num_envs: int, seed: int) -> vector.VectorEnv:
-    recipe = registry.factory(config.env.name, task=config.env.task, **dict(config.env.kwargs))
+def env_recipe(config: config_lib.TrialConfig, task, *kwargs: Mapping) -> registry.EnvFactory:
+    """The trial's environment with `task`, its keywords updated by each of `kwargs`."""
+    merged = dict(config.env.kwargs)
+    for more in kwargs:
+        merged.update(more)
+    return registry.factory(config.env.name, task=task, **merged)
+
+
+def make_envs(config: config_lib.TrialConfig, num_envs: int, seed: int, recipe=None):
+    """A batch of the trial's environments (of `recipe`, by default the trial's env and task)."""
+    if recipe is None:
+        recipe = env_recipe(config, config.env.task)
     mode = "process" if config.env.workers else "inline"
     return vector.make(recipe, num_envs, mode=mode, seed=seed)
 
@@ -180,14 +190,31 @@ def _replay_step(timestep, action) -> dict:
     }
 
 
-def evaluate(agent, act, state, config, index: int) -> dict:
+def _normalized_return(recipe: registry.EnvFactory, returns: list[float]) -> Optional[float]:
+    """Procgen's normalized return of `returns` (None for other families or unknown games)."""
+    if recipe.entry.name != "procgen":
+        return None
+    from envs import procgen
+
+    keywords = {**recipe.entry.defaults, **recipe.overrides}
+    try:
+        normalized = procgen.normalized_return(
+            keywords.get("game", "coinrun"), keywords.get("distribution_mode", "easy"), returns
+        )
+    except env_base.ConfigurationError:
+        return None
+    return float(np.mean(normalized))
+
+
+def evaluate(agent, act, state, config, index: int, recipe=None) -> dict:
     """`train.eval_episodes` greedy episodes on fresh environments seeded for `index`."""
     episodes = config.train.eval_episodes
     num_envs = min(episodes, config.env.num_envs)
     seed = config.seed + _EVAL_SEED_OFFSET + 101 * index
     rng = jax.random.PRNGKey(seed)
     records: list[dict] = []
-    with make_envs(config, num_envs, seed) as envs:
+    recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
+    with make_envs(config, num_envs, seed, recipe) as envs:
         tracker = _EpisodeTracker(num_envs)
         carry = agent.initial_carry(num_envs)
         timestep = envs.reset()
@@ -199,7 +226,11 @@ def evaluate(agent, act, state, config, index: int) -> dict:
             action, carry = act(state, carry, step, key, "eval")
             timestep = envs.step(np.asarray(action))
             records += tracker.observe(timestep)
-    return _summarize_episodes(records[:episodes])
+    summary = _summarize_episodes(records[:episodes])
+    normalized = _normalized_return(recipe, [r["return"] for r in records[:episodes]])
+    if normalized is not None:
+        summary["normalized_return"] = normalized
+    return summary
 
 
 def _write_video(agent, state, replay: Replay, out: Path, rng, context: int = 5) -> dict:
@@ -230,14 +261,19 @@ def run(
     progress: bool = True,
     stop_after: Optional[int] = None,
     on_step: Optional[Callable[[int], None]] = None,
+    start_from: Optional[Path] = None,
 ) -> dict:
-    """Train (or resume) one trial in `out`; returns the final summary.
+    """Train (or resume) one trial in `out`, phase after phase; returns the final summary.
 
-    `stop_after` ends the call early after that many environment steps (without writing
-    `done.json`), as a kill would; `on_step` is called with the step count each iteration.
+    `stop_after` ends the call early after that many environment steps in all (without
+    writing `done.json`), as a kill would; `on_step` is called with the total step count each
+    iteration. `start_from` is a phase-boundary checkpoint (`<trial>/phase0.ckpt`) of a trial
+    whose earlier phases are this trial's: the trial starts at the next phase from it instead
+    of re-running them.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    all_phases = protocols.phases(config)  # protocol errors before anything is written
     config_text = config_lib.to_yaml(config)
     config_path = out / "config.yaml"
     if config_path.exists():
@@ -255,185 +291,425 @@ def run(
         checkpoint.write_atomic(config_path, config_text.encode())
     if (out / "done.json").exists():
         return json.loads((out / "done.json").read_text())
-
-    envs = make_envs(config, config.env.num_envs, config.seed)
-    stack = contextlib.ExitStack()
-    stack.enter_context(envs)
-    try:
-        return _train(config, out, envs, progress, stop_after, on_step, stack)
-    finally:
-        stack.close()
+    with contextlib.ExitStack() as stack:
+        return _Trial(config, out, all_phases, progress, stack).run(stop_after, on_step, start_from)
 
 
-def _train(config, out, envs, progress, stop_after, on_step, stack) -> dict:
-    train = config.train
-    num_envs = config.env.num_envs
-    spec = environment_spec(envs)
-    agent = agents.make(config.agent, spec, config.agent_config)
-    act = jax.jit(agent.act, static_argnums=4)
-    update = jax.jit(agent.update)
-    init_key, loop_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    state = agent.init(init_key)
-    replay = Replay(
-        train.replay_capacity,
-        num_envs,
-        train.sequence_length,
-        envs.observation_spec(),
-        envs.action_spec(),
-        seed=config.seed,
-    )
-    env_steps, updates, evals, episodes_total = 0, 0, 0, 0
-    coverage = Coverage()
-    offsets: dict[str, Optional[int]] = {"metrics": None, "eval": None}
-    checkpoints = out / "checkpoints"
-    found = checkpoint.latest(checkpoints)
-    if found is not None:
-        try:
-            state, runner_state = checkpoint.load(found, state)
-        except checkpoint.IncompatibleCheckpointError as error:
-            raise IncompatibleTrialError(str(error)) from None
-        state = jax.tree_util.tree_map(jnp.asarray, state)
-        env_steps, updates = runner_state["env_steps"], runner_state["updates"]
-        evals, episodes_total = runner_state["evals"], runner_state["episodes"]
-        loop_key = jnp.asarray(runner_state["rng"], jnp.uint32)
-        offsets = runner_state["offsets"]
-        coverage = Coverage(**runner_state.get("coverage", {}))
-        replay.load(found / "replay.npz")
-    metrics_log = _JsonlLog(out / "metrics.jsonl", offsets["metrics"])
-    eval_log = _JsonlLog(out / "eval.jsonl", offsets["eval"])
-    stack.callback(metrics_log.close)
-    stack.callback(eval_log.close)
+class _Trial:
+    """The phases of one trial and what runs across them (logs, counters, the resume point)."""
 
-    if env_steps:
-        envs.seed(config.seed + _RESEED_OFFSET * env_steps)
-    timestep = envs.reset()
-    carry = agent.initial_carry(num_envs)
-    tracker = _EpisodeTracker(num_envs)
-    recent_episodes: list[dict] = []
-    update_metrics: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def __init__(self, config, out: Path, all_phases, progress: bool, stack):
+        self.config, self.out, self.phases, self.progress = config, out, all_phases, progress
+        self.stack = stack
+        self.agent_config = protocols.with_module(config.agent_config, all_phases, config.protocol)
 
-        bar = tqdm(
-            total=train.steps,
-            initial=env_steps,
-            unit="step",
-            file=sys.stderr,
-            desc=f"{config.agent} on {config.env.name}",
-            dynamic_ncols=True,
-        )
-    started, steps_at_start = time.time(), env_steps
-    replayed_per_update = train.batch_size * train.sequence_length
-
-    def save_checkpoint():
-        runner_state = {
-            "env_steps": env_steps,
-            "updates": updates,
-            "evals": evals,
-            "episodes": episodes_total,
-            "rng": np.asarray(loop_key).tolist(),
-            "offsets": {"metrics": metrics_log.offset(), "eval": eval_log.offset()},
-            "coverage": coverage.state(),
-        }
-        checkpoint.save(checkpoints, env_steps, state, runner_state, replay.save)
-
-    while env_steps < train.steps:
-        loop_key, act_key = jax.random.split(loop_key)
-        step = ActInput(env_base.agent_observation(timestep.observation), timestep.step_type == 0)
-        action, carry = act(state, carry, step, act_key, "explore")
-        action = np.asarray(action)
-        replay.add(_replay_step(timestep, action))
-        timestep = envs.step(action)
-        env_steps += num_envs
-        finished = tracker.observe(timestep)
-        coverage.observe(timestep.observation)
-        episodes_total += len(finished)
-        recent_episodes += finished
-
-        if agent.learns and agent.rollout_length:
-            # On-policy: one update per rollout, on the steps just collected.
-            rollout = agent.rollout_length
-            if (env_steps // num_envs) % rollout == 0 and len(replay) > rollout * num_envs:
-                loop_key, update_key = jax.random.split(loop_key)
-                state, metrics = update(state, replay.latest(rollout + 1), update_key)
-                updates += 1
-                update_metrics.append(metrics)
-        elif agent.learns and env_steps >= train.learning_starts and replay.num_windows:
-            owed = int(env_steps * train.train_ratio / replayed_per_update) - updates
-            for _ in range(max(owed, 0)):
-                loop_key, update_key = jax.random.split(loop_key)
-                state, metrics = update(state, replay.sample(train.batch_size), update_key)
-                updates += 1
-                update_metrics.append(metrics)
-
-        checkpoint_due = env_steps % train.checkpoint_every < num_envs or env_steps >= train.steps
-        # Metrics are also flushed at checkpoints, so a resumed run writes the same lines.
-        if env_steps % train.log_every < num_envs or checkpoint_due:
-            record = {"env_steps": env_steps, "updates": updates, "episodes": episodes_total}
-            record.update(coverage.metrics())
-            record.update(
-                {
-                    f"episode/{k}": v
-                    for k, v in _summarize_episodes(recent_episodes).items()
-                    if not isinstance(v, dict)
-                }
+    # -- resume ---------------------------------------------------------------------------
+    def _resume_point(self, start_from: Optional[Path]):
+        found = checkpoint.latest(self.out / "checkpoints")
+        if found is not None:
+            return found, False
+        if start_from is None:
+            return None, False
+        start_from = Path(start_from)
+        if not (start_from / "runner.json").exists():
+            raise IncompatibleTrialError(
+                f"--from {start_from}: not a checkpoint folder (expected <trial>/phaseN.ckpt)"
             )
-            if update_metrics:
-                stacked = jax.device_get(update_metrics)
-                for key in stacked[0]:
-                    record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
-            elapsed = time.time() - started
-            record["env_steps_per_second"] = (env_steps - steps_at_start) / max(elapsed, 1e-9)
+        runner_state = json.loads((start_from / "runner.json").read_text())
+        index = runner_state.get("phase_index", 0)
+        if not runner_state.get("phase_done") or index + 1 >= len(self.phases):
+            raise IncompatibleTrialError(
+                f"--from {start_from}: it ends phase {index}, so this trial would start at "
+                f"phase {index + 1}, but its protocol has {len(self.phases)} phases"
+            )
+        source_config = start_from.parent / "config.yaml"
+        if source_config.exists():
+            import yaml
+
+            source = config_lib.build(yaml.safe_load(source_config.read_text()))
+            mine = protocols.phases(self.config)[: index + 1]
+            theirs = protocols.phases(source)[: index + 1]
+            same = (
+                mine == theirs
+                and source.agent == self.config.agent
+                and source.seed == self.config.seed
+                and config_lib.differences(
+                    source.to_dict()["env"] | {"task": None},
+                    self.config.to_dict()["env"] | {"task": None},
+                )
+                == []
+            )
+            if not same:
+                raise IncompatibleTrialError(
+                    f"--from {start_from}: that trial's phases 0..{index}, agent, seed or "
+                    "environment differ from this trial's"
+                )
+        return start_from, True
+
+    # -- the phases -----------------------------------------------------------------------
+    def run(self, stop_after, on_step, start_from) -> dict:
+        resume_from, from_other_trial = self._resume_point(start_from)
+        resume_state = None
+        if resume_from is not None:
+            resume_state = json.loads((resume_from / "runner.json").read_text())
+        offsets = {"metrics": None, "eval": None}
+        if resume_state is not None and not from_other_trial:
+            offsets = resume_state["offsets"]
+        self.metrics_log = _JsonlLog(self.out / "metrics.jsonl", offsets["metrics"])
+        self.eval_log = _JsonlLog(self.out / "eval.jsonl", offsets["eval"])
+        self.stack.callback(self.metrics_log.close)
+        self.stack.callback(self.eval_log.close)
+        history = dict(resume_state or {}).get("history", {"phases": [], "evals": 0})
+        if from_other_trial:
+            history = {
+                "phases": history["phases"],
+                "evals": history["evals"],
+                "from": str(resume_from),
+            }
+        self.history = history
+        start_index = 0
+        if resume_state is not None:
+            start_index = resume_state.get("phase_index", 0) + bool(resume_state.get("phase_done"))
+        state = replay = None
+        for index in range(start_index, len(self.phases)):
+            phase_resume = None
+            if resume_state is not None and index == start_index:
+                phase_resume = (resume_from, resume_state)
+            result = self._run_phase(index, state, replay, phase_resume, stop_after, on_step)
+            if result is None:
+                return {"stopped_at": self.stopped_at}
+            state, replay, agent = result
+        return self._finish(state, replay, agent)
+
+    def _phase_keys(self, index: int):
+        root = jax.random.PRNGKey(self.config.seed)
+        return jax.random.split(root if index == 0 else jax.random.fold_in(root, index))
+
+    def _phase_seed(self, index: int) -> int:
+        return self.config.seed + 100_003 * index
+
+    def _run_phase(self, index, previous_state, previous_replay, resume, stop_after, on_step):
+        config, train, phase = self.config, self.config.train, self.phases[index]
+        num_envs = config.env.num_envs
+        recipe = env_recipe(config, phase.task, phase.env_kwargs)
+        seed = self._phase_seed(index)
+        envs = make_envs(config, num_envs, seed, recipe)
+        self.stack.callback(envs.close)  # Also closed at the end of the phase.
+        spec = environment_spec(envs)
+        agent_config = protocols.agent_config_for(self.agent_config, phase, config.protocol)
+        agent = agents.make(config.agent, spec, agent_config)
+        act = jax.jit(agent.act, static_argnums=4)
+        update = jax.jit(agent.update)
+        init_key, loop_key = self._phase_keys(index)
+        fresh = agent.init(init_key)
+        state = fresh
+        if previous_state is not None:
+            state = protocols.carry_over(phase.carry, previous_state, fresh, agent.part_of)
+        task_index = None
+        if phase.keep_replay and phase.task is not None:
+            task_index = list(envs.tasks).index(phase.task)
+        if phase.keep_replay and previous_replay is not None:
+            replay = previous_replay
+        else:
+            replay = Replay(
+                train.replay_capacity,
+                num_envs,
+                train.sequence_length,
+                envs.observation_spec(),
+                envs.action_spec(),
+                seed=seed,
+            )
+        env_steps, updates, episodes_total = 0, 0, 0
+        self._total_steps = sum(p["env_steps"] for p in self.history["phases"][:index])
+        coverage = Coverage()
+        if resume is not None:
+            folder, runner_state = resume
+            try:
+                state, _ = checkpoint.load(folder, fresh)
+            except checkpoint.IncompatibleCheckpointError as error:
+                raise IncompatibleTrialError(str(error)) from None
+            state = jax.tree_util.tree_map(jnp.asarray, state)
+            if (folder / "replay.npz").exists():
+                replay.load(folder / "replay.npz")
+            if runner_state.get("phase_done"):
+                # A phase boundary: this phase starts from the previous phase's final state.
+                state = protocols.carry_over(phase.carry, state, fresh, agent.part_of)
+                if not phase.keep_replay:
+                    replay = Replay(
+                        train.replay_capacity,
+                        num_envs,
+                        train.sequence_length,
+                        envs.observation_spec(),
+                        envs.action_spec(),
+                        seed=seed,
+                    )
+            else:
+                env_steps, updates = runner_state["env_steps"], runner_state["updates"]
+                episodes_total = runner_state["episodes"]
+                loop_key = jnp.asarray(runner_state["rng"], jnp.uint32)
+                coverage = Coverage(**runner_state.get("coverage", {}))
+        metrics_log, eval_log = self.metrics_log, self.eval_log
+        tag = {"phase": phase.name, "phase_index": index}
+
+        def sample(batch_size):
+            batch = replay.sample(batch_size)
+            return protocols.relabel(batch, task_index) if phase.keep_replay else batch
+
+        def run_evaluations():
+            results = {}
+            for set_name, eval_set in phase.eval_sets.items():
+                eval_recipe = env_recipe(config, eval_set.task, phase.env_kwargs, eval_set.kwargs)
+                summary = evaluate(agent, act, state, config, self.history["evals"], eval_recipe)
+                self.history["evals"] += 1
+                eval_log.write(
+                    {
+                        **tag,
+                        "eval_set": set_name,
+                        "env_steps": env_steps,
+                        "total_env_steps": self._total_steps + env_steps,
+                        **summary,
+                    }
+                )
+                results[set_name] = summary
+            return results
+
+        def save_checkpoint(phase_done: bool):
+            runner_state = {
+                **tag,
+                "phase_done": phase_done,
+                "env_steps": env_steps,
+                "updates": updates,
+                "episodes": episodes_total,
+                "rng": np.asarray(loop_key).tolist(),
+                "offsets": {"metrics": metrics_log.offset(), "eval": eval_log.offset()},
+                "coverage": coverage.state(),
+                "history": self.history,
+            }
+            total = self._total_steps + env_steps
+            return checkpoint.save(
+                self.out / "checkpoints",
+                total,
+                state,
+                runner_state,
+                replay.save,
+                name=f"step-{total:012d}-phase{index}",
+            )
+
+        # Offline adaptation (zero-shot): the reward head learns the new task from the kept
+        # replay, and the policy from it, before any environment step of this phase.
+        if phase.offline_updates and env_steps == 0:
+            if agent.adapt is None:
+                raise protocols.ProtocolError(
+                    f"phase {phase.name!r} adapts offline, but agent {config.agent!r} has no "
+                    "world model whose reward head could be fitted"
+                )
+            if not replay.num_windows:
+                raise protocols.ProtocolError(
+                    f"phase {phase.name!r} adapts offline but the replay holds no sequences "
+                    "(set keep_replay and run a phase before it)"
+                )
+            adapt = jax.jit(agent.adapt)
+            adapt_metrics = []
+            for _ in range(phase.offline_updates):
+                loop_key, update_key = jax.random.split(loop_key)
+                state, metrics = adapt(state, sample(train.batch_size), update_key)
+                adapt_metrics.append(metrics)
+            stacked = jax.device_get(adapt_metrics)
+            record = {**tag, "env_steps": 0, "total_env_steps": self._total_steps,
+                      "offline_updates": phase.offline_updates}  # fmt: skip
+            for key in stacked[-1]:
+                record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
             metrics_log.write(record)
-            recent_episodes, update_metrics = [], []
 
-        if train.eval_every and (
-            env_steps % train.eval_every < num_envs or env_steps >= train.steps
-        ):
-            summary = evaluate(agent, act, state, config, evals)
-            evals += 1
-            eval_log.write({"env_steps": env_steps, **summary})
-            if bar is not None and "return_mean" in summary:
-                bar.set_postfix(eval_return=f"{summary['return_mean']:.2f}")
+        final_evals: dict = {}
+        if env_steps == 0 and phase.eval_sets and (train.eval_every or not phase.steps):
+            final_evals = run_evaluations()  # The phase's starting point (jumpstart).
 
-        if checkpoint_due:
-            save_checkpoint()
-            if env_steps < train.steps:
-                envs.seed(config.seed + _RESEED_OFFSET * env_steps)
+        if env_steps:
+            envs.seed(seed + _RESEED_OFFSET * env_steps)
+        timestep = envs.reset()
+        carry = agent.initial_carry(num_envs)
+        tracker = _EpisodeTracker(num_envs)
+        recent_episodes: list[dict] = []
+        update_metrics: list[dict] = []
+        bar = None
+        if self.progress and phase.steps:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=phase.steps,
+                initial=env_steps,
+                unit="step",
+                file=sys.stderr,
+                desc=f"{config.agent} on {config.env.name}: {phase.name}",
+                dynamic_ncols=True,
+            )
+        started, steps_at_start = time.time(), env_steps
+        replayed_per_update = train.batch_size * train.sequence_length
+
+        while env_steps < phase.steps:
+            loop_key, act_key = jax.random.split(loop_key)
+            step = ActInput(
+                env_base.agent_observation(timestep.observation), timestep.step_type == 0
+            )
+            action, carry = act(state, carry, step, act_key, "explore")
+            action = np.asarray(action)
+            replay.add(_replay_step(timestep, action))
+            timestep = envs.step(action)
+            env_steps += num_envs
+            finished = tracker.observe(timestep)
+            coverage.observe(timestep.observation)
+            episodes_total += len(finished)
+            recent_episodes += finished
+
+            if agent.learns and agent.rollout_length:
+                # On-policy: one update per rollout, on the steps just collected.
+                rollout = agent.rollout_length
+                if (env_steps // num_envs) % rollout == 0 and len(replay) > rollout * num_envs:
+                    loop_key, update_key = jax.random.split(loop_key)
+                    state, metrics = update(state, replay.latest(rollout + 1), update_key)
+                    updates += 1
+                    update_metrics.append(metrics)
+            elif agent.learns and env_steps >= train.learning_starts and replay.num_windows:
+                owed = int(env_steps * train.train_ratio / replayed_per_update) - updates
+                for _ in range(max(owed, 0)):
+                    loop_key, update_key = jax.random.split(loop_key)
+                    state, metrics = update(state, sample(train.batch_size), update_key)
+                    updates += 1
+                    update_metrics.append(metrics)
+
+            ended = env_steps >= phase.steps
+            checkpoint_due = env_steps % train.checkpoint_every < num_envs and not ended
+            # Metrics are also flushed at checkpoints, so a resumed run writes the same lines.
+            if env_steps % train.log_every < num_envs or checkpoint_due or ended:
+                record = {
+                    **tag,
+                    "env_steps": env_steps,
+                    "total_env_steps": self._total_steps + env_steps,
+                    "updates": updates,
+                    "episodes": episodes_total,
+                }
+                record.update(coverage.metrics())
+                record.update(
+                    {
+                        f"episode/{k}": v
+                        for k, v in _summarize_episodes(recent_episodes).items()
+                        if not isinstance(v, dict)
+                    }
+                )
+                if update_metrics:
+                    stacked = jax.device_get(update_metrics)
+                    for key in stacked[0]:
+                        record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
+                elapsed = time.time() - started
+                record["env_steps_per_second"] = (env_steps - steps_at_start) / max(elapsed, 1e-9)
+                metrics_log.write(record)
+                recent_episodes, update_metrics = [], []
+
+            if (
+                train.eval_every
+                and phase.eval_sets
+                and (env_steps % train.eval_every < num_envs or ended)
+            ):
+                final_evals = run_evaluations()
+                if bar is not None and "return_mean" in next(iter(final_evals.values())):
+                    bar.set_postfix(
+                        eval_return=f"{next(iter(final_evals.values()))['return_mean']:.2f}"
+                    )
+
+            if checkpoint_due:
+                save_checkpoint(phase_done=False)
+                envs.seed(seed + _RESEED_OFFSET * env_steps)
                 timestep = envs.reset()
                 tracker.reset()
-        if bar is not None:
-            bar.update(num_envs)
-        if on_step is not None:
-            on_step(env_steps)
-        if stop_after is not None and env_steps >= stop_after and env_steps < train.steps:
             if bar is not None:
-                bar.close()
-            return {"stopped_at": env_steps}
+                bar.update(num_envs)
+            if on_step is not None:
+                on_step(self._total_steps + env_steps)
+            total = self._total_steps + env_steps
+            if stop_after is not None and total >= stop_after and not ended:
+                if bar is not None:
+                    bar.close()
+                self.stopped_at = total
+                return None
+        if bar is not None:
+            bar.close()
 
-    if bar is not None:
-        bar.close()
-    summary = {
-        "env_steps": env_steps,
-        "updates": updates,
-        "episodes": episodes_total,
-        "trial_id": config.trial_id(),
-    }
-    image_env = "image" in envs.observation_spec()
-    if (
-        train.video
-        and image_env
-        and agent.open_loop is not None
-        and replay.num_windows
-        and train.sequence_length > 6
-    ):
-        loop_key, video_key = jax.random.split(loop_key)
-        video = _write_video(agent, state, replay, out, video_key)
-        summary["video"] = {"path": "video.gif", **video}
-    if (out / "eval.jsonl").exists():
-        lines = (out / "eval.jsonl").read_text().splitlines()
-        if lines:
-            summary["final_eval"] = json.loads(lines[-1])
-    checkpoint.write_atomic(out / "done.json", (json.dumps(summary, indent=2) + "\n").encode())
-    return summary
+        summary = {
+            "name": phase.name,
+            "index": index,
+            "env_steps": env_steps,
+            "updates": updates,
+            "episodes": episodes_total,
+            **coverage.metrics(),
+            "final_eval": final_evals,
+        }
+        self.history["phases"] = self.history["phases"][:index] + [summary]
+        folder = save_checkpoint(phase_done=True)
+        checkpoint.link_copy(folder, self.out / f"phase{index}.ckpt")
+        self.image_env = "image" in envs.observation_spec()
+        envs.close()
+        return state, replay, agent
+
+    def _finish(self, state, replay, agent) -> dict:
+        config, out = self.config, self.out
+        phases_summary = self.history["phases"]
+        summary = {
+            "env_steps": sum(p["env_steps"] for p in phases_summary),
+            "updates": sum(p["updates"] for p in phases_summary),
+            "episodes": sum(p["episodes"] for p in phases_summary),
+            "trial_id": config.trial_id(),
+            "protocol": config.protocol.name,
+            "phases": phases_summary,
+        }
+        if "from" in self.history:
+            summary["from"] = self.history["from"]
+        last = phases_summary[-1]["final_eval"] if phases_summary else {}
+        if last:
+            summary["final_eval"] = last.get("eval", next(iter(last.values())))
+        score_key = transfer.score_key(config.env.name)
+        if "train" in last and "test" in last:
+            train_score, test_score = last["train"].get(score_key), last["test"].get(score_key)
+            if train_score is not None and test_score is not None:
+                summary["generalization_gap"] = {
+                    "score": score_key,
+                    "train": train_score,
+                    "test": test_score,
+                    "gap": train_score - test_score,
+                }
+        if config.protocol.name != "scratch":
+            summary["transfer"] = self._transfer(score_key)
+        train = config.train
+        if (
+            train.video
+            and self.image_env
+            and agent.open_loop is not None
+            and replay.num_windows
+            and train.sequence_length > 6
+        ):
+            video_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 999)
+            video = _write_video(agent, state, replay, out, video_key)
+            summary["video"] = {"path": "video.gif", **video}
+        checkpoint.write_atomic(out / "done.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
+
+    def _transfer(self, score_key: str) -> dict:
+        """Transfer metrics of the last phase against the matching scratch trial, if finished."""
+        scratch = transfer.matching_scratch(self.out.parent, self.config)
+        if scratch is None:
+            return {"status": "no finished scratch trial with the same settings next to this one"}
+        mine = [json.loads(line) for line in (self.out / "eval.jsonl").read_text().splitlines()]
+        theirs = [json.loads(line) for line in (scratch / "eval.jsonl").read_text().splitlines()]
+        last = len(self.phases) - 1
+        steps, values = transfer.curve(mine, last, score_key)
+        scratch_steps, scratch_values = transfer.curve(theirs, 0, score_key)
+        if not steps or not scratch_steps:
+            return {"status": f"no {score_key} evaluations to compare"}
+        return {
+            "phase": self.phases[last].name,
+            "score": score_key,
+            "scratch_trial": scratch.name,
+            **transfer.compare(
+                steps, values, scratch_steps, scratch_values, self.config.protocol.threshold
+            ),
+        }

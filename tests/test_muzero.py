@@ -251,8 +251,8 @@ def test_trial_with_reanalyse_writes_metrics_and_checkpoints(finished_trial):
     for key in ("loss/total", "loss/value", "loss/policy", "loss/unroll_reward",
                 "loss/world_model", "muzero/search_value", "muzero/search_policy_entropy"):  # fmt: skip
         assert np.isfinite(last[f"train/{key}"]), key
-    assert [e["env_steps"] for e in _lines(folder / "eval.jsonl")] == [120, 240]
-    assert checkpoint.latest(folder / "checkpoints").name == "step-000000000240"
+    assert [e["env_steps"] for e in _lines(folder / "eval.jsonl")] == [0, 120, 240]
+    assert checkpoint.latest(folder / "checkpoints").name == "step-000000000240-phase0"
 
 
 def test_killed_trial_with_reanalyse_resumes_to_the_same_result(tmp_path, finished_trial):
@@ -305,7 +305,7 @@ def test_crafter_smoke_run_writes_metrics_and_a_checkpoint(tmp_path):
     )
     summary = runner.run(config, tmp_path, progress=False)
     assert summary["updates"] > 0
-    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000300"
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000300-phase0"
     last = _lines(tmp_path / "metrics.jsonl")[-1]
     assert np.isfinite(last["train/loss/total"]) and np.isfinite(last["train/loss/policy"])
 

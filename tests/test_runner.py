@@ -69,9 +69,12 @@ def test_trial_writes_metrics_evals_checkpoints(finished_trial):
     metrics = _lines(tmp_path / "metrics.jsonl")
     assert [m["env_steps"] for m in metrics] == [40, 80, 120, 160, 200, 240]
     assert all(np.isfinite(m["train/loss/total"]) for m in metrics if "train/loss/total" in m)
-    assert [e["env_steps"] for e in _lines(tmp_path / "eval.jsonl")] == [120, 240]
+    # The phase's starting point is evaluated too (the jumpstart of transfer metrics).
+    assert [e["env_steps"] for e in _lines(tmp_path / "eval.jsonl")] == [0, 120, 240]
     assert (tmp_path / "done.json").exists() and (tmp_path / "config.yaml").exists()
-    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000240"
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000240-phase0"
+    assert (tmp_path / "phase0.ckpt" / "state.npz").exists()
+    assert [p["name"] for p in summary["phases"]] == ["train"]
     # A finished trial is not run again.
     assert runner.run(_config(), tmp_path, progress=False) == summary
 

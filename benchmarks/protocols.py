@@ -1,0 +1,325 @@
+"""Transfer protocols as data: a protocol is a list of phases that the one loop runs in order.
+
+A trial's `protocol` section (`ProtocolConfig`) names a protocol; `phases(config)` expands it
+against the trial's environment, task and budget:
+
+    scratch                    train on env.task for train.steps from a fresh agent (the control)
+    pretrain_finetune          reward-free pretraining with the intrinsic reward, then env.task
+    task_transfer              pretrain on protocol.pretrain_task, then finetune on env.task
+    zero_shot                  reward-free pretraining, then fit the reward head on the
+                               relabelled pretraining data and evaluate: no further env steps
+    procedural_generalization  train on protocol.train_kwargs levels; evaluate on those and on
+                               protocol.test_kwargs (unseen levels), reporting the gap
+    task_generalization        train on protocol.train_kwargs tasks, evaluate on held-out
+                               protocol.test_kwargs, then finetune on them
+    custom                     protocol.phases, written out phase by phase
+
+Budgets (`steps`) count environment steps after action repeat, summed over the batch of
+environments, like `train.steps`.
+
+Carry-over between phases (`Phase.carry`) works on the parts of the agent's state
+(`agents.base.PARTS`, named by the agent's `part_of`):
+
+    all                 everything: parameters, optimizer states, counters, exploration module
+    world_model         the world model (with its reward head) and its optimizer state; the
+                        policy, value function, exploration module and counters are re-initialized
+    world_model+policy  the world model and the policy (and their optimizer states); the value
+                        function, exploration module and counters are re-initialized
+    none                a fresh agent
+
+Optimizer state follows its parameters: carried parameters keep their Adam moments and step
+count, re-initialized ones get a fresh optimizer state. (MuZero has one Adam over world model
+and prediction heads: its step count follows the world model.) The replay buffer is not carried
+unless `Phase.keep_replay` (the zero-shot phase keeps it); a kept replay's rewards are
+relabelled to the new task from the task rewards every step stores (`log_task_rewards`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Literal, Mapping, Optional
+
+import jax
+
+CARRY = ("all", "world_model", "world_model+policy", "none")
+NAMES = (
+    "scratch",
+    "pretrain_finetune",
+    "task_transfer",
+    "zero_shot",
+    "procedural_generalization",
+    "task_generalization",
+    "custom",
+)
+_CARRIED_PARTS = {
+    "all": {"world_model", "policy", "value", "exploration", "counter"},
+    "world_model": {"world_model"},
+    "world_model+policy": {"world_model", "policy"},
+    "none": set(),
+}
+
+
+class ProtocolError(ValueError):
+    """A protocol that cannot run as configured; the message names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProtocolConfig:
+    """Which transfer protocol the trial runs (see `benchmarks/protocols.py`)."""
+
+    name: str = "scratch"
+    """One of scratch, pretrain_finetune, task_transfer, zero_shot, procedural_generalization,
+    task_generalization, custom."""
+    pretrain_steps: int = 0
+    """Environment steps of the first phase (after action repeat); 0: the same as train.steps."""
+    pretrain_task: Optional[str] = None
+    """task_transfer: the source task A (the finetune task is env.task)."""
+    intrinsic: Literal["disagreement", "rnd"] = "disagreement"
+    """Intrinsic reward of reward-free pretraining, when agent.exploration.module is 'none'."""
+    intrinsic_scale: float = 1.0
+    """Weight of the intrinsic reward during reward-free pretraining."""
+    carry: Literal["all", "world_model", "world_model+policy", "none"] = "all"
+    """What carries over into the finetune phase."""
+    train_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Generalization: environment keywords of training (e.g. {num_levels: 200})."""
+    test_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Generalization: environment keywords of the held-out levels or tasks."""
+    zero_shot_updates: int = 200
+    """zero_shot: offline updates (reward head fit + policy learning, no env steps)."""
+    threshold: Optional[float] = None
+    """Score the steps-to-threshold transfer metric counts to (None: not reported)."""
+    phases: tuple = ()
+    """custom: the phases, each a mapping of `Phase` fields."""
+
+    def __post_init__(self):
+        if self.name not in NAMES:
+            close = difflib.get_close_matches(self.name, NAMES, n=2, cutoff=0.4)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"unknown protocol {self.name!r}{hint}; one of {', '.join(NAMES)}")
+        if self.pretrain_steps < 0:
+            raise ValueError(f"pretrain_steps={self.pretrain_steps} must be >= 0")
+        object.__setattr__(self, "phases", tuple(self.phases))
+        if self.phases and self.name != "custom":
+            raise ValueError("protocol.phases is only read by protocol.name=custom")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+    """Evaluation environments of a phase: the task scored and keywords over the trial's."""
+
+    task: Optional[str] = None
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stage of a protocol."""
+
+    name: str
+    steps: int
+    """Environment steps (after action repeat, over the batch); 0: evaluation only."""
+    task: Optional[str] = None
+    """Task whose reward the agent receives; None is reward-free."""
+    env_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """Environment keywords over the trial's `env.kwargs` (levels, goal sets, ...)."""
+    extrinsic_scale: float = 1.0
+    intrinsic_scale: float = 0.0
+    carry: str = "all"
+    """What carries over from the previous phase (ignored by the first phase)."""
+    eval_sets: Mapping[str, EvalSet] = dataclasses.field(default_factory=dict)
+    """Named evaluations; every evaluation runs all of them."""
+    keep_replay: bool = False
+    """Keep the previous phase's replay (relabelled to this phase's task)."""
+    offline_updates: int = 0
+    """Updates with `agent.adapt` (reward head only in the world model) before acting."""
+
+    def __post_init__(self):
+        if self.carry not in CARRY:
+            raise ValueError(f"phase {self.name!r}: carry={self.carry!r} must be one of {CARRY}")
+        if self.steps < 0 or self.offline_updates < 0:
+            raise ValueError(f"phase {self.name!r}: steps and offline_updates must be >= 0")
+        if not self.steps and not self.offline_updates and not self.eval_sets:
+            raise ValueError(f"phase {self.name!r} neither trains nor evaluates")
+
+
+def phases(config) -> list[Phase]:
+    """The phases of `config.protocol` for this trial (a `benchmarks.config.TrialConfig`)."""
+    protocol: ProtocolConfig = config.protocol
+    target = config.env.task
+    budget = config.train.steps
+    pretrain = protocol.pretrain_steps or budget
+    evaluate = {"eval": EvalSet(target)}
+
+    def needs_target():
+        if target is None:
+            raise ProtocolError(
+                f"protocol {protocol.name!r} trains on env.task, which is None; set "
+                "env.task (see `mbxfer envs` for the tasks of each environment)"
+            )
+
+    def reward_free(name="pretrain"):
+        return Phase(
+            name,
+            pretrain,
+            task=None,
+            extrinsic_scale=0.0,
+            intrinsic_scale=protocol.intrinsic_scale,
+            eval_sets=evaluate,
+        )
+
+    name = protocol.name
+    if name == "scratch":
+        return [Phase("train", budget, target, eval_sets=evaluate)]
+    if name == "pretrain_finetune":
+        needs_target()
+        return [
+            reward_free(),
+            Phase("finetune", budget, target, carry=protocol.carry, eval_sets=evaluate),
+        ]
+    if name == "task_transfer":
+        needs_target()
+        if protocol.pretrain_task is None:
+            raise ProtocolError("task_transfer pretrains on protocol.pretrain_task; set it")
+        source = {"source": EvalSet(protocol.pretrain_task), **evaluate}
+        return [
+            Phase("pretrain", pretrain, protocol.pretrain_task, eval_sets=source),
+            Phase("finetune", budget, target, carry=protocol.carry, eval_sets=source),
+        ]
+    if name == "zero_shot":
+        needs_target()
+        return [
+            reward_free(),
+            Phase(
+                "zero_shot",
+                0,
+                target,
+                carry="all",
+                eval_sets=evaluate,
+                keep_replay=True,
+                offline_updates=protocol.zero_shot_updates,
+            ),
+        ]
+    if name in ("procedural_generalization", "task_generalization"):
+        needs_target()
+        if not protocol.test_kwargs:
+            raise ProtocolError(
+                f"{name} evaluates on protocol.test_kwargs (the held-out levels or tasks, "
+                "e.g. {start_level: 200, num_levels: 0} for Procgen); set it"
+            )
+        splits = {
+            "train": EvalSet(target, dict(protocol.train_kwargs)),
+            "test": EvalSet(target, dict(protocol.test_kwargs)),
+        }
+        first = Phase("train", pretrain if name == "task_generalization" else budget, target,
+                      env_kwargs=dict(protocol.train_kwargs), eval_sets=splits)  # fmt: skip
+        if name == "procedural_generalization":
+            return [first]
+        finetune = Phase(
+            "finetune",
+            budget,
+            target,
+            env_kwargs=dict(protocol.test_kwargs),
+            carry=protocol.carry,
+            eval_sets=splits,
+        )
+        return [first, finetune]
+    if name == "custom":
+        if not protocol.phases:
+            raise ProtocolError("protocol.name=custom needs protocol.phases (a list of phases)")
+        return [_phase_from_mapping(i, raw, target) for i, raw in enumerate(protocol.phases)]
+    raise ProtocolError(f"unknown protocol {name!r}")
+
+
+def _phase_from_mapping(index: int, raw: Mapping, target: Optional[str]) -> Phase:
+    if not isinstance(raw, Mapping):
+        raise ProtocolError(f"protocol.phases[{index}] must be a mapping of Phase fields")
+    fields = {f.name for f in dataclasses.fields(Phase)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ProtocolError(
+            f"protocol.phases[{index}]: unknown keys {unknown}; valid: {sorted(fields)}"
+        )
+    values = dict(raw)
+    values.setdefault("name", f"phase{index}")
+    values.setdefault("task", target)
+    sets = values.pop("eval_sets", None)
+    if sets is None:
+        sets = {"eval": {"task": values["task"]}}
+    values["eval_sets"] = {k: EvalSet(**dict(v)) for k, v in dict(sets).items()}
+    try:
+        return Phase(**values)
+    except (TypeError, ValueError) as error:
+        raise ProtocolError(f"protocol.phases[{index}]: {error}") from None
+
+
+def agent_config_for(agent_config: Any, phase: Phase, protocol: ProtocolConfig) -> Any:
+    """The agent's config in `phase`: the reward mix is the phase's.
+
+    The intrinsic module is the agent's own (`agent.exploration.module`), or the protocol's
+    `intrinsic` when the agent has none and some phase uses an intrinsic reward; it is built in
+    every phase of the trial, so the state keeps one structure across phases.
+    """
+    exploration = getattr(agent_config, "exploration", None)
+    if exploration is None:
+        if phase.intrinsic_scale or phase.extrinsic_scale != 1.0:
+            raise ProtocolError(
+                f"phase {phase.name!r} mixes rewards (extrinsic {phase.extrinsic_scale}, "
+                f"intrinsic {phase.intrinsic_scale}) but this agent has no exploration config"
+            )
+        return agent_config
+    return dataclasses.replace(
+        agent_config,
+        exploration=dataclasses.replace(
+            exploration,
+            extrinsic_scale=phase.extrinsic_scale,
+            intrinsic_scale=phase.intrinsic_scale,
+        ),
+    )
+
+
+def with_module(agent_config: Any, all_phases: list[Phase], protocol: ProtocolConfig) -> Any:
+    """`agent_config` with the intrinsic module set when a phase needs one and it has none."""
+    exploration = getattr(agent_config, "exploration", None)
+    if exploration is None or exploration.module != "none":
+        return agent_config
+    if not any(p.intrinsic_scale for p in all_phases):
+        return agent_config
+    return dataclasses.replace(
+        agent_config, exploration=dataclasses.replace(exploration, module=protocol.intrinsic)
+    )
+
+
+def carry_over(rule: str, previous: Any, fresh: Any, part_of) -> Any:
+    """The state a phase starts from: `previous`'s leaves for the carried parts, `fresh`'s
+    for the rest (see the module docstring)."""
+    if rule not in CARRY:
+        raise ProtocolError(f"carry={rule!r} must be one of {CARRY}")
+    if rule == "all":
+        return previous
+    if rule == "none":
+        return fresh
+    if part_of is None:
+        raise ProtocolError(
+            f"carry={rule!r} needs the agent to name the parts of its state (Agent.part_of); "
+            "this agent does not: use carry=all or carry=none"
+        )
+    carried = _CARRIED_PARTS[rule]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, old, new: old if part_of(jax.tree_util.keystr(path)) in carried else new,
+        previous,
+        fresh,
+    )
+
+
+def relabel(batch: dict, task_index: Optional[int]) -> dict:
+    """`batch` with `reward` recomputed for task `task_index` from `log_task_rewards`
+    (reward-free when None)."""
+    stored = batch["observation"].get("log_task_rewards")
+    if stored is None:
+        raise ProtocolError(
+            "the kept replay stores no task rewards (log_task_rewards), so it cannot be "
+            "relabelled to a new task"
+        )
+    reward = stored[..., task_index] if task_index is not None else stored[..., 0] * 0.0
+    return {**batch, "reward": reward.astype("float32")}

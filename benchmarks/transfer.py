@@ -1,0 +1,125 @@
+"""Transfer metrics: a pretrained trial's finetune curve against the matching scratch trial.
+
+A curve is the evaluation score at increasing environment steps of the phase (the first
+point is the evaluation before any finetuning step). With `p` the pretrained curve and `s`
+the scratch curve:
+
+    jumpstart           p(0) - s(0): the initial performance gain
+    auc_ratio           area under p / area under s over the finetune budget (trapezoid rule
+                        on the union of their steps, linear between evaluations); None when
+                        the scratch area is 0
+    final_gain          p(end) - s(end)
+    steps_to_threshold  first evaluated step where the score reaches the threshold (None if
+                        never), for both curves
+
+`score_key(env_name)` names the score each environment family is judged by.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+SCORE_KEYS = {
+    "crafter": "crafter_score",
+    "metaworld": "success_rate",
+    "robodesk": "success_rate",
+    "procgen": "normalized_return",
+}
+
+
+def score_key(env_name: str) -> str:
+    """The evaluation key an environment family is scored by (`return_mean` by default)."""
+    family = env_name.split("/")[0].split("-")[0]
+    return SCORE_KEYS.get(family, "return_mean")
+
+
+def _area(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> float:
+    interpolated = np.interp(grid, steps, values)
+    return float(np.sum((interpolated[1:] + interpolated[:-1]) / 2 * np.diff(grid)))
+
+
+def steps_to_threshold(steps: Sequence[float], values: Sequence[float], threshold: float):
+    """The first step whose value reaches `threshold`, or None."""
+    for step, value in zip(steps, values):
+        if value >= threshold:
+            return float(step)
+    return None
+
+
+def compare(
+    steps: Sequence[float],
+    values: Sequence[float],
+    scratch_steps: Sequence[float],
+    scratch_values: Sequence[float],
+    threshold: Optional[float] = None,
+) -> dict:
+    """The transfer metrics of one pretrained curve against one scratch curve."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    scratch_steps, scratch_values = (
+        np.asarray(scratch_steps, float),
+        np.asarray(scratch_values, float),
+    )
+    if not len(steps) or not len(scratch_steps):
+        raise ValueError("both curves need at least one evaluation")
+    end = min(steps[-1], scratch_steps[-1])
+    grid = np.union1d(steps, scratch_steps)
+    grid = grid[grid <= end]
+    out = {
+        "jumpstart": float(values[0] - scratch_values[0]),
+        "final_gain": float(values[-1] - scratch_values[-1]),
+        "auc_ratio": None,
+    }
+    if len(grid) > 1:
+        scratch_area = _area(scratch_steps, scratch_values, grid)
+        if scratch_area != 0:
+            out["auc_ratio"] = _area(steps, values, grid) / scratch_area
+    if threshold is not None:
+        out["steps_to_threshold"] = steps_to_threshold(steps, values, threshold)
+        out["scratch_steps_to_threshold"] = steps_to_threshold(
+            scratch_steps, scratch_values, threshold
+        )
+    return out
+
+
+def curve(records: list[dict], phase_index: int, key: str, eval_set: str = "eval"):
+    """`(steps, values)` of one phase and evaluation set from `eval.jsonl` records."""
+    points = [
+        (r["env_steps"], r[key])
+        for r in records
+        if r.get("phase_index", 0) == phase_index
+        and r.get("eval_set", "eval") == eval_set
+        and r.get(key) is not None
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def matching_scratch(root: Path, config) -> Optional[Path]:
+    """A finished trial folder under `root` that is `config`'s scratch control: the same agent,
+    environment, seed, budget and agent config (the intrinsic module aside), protocol scratch."""
+    import yaml
+
+    wanted = _comparable(config.to_dict())
+    for candidate in sorted(Path(root).glob("*/config.yaml")):
+        try:
+            other = yaml.safe_load(candidate.read_text())
+        except yaml.YAMLError:
+            continue
+        if (
+            isinstance(other, dict)
+            and other.get("protocol", {}).get("name", "scratch") == "scratch"
+            and _comparable(other) == wanted
+            and (candidate.parent / "done.json").exists()
+        ):
+            return candidate.parent
+    return None
+
+
+def _comparable(plain: dict) -> dict:
+    out = {k: v for k, v in plain.items() if k != "protocol"}
+    agent_config = dict(out.get("agent_config") or {})
+    agent_config.pop("exploration", None)
+    out["agent_config"] = agent_config
+    return out

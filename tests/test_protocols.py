@@ -1,0 +1,245 @@
+"""Transfer protocols: every named protocol end to end, exact carry-over, --from, metrics."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tiny_configs
+
+import agents
+from benchmarks import cli, protocols, runner, transfer
+from benchmarks import config as config_lib
+from envs import base as env_base
+from envs import registry
+
+PROTOCOL_STEPS = ["train.steps=80", "protocol.pretrain_steps=80"]
+# Each protocol once by default, the agents alternating; the full product is slow.
+DEFAULT_CASES = [
+    ("scratch", "dreamer"),
+    ("pretrain_finetune", "muzero"),
+    ("task_transfer", "dreamer"),
+    ("zero_shot", "muzero"),
+    ("procedural_generalization", "muzero"),
+    ("task_generalization", "dreamer"),
+]
+PROTOCOL_ARGS = {
+    "task_transfer": ["protocol.pretrain_task=reach_top_left", "protocol.carry=world_model"],
+    "zero_shot": ["protocol.zero_shot_updates=3", "protocol.intrinsic=rnd"],
+    "procedural_generalization": [
+        "protocol.train_kwargs={start: center}",
+        "protocol.test_kwargs={start: random}",
+    ],
+    "task_generalization": [
+        "protocol.train_kwargs={start: center}",
+        "protocol.test_kwargs={start: random}",
+        "protocol.carry=world_model+policy",
+    ],
+}
+EXPECTED_PHASES = {
+    "scratch": ["train"],
+    "pretrain_finetune": ["pretrain", "finetune"],
+    "task_transfer": ["pretrain", "finetune"],
+    "zero_shot": ["pretrain", "zero_shot"],
+    "procedural_generalization": ["train"],
+    "task_generalization": ["train", "finetune"],
+}
+
+
+def _config(agent, protocol, *extra):
+    items = tiny_configs.overrides(
+        agent, *PROTOCOL_STEPS, f"protocol.name={protocol}", *PROTOCOL_ARGS.get(protocol, ()),
+        *extra,
+    )  # fmt: skip
+    return config_lib.build(config_lib.parse_overrides(items))
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def _check_trial(folder, summary, protocol):
+    assert [p["name"] for p in summary["phases"]] == EXPECTED_PHASES[protocol]
+    evals = _lines(folder / "eval.jsonl")
+    for index, name in enumerate(EXPECTED_PHASES[protocol]):
+        assert (folder / f"phase{index}.ckpt" / "state.npz").exists()
+        phase_evals = [e for e in evals if e["phase_index"] == index]
+        assert phase_evals and all(e["phase"] == name for e in phase_evals)
+        assert phase_evals[0]["env_steps"] == 0  # The phase's starting point.
+    if protocol in ("procedural_generalization", "task_generalization"):
+        assert {e["eval_set"] for e in evals} == {"train", "test"}
+        assert summary["generalization_gap"]["score"] == "return_mean"
+    if protocol == "zero_shot":
+        assert summary["phases"][1]["env_steps"] == 0
+        offline = [m for m in _lines(folder / "metrics.jsonl") if "offline_updates" in m]
+        assert offline and offline[0]["phase"] == "zero_shot"
+    totals = [e["total_env_steps"] for e in evals]
+    assert totals == sorted(totals)
+
+
+@pytest.mark.parametrize("protocol,agent", DEFAULT_CASES)
+def test_named_protocol_runs_end_to_end(tmp_path, protocol, agent):
+    config = _config(agent, protocol)
+    summary = runner.run(config, tmp_path / "trial", progress=False)
+    _check_trial(tmp_path / "trial", summary, protocol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agent", ["dreamer", "muzero"])
+@pytest.mark.parametrize("protocol", sorted(EXPECTED_PHASES))
+def test_every_protocol_with_every_agent(tmp_path, protocol, agent):
+    config = _config(agent, protocol)
+    summary = runner.run(config, tmp_path / "trial", progress=False)
+    _check_trial(tmp_path / "trial", summary, protocol)
+
+
+def test_pretrained_trial_reports_transfer_against_its_scratch_twin(tmp_path):
+    scratch = runner.run(_config("dreamer", "scratch"), tmp_path / "scratch", progress=False)
+    assert "transfer" not in scratch
+    summary = runner.run(
+        _config("dreamer", "pretrain_finetune", "protocol.intrinsic=rnd"),
+        tmp_path / "pretrained",
+        progress=False,
+    )
+    metrics = summary["transfer"]
+    assert metrics["scratch_trial"] == "scratch" and metrics["phase"] == "finetune"
+    evals = _lines(tmp_path / "pretrained" / "eval.jsonl")
+    scratch_evals = _lines(tmp_path / "scratch" / "eval.jsonl")
+    first = [e["return_mean"] for e in evals if e["phase"] == "finetune"][0]
+    assert metrics["jumpstart"] == pytest.approx(first - scratch_evals[0]["return_mean"])
+    # Reward-free pretraining really was reward-free and intrinsically driven.
+    pretrain = [m for m in _lines(tmp_path / "pretrained" / "metrics.jsonl")]
+    pretrain = [m for m in pretrain if m["phase"] == "pretrain" and "train/loss/total" in m]
+    assert pretrain and all(
+        m["episode/return_mean"] == 0.0 for m in pretrain if "episode/return_mean" in m
+    )
+    assert any(m.get("train/intrinsic/rnd_mean", 0) > 0 for m in pretrain)
+
+
+def _states(name):
+    env = registry.make("grid", size=5, observation="vector", task="collect_items")
+    spec = env_base.environment_spec(env)
+    config = config_lib.build(
+        config_lib.parse_overrides(
+            [f"agent={name}", *tiny_configs.AGENT[name], "agent.exploration.module=rnd"]
+        )
+    ).agent_config
+    agent = agents.make(name, spec, config)
+    previous = agent.init(jax.random.PRNGKey(0))
+    # Make every leaf (optimizer moments and counters included) distinguishable.
+    previous = jax.tree.map(lambda x: x + np.ones_like(x), previous)
+    fresh = agent.init(jax.random.PRNGKey(1))
+    return agent, previous, fresh
+
+
+@pytest.mark.parametrize("name", ["dreamer", "muzero"])
+@pytest.mark.parametrize("rule", protocols.CARRY)
+def test_carry_over_is_exact_per_part(name, rule):
+    agent, previous, fresh = _states(name)
+    carried = protocols.carry_over(rule, previous, fresh, agent.part_of)
+    kept = protocols._CARRIED_PARTS[rule]
+    seen = set()
+    for (path, new), old, fresh_leaf in zip(
+        jax.tree_util.tree_flatten_with_path(carried)[0],
+        jax.tree.leaves(previous),
+        jax.tree.leaves(fresh),
+        strict=True,
+    ):
+        part = agent.part_of(jax.tree_util.keystr(path))
+        seen.add(part)
+        expected = old if part in kept else fresh_leaf
+        np.testing.assert_array_equal(new, expected, err_msg=jax.tree_util.keystr(path))
+        assert not np.array_equal(old, fresh_leaf)  # So the check above can fail.
+    assert {"world_model", "policy", "value", "exploration"} <= seen
+
+
+def test_carry_needs_named_parts():
+    with pytest.raises(protocols.ProtocolError, match="carry=all or carry=none"):
+        protocols.carry_over("world_model", {"w": 1}, {"w": 2}, None)
+
+
+def test_finetuning_from_a_saved_checkpoint_equals_finetuning_after_pretraining(tmp_path):
+    config = _config("muzero", "pretrain_finetune", "protocol.intrinsic=rnd")
+    runner.run(config, tmp_path / "continuous", progress=False)
+    code = cli.main(
+        ["run", "--out", str(tmp_path / "from"), "--no-progress", "--from",
+         str(tmp_path / "continuous" / "phase0.ckpt")]
+        + [a for item in tiny_configs.overrides(
+            "muzero", *PROTOCOL_STEPS, "protocol.name=pretrain_finetune",
+            "protocol.intrinsic=rnd") for a in ("--set", item)]
+    )  # fmt: skip
+    assert code == 0
+    done = json.loads((tmp_path / "from" / "done.json").read_text())
+    assert done["from"].endswith("phase0.ckpt")
+
+    def finetune(folder, log):
+        lines = [r for r in _lines(folder / log) if r["phase"] == "finetune"]
+        return [{k: v for k, v in r.items() if k != "env_steps_per_second"} for r in lines]
+
+    assert finetune(tmp_path / "continuous", "eval.jsonl") == finetune(
+        tmp_path / "from", "eval.jsonl"
+    )
+    assert finetune(tmp_path / "continuous", "metrics.jsonl") == finetune(
+        tmp_path / "from", "metrics.jsonl"
+    )
+    for a, b in zip(
+        _leaves(tmp_path / "continuous" / "phase1.ckpt"),
+        _leaves(tmp_path / "from" / "phase1.ckpt"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def _leaves(folder):
+    with np.load(folder / "state.npz") as archive:
+        return [archive[f"arr_{i}"] for i in range(len(archive.files))]
+
+
+def test_from_rejects_a_checkpoint_of_another_protocol(tmp_path):
+    runner.run(_config("dreamer", "scratch"), tmp_path / "scratch", progress=False)
+    with pytest.raises(runner.IncompatibleTrialError, match="phases"):
+        runner.run(
+            _config("dreamer", "pretrain_finetune"),
+            tmp_path / "other",
+            progress=False,
+            start_from=tmp_path / "scratch" / "phase0.ckpt",
+        )
+
+
+def test_protocol_errors_name_the_fix():
+    with pytest.raises(config_lib.ConfigError, match="did you mean pretrain_finetune"):
+        _config("dreamer", "pretrain_finetun")
+    with pytest.raises(protocols.ProtocolError, match="pretrain_task"):
+        protocols.phases(_config("dreamer", "scratch", "protocol.name=task_transfer"))
+    with pytest.raises(protocols.ProtocolError, match="env.task"):
+        protocols.phases(_config("dreamer", "pretrain_finetune", "env.task=null"))
+    with pytest.raises(protocols.ProtocolError, match="test_kwargs"):
+        protocols.phases(_config("dreamer", "scratch", "protocol.name=procedural_generalization"))
+    custom = _config(
+        "dreamer", "scratch", "protocol.name=custom",
+        "protocol.phases=[{name: a, steps: 40, task: null, intrinsic_scale: 1.0,"
+        " extrinsic_scale: 0.0}, {name: b, steps: 40, carry: world_model}]",
+    )  # fmt: skip
+    phases = protocols.phases(custom)
+    assert [p.name for p in phases] == ["a", "b"] and phases[1].carry == "world_model"
+    assert phases[1].task == "collect_items"  # Defaults to the trial's task.
+    bad = _config("dreamer", "scratch", "protocol.name=custom", "protocol.phases=[{stepz: 4}]")
+    with pytest.raises(protocols.ProtocolError, match="stepz"):
+        protocols.phases(bad)
+
+
+def test_transfer_metrics_on_hand_made_curves():
+    # Pretrained: 2, 6, 8 at steps 0, 100, 200. Scratch: 0, 2, 8 at steps 0, 100, 200.
+    metrics = transfer.compare([0, 100, 200], [2, 6, 8], [0, 100, 200], [0, 2, 8], threshold=6)
+    assert metrics["jumpstart"] == 2 and metrics["final_gain"] == 0
+    # Areas: pretrained 100*(2+6)/2 + 100*(6+8)/2 = 1100; scratch 100 + 500 = 600.
+    assert metrics["auc_ratio"] == pytest.approx(1100 / 600)
+    assert metrics["steps_to_threshold"] == 100 and metrics["scratch_steps_to_threshold"] == 200
+    # Different evaluation steps: linear between evaluations, up to the shorter budget.
+    metrics = transfer.compare([0, 200], [4, 4], [0, 100, 300], [0, 2, 2])
+    # Grid 0, 100, 200: pretrained 800; scratch 100 + 200 = 300.
+    assert metrics["auc_ratio"] == pytest.approx(800 / 300)
+    assert transfer.compare([0], [1], [0, 10], [0, 0])["auc_ratio"] is None
+    assert transfer.score_key("crafter") == "crafter_score"
+    assert transfer.score_key("procgen") == "normalized_return"
