@@ -190,7 +190,7 @@ def _cmd_run(args) -> int:
 def _cmd_sweep(args) -> int:
     from benchmarks import sweep
 
-    spec = sweep.load_spec(Path(args.spec))
+    spec = sweep.load_spec(Path(args.spec), args.scale)
     plan = sweep.expand(spec)
     out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
     if args.dry_run:
@@ -392,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="list the trials and their status, run nothing"
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress line")
+    sweep.add_argument(
+        "--scale",
+        default=None,
+        help="merge the spec's scales.NAME over it (presets: 'paper' is the published budget)",
+    )
 
     report = commands.add_parser(
         "report",

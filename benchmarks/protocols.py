@@ -90,7 +90,8 @@ class ProtocolConfig:
     threshold: Optional[float] = None
     """Score the steps-to-threshold transfer metric counts to (None: not reported)."""
     phases: tuple = ()
-    """custom: the phases, each a mapping of `Phase` fields."""
+    """custom: the phases, each a mapping of `Phase` fields (other protocols ignore it, so a
+    sweep can compare custom phases with scratch under one `base`)."""
 
     def __post_init__(self):
         if self.name not in NAMES:
@@ -100,8 +101,6 @@ class ProtocolConfig:
         if self.pretrain_steps < 0:
             raise ValueError(f"pretrain_steps={self.pretrain_steps} must be >= 0")
         object.__setattr__(self, "phases", tuple(self.phases))
-        if self.phases and self.name != "custom":
-            raise ValueError("protocol.phases is only read by protocol.name=custom")
 
 
 @dataclasses.dataclass(frozen=True)

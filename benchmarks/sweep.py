@@ -49,7 +49,7 @@ from benchmarks import config as config_lib
 from benchmarks.checkpoint import write_atomic
 
 AXES = ("agents", "envs", "tasks", "protocols", "seeds")
-SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description")
+SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description", "scales")
 INDEX = "trials.jsonl"
 STATUSES = ("done", "partial", "failed", "new", "running")
 _PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial
@@ -116,14 +116,24 @@ class Outcome:
 # Spec -> trials
 
 
-def load_spec(path: Path) -> dict:
+def load_spec(path: Path, scale: Optional[str] = None) -> dict:
+    """The spec in `path`; with `scale`, its `scales: {NAME: {...}}` entry merged over it (a
+    preset's CPU-sized default and, e.g., its `paper` scale for clusters in one file)."""
     try:
         spec = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise SpecError(f"cannot read sweep spec {path}: {error}") from None
     if not isinstance(spec, Mapping):
         raise SpecError(f"sweep spec {path} must be a YAML mapping (agents:, envs:, seeds:, ...)")
-    return dict(spec)
+    spec = dict(spec)
+    scales = spec.pop("scales", None) or {}
+    if scale is not None:
+        if scale not in scales:
+            raise SpecError(
+                f"sweep spec {path} has no scale {scale!r}{_close(scale, list(scales) or ['-'])}"
+            )
+        spec = _merge(spec, scales[scale])
+    return spec
 
 
 def _close(name: str, valid: list[str]) -> str:
