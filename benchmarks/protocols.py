@@ -122,8 +122,10 @@ class Phase:
     """Task whose reward the agent receives; None is reward-free."""
     env_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Environment keywords over the trial's `env.kwargs` (levels, goal sets, ...)."""
-    extrinsic_scale: float = 1.0
-    intrinsic_scale: float = 0.0
+    extrinsic_scale: Optional[float] = None
+    """Weight of the task reward; None: the agent's own (`agent.exploration.extrinsic_scale`)."""
+    intrinsic_scale: Optional[float] = None
+    """Weight of the intrinsic reward; None: the agent's own."""
     carry: str = "all"
     """What carries over from the previous phase (ignored by the first phase)."""
     eval_sets: Mapping[str, EvalSet] = dataclasses.field(default_factory=dict)
@@ -143,7 +145,16 @@ class Phase:
 
 
 def phases(config) -> list[Phase]:
-    """The phases of `config.protocol` for this trial (a `benchmarks.config.TrialConfig`)."""
+    """The phases of `config.protocol` for this trial (a `benchmarks.config.TrialConfig`);
+    raises `ProtocolError` when they cannot run with this agent."""
+    expanded = _expand(config)
+    agent_config = with_module(config.agent_config, expanded, config.protocol)
+    for phase in expanded:
+        agent_config_for(agent_config, phase, config.protocol)
+    return expanded
+
+
+def _expand(config) -> list[Phase]:
     protocol: ProtocolConfig = config.protocol
     target = config.env.task
     budget = config.train.steps
@@ -259,22 +270,25 @@ def agent_config_for(agent_config: Any, phase: Phase, protocol: ProtocolConfig) 
     `intrinsic` when the agent has none and some phase uses an intrinsic reward; it is built in
     every phase of the trial, so the state keeps one structure across phases.
     """
+    mix = {
+        key: value
+        for key, value in (
+            ("extrinsic_scale", phase.extrinsic_scale),
+            ("intrinsic_scale", phase.intrinsic_scale),
+        )
+        if value is not None
+    }
     exploration = getattr(agent_config, "exploration", None)
     if exploration is None:
-        if phase.intrinsic_scale or phase.extrinsic_scale != 1.0:
+        if mix.get("intrinsic_scale") or mix.get("extrinsic_scale", 1.0) != 1.0:
             raise ProtocolError(
-                f"phase {phase.name!r} mixes rewards (extrinsic {phase.extrinsic_scale}, "
-                f"intrinsic {phase.intrinsic_scale}) but this agent has no exploration config"
+                f"phase {phase.name!r} mixes rewards ({mix}) but this agent has no "
+                "exploration config (no intrinsic reward): use protocol scratch or task_transfer"
             )
         return agent_config
-    return dataclasses.replace(
-        agent_config,
-        exploration=dataclasses.replace(
-            exploration,
-            extrinsic_scale=phase.extrinsic_scale,
-            intrinsic_scale=phase.intrinsic_scale,
-        ),
-    )
+    if not mix:
+        return agent_config
+    return dataclasses.replace(agent_config, exploration=dataclasses.replace(exploration, **mix))
 
 
 def with_module(agent_config: Any, all_phases: list[Phase], protocol: ProtocolConfig) -> Any:

@@ -243,3 +243,19 @@ def test_transfer_metrics_on_hand_made_curves():
     assert transfer.compare([0], [1], [0, 10], [0, 0])["auc_ratio"] is None
     assert transfer.score_key("crafter") == "crafter_score"
     assert transfer.score_key("procgen") == "normalized_return"
+
+
+def test_agent_without_intrinsic_reward_is_refused_before_running():
+    config = _config("random", "pretrain_finetune")
+    with pytest.raises(protocols.ProtocolError, match="no exploration config"):
+        protocols.phases(config)
+    # Scratch keeps the agent's own reward mix (here: an exploring Dreamer).
+    explorer = _config(
+        "dreamer",
+        "scratch",
+        "agent.exploration.module=rnd",
+        "agent.exploration.intrinsic_scale=0.5",
+    )
+    (phase,) = protocols.phases(explorer)
+    mixed = protocols.agent_config_for(explorer.agent_config, phase, explorer.protocol)
+    assert mixed.exploration.intrinsic_scale == 0.5
