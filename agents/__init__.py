@@ -16,6 +16,7 @@ _AGENTS = {
     "random": ("agents.random_agent:make", "agents.random_agent:RandomConfig"),
     "dreamer": ("agents.dreamer:make", "agents.dreamer:DreamerConfig"),
     "muzero": ("agents.muzero:make", "agents.muzero:MuZeroConfig"),
+    "ppo": ("agents.ppo:make", "agents.ppo:PPOConfig"),
 }
 
 

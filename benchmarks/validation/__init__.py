@@ -1,0 +1,1 @@
+"""Validation runs: does an agent reach a known result (e.g. PPO on CartPole)?"""
