@@ -56,9 +56,10 @@ class Agent(NamedTuple):
     """Model-based agents: `open_loop(state, batch, context, horizon, rng)` -> observations
     imagined after `context` real steps of `batch` (`[B, horizon, ...]`, image in [0, 1])."""
     rollout_length: int = 0
-    """On-policy agents (PPO): every `rollout_length` steps of each environment the runner
-    calls `update` once on `replay.latest(rollout_length + 1)` (`[num_envs, T + 1, ...]`, the
-    steps just collected with the current parameters; the last row is the bootstrap step)
+    """On-policy agents (PPO): every `rollout_length` steps of each environment, before acting
+    on the newest step, the runner calls `update` once on `replay.latest(rollout_length + 1)`
+    (`[num_envs, T + 1, ...]`: the T steps just collected, every action taken with the current
+    parameters, then the newest step as the bootstrap row, whose action is not yet chosen)
     instead of on replay samples at the train ratio. 0: off-policy replay training."""
     part_of: Optional[Callable[[str], str]] = None
     """`part_of(path)` names the part of the agent a state leaf belongs to (`path` is

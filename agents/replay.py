@@ -121,6 +121,18 @@ class Replay:
                 batch[name] = array[env, time]
         return batch
 
+    def set_newest_action(self, action) -> None:
+        """Overwrites the action of the newest step of every stream (on-policy loops add a
+        step before acting on it)."""
+        if not self._count:
+            raise ValueError("set_newest_action: the replay is empty")
+        action = np.asarray(action)
+        newest = (self._cursor - 1) % self._stream_capacity
+        expected = self._storage["action"].shape[:1] + self._storage["action"].shape[2:]
+        if action.shape != expected:
+            raise ValueError(f"action has shape {action.shape}, expected {expected}")
+        self._storage["action"][:, newest] = action
+
     def latest(self, length: int) -> dict[str, Any]:
         """The newest `length` steps of every stream, `[num_envs, length, ...]`, oldest first.
 

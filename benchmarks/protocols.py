@@ -75,8 +75,9 @@ class ProtocolConfig:
     """Environment steps of the first phase (after action repeat); 0: the same as train.steps."""
     pretrain_task: Optional[str] = None
     """task_transfer: the source task A (the finetune task is env.task)."""
-    intrinsic: Literal["disagreement", "rnd"] = "disagreement"
-    """Intrinsic reward of reward-free pretraining, when agent.exploration.module is 'none'."""
+    intrinsic: Literal["auto", "disagreement", "rnd"] = "auto"
+    """Intrinsic reward of reward-free pretraining, when agent.exploration.module is 'none';
+    auto: disagreement for agents with a world model, rnd for the others (PPO)."""
     intrinsic_scale: float = 1.0
     """Weight of the intrinsic reward during reward-free pretraining."""
     carry: Literal["all", "world_model", "world_model+policy", "none"] = "all"
@@ -298,9 +299,15 @@ def with_module(agent_config: Any, all_phases: list[Phase], protocol: ProtocolCo
         return agent_config
     if not any(p.intrinsic_scale for p in all_phases):
         return agent_config
-    return dataclasses.replace(
-        agent_config, exploration=dataclasses.replace(exploration, module=protocol.intrinsic)
-    )
+    choices = ("disagreement", "rnd") if protocol.intrinsic == "auto" else (protocol.intrinsic,)
+    for module in choices:
+        try:  # Agents refuse modules they cannot feed (disagreement needs a world model).
+            return dataclasses.replace(
+                agent_config, exploration=dataclasses.replace(exploration, module=module)
+            )
+        except ValueError as error:
+            problem = error
+    raise ProtocolError(f"protocol.intrinsic={protocol.intrinsic}: {problem}")
 
 
 def carry_over(rule: str, previous: Any, fresh: Any, part_of) -> Any:

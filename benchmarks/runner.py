@@ -405,20 +405,29 @@ class _Trial:
         state = fresh
         if previous_state is not None:
             state = protocols.carry_over(phase.carry, previous_state, fresh, agent.part_of)
-        task_index = None
-        if phase.keep_replay and phase.task is not None:
-            task_index = list(envs.tasks).index(phase.task)
-        if phase.keep_replay and previous_replay is not None:
-            replay = previous_replay
-        else:
-            replay = Replay(
-                train.replay_capacity,
+        rollout = agent.rollout_length if agent.learns else 0
+
+        def new_replay():
+            # On-policy agents only read the newest rollout: hold just that.
+            capacity = train.replay_capacity
+            if rollout:
+                capacity = max(rollout + 1, train.sequence_length) * num_envs
+            return Replay(
+                capacity,
                 num_envs,
                 train.sequence_length,
                 envs.observation_spec(),
                 envs.action_spec(),
                 seed=seed,
             )
+
+        task_index = None
+        if phase.keep_replay and phase.task is not None:
+            task_index = list(envs.tasks).index(phase.task)
+        if phase.keep_replay and previous_replay is not None:
+            replay = previous_replay
+        else:
+            replay = new_replay()
         env_steps, updates, episodes_total = 0, 0, 0
         self._total_steps = sum(p["env_steps"] for p in self.history["phases"][:index])
         coverage = Coverage()
@@ -435,14 +444,7 @@ class _Trial:
                 # A phase boundary: this phase starts from the previous phase's final state.
                 state = protocols.carry_over(phase.carry, state, fresh, agent.part_of)
                 if not phase.keep_replay:
-                    replay = Replay(
-                        train.replay_capacity,
-                        num_envs,
-                        train.sequence_length,
-                        envs.observation_spec(),
-                        envs.action_spec(),
-                        seed=seed,
-                    )
+                    replay = new_replay()
             else:
                 env_steps, updates = runner_state["env_steps"], runner_state["updates"]
                 episodes_total = runner_state["episodes"]
@@ -546,15 +548,31 @@ class _Trial:
             )
         started, steps_at_start = time.time(), env_steps
         replayed_per_update = train.batch_size * train.sequence_length
+        action_spec = envs.action_spec()
+        placeholder_action = np.zeros((num_envs,) + action_spec.shape, action_spec.dtype)
 
         while env_steps < phase.steps:
             loop_key, act_key = jax.random.split(loop_key)
             step = ActInput(
                 env_base.agent_observation(timestep.observation), timestep.step_type == 0
             )
-            action, carry = act(state, carry, step, act_key, "explore")
-            action = np.asarray(action)
-            replay.add(_replay_step(timestep, action))
+            if rollout:
+                # On-policy: the step joins the replay before acting, so that every
+                # `rollout` steps the update sees the rollout just collected, all of it acted
+                # with the current parameters, with this step as the bootstrap row.
+                replay.add(_replay_step(timestep, placeholder_action))
+                if env_steps and (env_steps // num_envs) % rollout == 0:
+                    loop_key, update_key = jax.random.split(loop_key)
+                    state, metrics = update(state, replay.latest(rollout + 1), update_key)
+                    updates += 1
+                    update_metrics.append(metrics)
+                action, carry = act(state, carry, step, act_key, "explore")
+                action = np.asarray(action)
+                replay.set_newest_action(action)
+            else:
+                action, carry = act(state, carry, step, act_key, "explore")
+                action = np.asarray(action)
+                replay.add(_replay_step(timestep, action))
             timestep = envs.step(action)
             env_steps += num_envs
             finished = tracker.observe(timestep)
@@ -562,15 +580,12 @@ class _Trial:
             episodes_total += len(finished)
             recent_episodes += finished
 
-            if agent.learns and agent.rollout_length:
-                # On-policy: one update per rollout, on the steps just collected.
-                rollout = agent.rollout_length
-                if (env_steps // num_envs) % rollout == 0 and len(replay) > rollout * num_envs:
-                    loop_key, update_key = jax.random.split(loop_key)
-                    state, metrics = update(state, replay.latest(rollout + 1), update_key)
-                    updates += 1
-                    update_metrics.append(metrics)
-            elif agent.learns and env_steps >= train.learning_starts and replay.num_windows:
+            if (
+                agent.learns
+                and not rollout
+                and env_steps >= train.learning_starts
+                and replay.num_windows
+            ):
                 owed = int(env_steps * train.train_ratio / replayed_per_update) - updates
                 for _ in range(max(owed, 0)):
                     loop_key, update_key = jax.random.split(loop_key)
