@@ -39,8 +39,11 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
+# The quickstart: a small sweep (toy-grid transfer with 3 seeds, a short real-Crafter leg),
+# then its report (results/quickstart/report.md, CSVs and plots). About 10 minutes on 2 cores.
 demo: $(STAMP)
-	$(VENV)/bin/mbxfer demo --out results/demo
+	$(VENV)/bin/mbxfer sweep benchmarks/configs/quickstart.yaml --out results/quickstart
+	$(VENV)/bin/mbxfer report results/quickstart
 
 lint: $(STAMP)
 	$(PY) -m ruff check agents envs exploration benchmarks tests

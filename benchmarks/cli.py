@@ -437,7 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--seed", type=int, default=0, help="seed of envs and policy")
     rollout.add_argument("--out", default=None, help="folder for episodes.jsonl/summary.json")
 
-    demo = commands.add_parser("demo", help="the smallest end-to-end run")
+    demo = commands.add_parser(
+        "demo",
+        help="a random policy on real Crafter (the environment check; `make demo` runs "
+        "the quickstart sweep)",
+    )
     demo.add_argument("--out", default="results/demo", help="output folder")
     demo.add_argument("--episodes", type=int, default=20, help="episodes to finish")
     return parser

@@ -49,7 +49,7 @@ from benchmarks import config as config_lib
 from benchmarks.checkpoint import write_atomic
 
 AXES = ("agents", "envs", "tasks", "protocols", "seeds")
-SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description", "scales")
+SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description", "scales", "parts")
 INDEX = "trials.jsonl"
 STATUSES = ("done", "partial", "failed", "new", "running")
 _PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial
@@ -226,7 +226,36 @@ def _updates(base: Mapping, axes: Mapping[str, Any], overrides: Mapping[str, Any
 
 
 def expand(spec: Mapping) -> Sweep:
-    """Every trial of `spec`, validated; raises `SpecError` naming all problems at once."""
+    """Every trial of `spec`, validated; raises `SpecError` naming all problems at once.
+
+    `parts: [{...}, ...]` makes one spec of several grids: each part is merged over the rest
+    of the spec (e.g. a toy study and a short real-environment leg with other budgets).
+    """
+    if spec.get("parts") is not None:
+        parts = spec["parts"]
+        if not isinstance(parts, list) or not parts:
+            raise SpecError("parts: must be a non-empty list of spec mappings")
+        shared = {k: v for k, v in spec.items() if k != "parts"}
+        trials: dict[str, Trial] = {}
+        problems: list[str] = []
+        sweep = None
+        for index, part in enumerate(parts):
+            if not isinstance(part, Mapping) or "parts" in part:
+                problems.append(f"parts[{index}]: must be a spec mapping without parts")
+                continue
+            try:
+                sweep = expand(_merge(json.loads(json.dumps(shared)), part))
+            except SpecError as error:
+                problems += [f"parts[{index}]: {line}" for line in _problem_lines(error)[1:]]
+                continue
+            for trial in sweep.trials:
+                trials.setdefault(trial.trial_id, trial)
+        if problems:
+            raise SpecError(
+                f"invalid sweep spec ({len(problems)} problems; nothing was run):\n  "
+                + "\n  ".join(problems)
+            )
+        return Sweep(tuple(trials.values()), sweep.resources, str(spec.get("name") or "sweep"))
     import agents
     from envs import base as env_base
     from envs import registry

@@ -260,3 +260,22 @@ def test_core_shares_split_the_cores():
     assert sorted(c for share in shares for c in share) == cores
     assert all(len(share) == 1 for share in sweep.core_shares(len(cores) + 3))
     assert sweep.core_shares(1) == [cores]
+
+
+def test_parts_and_scales_make_one_spec_of_several_grids(tmp_path):
+    path = _spec(
+        tmp_path,
+        seeds=[0],
+        parts=[{"agents": ["random"]}, {"agents": ["random"], "seeds": [1, 2]}],
+        scales={"paper": {"base": {"train": {"steps": 400}}}},
+    )
+    plan = sweep.expand(sweep.load_spec(path))
+    assert sorted(t.config.seed for t in plan.trials) == [0, 1, 2]
+    assert {t.config.train.steps for t in plan.trials} == {200}
+    paper = sweep.expand(sweep.load_spec(path, "paper"))
+    assert {t.config.train.steps for t in paper.trials} == {400}
+    with pytest.raises(sweep.SpecError, match="no scale 'papr'.*did you mean paper"):
+        sweep.load_spec(path, "papr")
+    bad = _spec(tmp_path, "bad.yaml", parts=[{"agents": ["dremer"]}, {"agents": ["random"]}])
+    with pytest.raises(sweep.SpecError, match=r"parts\[0\].*dremer"):
+        sweep.expand(sweep.load_spec(bad))
