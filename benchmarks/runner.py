@@ -8,7 +8,10 @@ when one exists. A trial folder holds:
 
     config.yaml       the resolved TrialConfig (a resume with a different config is refused)
     metrics.jsonl     training metrics every `train.log_every` environment steps
-    eval.jsonl        one line per evaluation
+    eval.jsonl        one line per evaluation (and evaluation set)
+    episodes.jsonl    one line per finished training episode (return, length, log_* data such
+                      as Crafter achievements)
+    phaseN.ckpt       the checkpoint at the end of phase N (see benchmarks/protocols.py)
     checkpoints/      see benchmarks/checkpoint.py
     video.gif         open-loop world-model rollout (model-based agents on images)
     done.json         written last: the final summary
@@ -352,13 +355,14 @@ class _Trial:
         resume_state = None
         if resume_from is not None:
             resume_state = json.loads((resume_from / "runner.json").read_text())
-        offsets = {"metrics": None, "eval": None}
+        offsets = {"metrics": None, "eval": None, "episodes": None}
         if resume_state is not None and not from_other_trial:
             offsets = resume_state["offsets"]
         self.metrics_log = _JsonlLog(self.out / "metrics.jsonl", offsets["metrics"])
         self.eval_log = _JsonlLog(self.out / "eval.jsonl", offsets["eval"])
-        self.stack.callback(self.metrics_log.close)
-        self.stack.callback(self.eval_log.close)
+        self.episodes_log = _JsonlLog(self.out / "episodes.jsonl", offsets.get("episodes"))
+        for log in (self.metrics_log, self.eval_log, self.episodes_log):
+            self.stack.callback(log.close)
         history = dict(resume_state or {}).get("history", {"phases": [], "evals": 0})
         if from_other_trial:
             history = {
@@ -483,7 +487,11 @@ class _Trial:
                 "updates": updates,
                 "episodes": episodes_total,
                 "rng": np.asarray(loop_key).tolist(),
-                "offsets": {"metrics": metrics_log.offset(), "eval": eval_log.offset()},
+                "offsets": {
+                    "metrics": metrics_log.offset(),
+                    "eval": eval_log.offset(),
+                    "episodes": self.episodes_log.offset(),
+                },
                 "coverage": coverage.state(),
                 "history": self.history,
             }
@@ -576,6 +584,10 @@ class _Trial:
             timestep = envs.step(action)
             env_steps += num_envs
             finished = tracker.observe(timestep)
+            for record in finished:
+                self.episodes_log.write(
+                    {**tag, "total_env_steps": self._total_steps + env_steps, **record}
+                )
             coverage.observe(timestep.observation)
             episodes_total += len(finished)
             recent_episodes += finished
@@ -658,6 +670,7 @@ class _Trial:
             "episodes": episodes_total,
             **coverage.metrics(),
             "final_eval": final_evals,
+            "training_episodes": self._phase_episodes(index),
         }
         self.history["phases"] = self.history["phases"][:index] + [summary]
         folder = save_checkpoint(phase_done=True)
@@ -665,6 +678,14 @@ class _Trial:
         self.image_env = "image" in envs.observation_spec()
         envs.close()
         return state, replay, agent
+
+    def _phase_episodes(self, index: int) -> dict:
+        """The training episodes of phase `index`, summarized (from `episodes.jsonl`, so a
+        resumed phase counts the episodes before the kill too): for reward-free phases this
+        is how much the exploration achieved (e.g. the Crafter score of its episodes)."""
+        self.episodes_log.offset()  # flush
+        records = [json.loads(line) for line in (self.out / "episodes.jsonl").open()]
+        return _summarize_episodes([r for r in records if r["phase_index"] == index])
 
     def _finish(self, state, replay, agent) -> dict:
         config, out = self.config, self.out

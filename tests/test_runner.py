@@ -116,6 +116,7 @@ def test_killed_trial_resumes_to_the_same_result(tmp_path, finished_trial):
         np.testing.assert_array_equal(a, b)
     assert _lines(killed / "metrics.jsonl") == _lines(uninterrupted / "metrics.jsonl")
     assert _lines(killed / "eval.jsonl") == _lines(uninterrupted / "eval.jsonl")
+    assert _lines(killed / "episodes.jsonl") == _lines(uninterrupted / "episodes.jsonl")
 
 
 def test_stopped_trial_resumes_in_process(tmp_path, finished_trial):
