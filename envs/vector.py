@@ -10,27 +10,42 @@ Auto-reset: after an environment returns a LAST step, the next `step` resets it 
 dm_env convention, so a LAST step's observation is never lost.
 
 In `process` mode every environment lives in its own subprocess (spawned, so JAX in the
-parent is never forked). A worker that dies (killed, segfault, out of memory) is detected on
-the next call, restarted with a warning, and the episode it was in ends as truncated (LAST,
-reward 0, discount 1, its last observation repeated). `close()` (also on garbage collection
-and at interpreter exit) stops every worker; workers also exit when the parent dies, because
-their pipe closes.
+parent is never forked). The observation arrays the observation spec declares travel through
+one shared memory block holding `[num_envs, *shape]` per key: worker `i` writes row `i`, the
+parent copies each key out once per batch. The pipe carries only the step type, reward,
+discount and any observation key the spec does not declare. An observation whose shape
+differs from its spec is an error; its dtype is cast to the spec's (`same_kind` casting).
+
+A worker resets its environment as soon as it has sent a LAST step (the next call resets it
+anyway), so the reset overlaps the parent's work between calls.
+
+A worker that dies (killed, segfault, out of memory) is detected on the next call, restarted
+with a warning, and the episode it was in ends as truncated (LAST, reward 0, discount 1, its
+last observation repeated). `close()` (also on garbage collection and at interpreter exit)
+stops every worker and unlinks the shared memory. Workers also exit when the parent dies,
+because their pipe closes; multiprocessing's resource tracker then unlinks the block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import traceback
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from multiprocessing import shared_memory
+from typing import Any, Callable, Mapping, Optional
 
 import dm_env
 import numpy as np
+from dm_env import specs
 
 _STEP_TYPE_DTYPE = np.int8
+_LAST = int(dm_env.StepType.LAST)  # Enum attribute lookups are slow in the per-step path.
+_ALIGNMENT = 64  # Bytes: each key's block starts on its own cache line.
 
 
 class WorkerCrashedWarning(RuntimeWarning):
@@ -51,74 +66,211 @@ def stack(timesteps: list[dm_env.TimeStep]) -> dm_env.TimeStep:
     return dm_env.TimeStep(step_type, reward, discount, observation)
 
 
+# -- shared observations ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    """One observation key in the shared block: `[num_envs, *shape]` of `dtype` at `offset`."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where every environment's declared observation arrays live in the shared block."""
+
+    num_envs: int
+    fields: tuple[_Field, ...]
+    size: int  # Bytes, at least 1 (a shared memory block cannot be empty).
+
+    @classmethod
+    def from_spec(cls, observation_spec: Mapping[str, Any], num_envs: int) -> _Layout:
+        fields, offset = [], 0
+        for key, spec in observation_spec.items():
+            dtype = np.dtype(spec.dtype) if isinstance(spec, specs.Array) else None
+            if dtype is None or dtype.hasobject:
+                continue  # Not a fixed-size array: it goes through the pipe.
+            fields.append(_Field(key, tuple(spec.shape), dtype.str, offset))
+            size = num_envs * int(np.prod(spec.shape, dtype=np.int64)) * dtype.itemsize
+            offset += -(-size // _ALIGNMENT) * _ALIGNMENT
+        return cls(num_envs, tuple(fields), max(offset, 1))
+
+    def arrays(self, buffer) -> dict[str, np.ndarray]:
+        """`[num_envs, *shape]` views of `buffer`, by key."""
+        return {
+            field.key: np.ndarray((self.num_envs, *field.shape), field.dtype, buffer, field.offset)
+            for field in self.fields
+        }
+
+
+class _SharedBlock:
+    """The shared memory the workers write observations into; the parent creates and unlinks it."""
+
+    def __init__(self, layout: _Layout):
+        self.layout = layout
+        self.memory = shared_memory.SharedMemory(create=True, size=layout.size)
+        self.arrays = layout.arrays(self.memory.buf)
+
+    @property
+    def name(self) -> str:
+        return self.memory.name
+
+    def release(self) -> None:
+        self.arrays = {}  # Views must go before the mapping can be closed.
+        self.memory.unlink()
+        self.memory.close()
+
+
+def _send(connection, message) -> None:
+    # Plain pickle: multiprocessing's pickler costs several microseconds more per message, and
+    # messages here never carry connections or file descriptors.
+    connection.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
+def _receive(connection):
+    return pickle.loads(connection.recv_bytes())
+
+
+def _encode_action(action) -> tuple:
+    """`(values, dtype)`: pickling a numpy scalar or array costs ~10 us more (its dtype)."""
+    if isinstance(action, (np.generic, np.ndarray)) and not action.dtype.hasobject:
+        return action.tolist(), action.dtype.str
+    return action, None
+
+
+def _decode_action(payload):
+    values, dtype = payload
+    return values if dtype is None else np.asarray(values, dtype)[()]
+
+
+def _publish(timestep: dm_env.TimeStep, rows: dict[str, np.ndarray]) -> tuple:
+    """Write `timestep`'s declared observation arrays into `rows`; return what the pipe carries.
+
+    Returns `(step_type, reward, discount, extras)`: plain Python numbers (reward and discount
+    None on FIRST steps) and a dict of the observation keys without a row, or None.
+    """
+    extras = {}
+    for key, value in timestep.observation.items():
+        row = rows.get(key)
+        if row is None:
+            extras[key] = value
+            continue
+        if np.shape(value) != row.shape:
+            raise ValueError(
+                f"observation {key!r} has shape {np.shape(value)}, its spec says {row.shape}"
+            )
+        np.copyto(row, value, casting="same_kind")
+    if len(timestep.observation) - len(extras) != len(rows):
+        missing = sorted(set(rows) - set(timestep.observation))
+        raise ValueError(f"the observation lacks the keys {missing} of its spec")
+    reward = None if timestep.reward is None else float(timestep.reward)
+    discount = None if timestep.discount is None else float(timestep.discount)
+    return int(timestep.step_type), reward, discount, extras or None
+
+
+# -- workers ------------------------------------------------------------------------------------
 def _worker(connection, factory, seed: int, environment_variables: dict) -> None:
     os.environ.update(environment_variables)
     try:
         env = factory(seed=seed)
     except Exception:  # Report construction errors instead of dying silently.
-        connection.send(("error", traceback.format_exc()))
+        _send(connection, ("error", traceback.format_exc()))
         connection.close()
         return
-    connection.send(("ok", None))
+    _send(connection, ("ok", None))
+    memory, rows = None, {}
+    # After a LAST step the parent's next call for this environment is a reset, so the worker
+    # starts it at once and keeps its FIRST step here: the reset overlaps the parent's work.
+    next_first: Optional[dm_env.TimeStep] = None
     try:
         while True:
-            command, payload = connection.recv()
-            if command == "step":
-                result = env.step(payload)
-            elif command == "reset":
-                result = env.reset()
-            elif command == "seed":
+            command, payload = _receive(connection)
+            if command in ("step", "reset"):
+                if command == "step":
+                    timestep = env.step(_decode_action(payload))
+                else:
+                    timestep = env.reset() if next_first is None else next_first
+                    next_first = None
+                _send(connection, ("ok", _publish(timestep, rows)))
+                if timestep.last():
+                    next_first = env.reset()
+                continue
+            if command == "seed":
+                next_first = None
                 result = env.seed(payload)
             elif command == "spec":
                 result = (env.observation_spec(), env.action_spec(), tuple(env.tasks))
+            elif command == "attach":
+                name, layout, index = payload
+                memory = shared_memory.SharedMemory(name=name)
+                arrays = layout.arrays(memory.buf)
+                rows = {key: array[index, ...] for key, array in arrays.items()}  # Views.
+                result = None
             elif command == "close":
                 break
             else:
                 raise ValueError(f"unknown command {command!r}")
-            connection.send(("ok", result))
+            _send(connection, ("ok", result))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         pass  # The parent went away or is shutting down.
     except Exception:
         try:
-            connection.send(("error", traceback.format_exc()))
+            _send(connection, ("error", traceback.format_exc()))
         except (BrokenPipeError, OSError):
             pass
     finally:
+        rows = None  # Views must go before the mapping can be closed.
+        if memory is not None:
+            memory.close()
         env.close()
         connection.close()
 
 
 class _Process:
-    """One environment in a subprocess."""
+    """One environment in a subprocess, writing its observations into its row of the block."""
 
     def __init__(self, context, factory, seed, environment_variables):
         self._factory, self._seed = factory, seed
         self._context, self._variables = context, environment_variables
-        self.start()
+        self.attachment: Optional[tuple[str, _Layout, int]] = None  # Sent again on restart.
+        self.launch()
 
-    def start(self) -> None:
+    def launch(self) -> None:
+        """Start the process; it builds its environment while the caller goes on."""
         self.connection, child = self._context.Pipe()
         self.process = self._context.Process(
             target=_worker, args=(child, self._factory, self._seed, self._variables), daemon=True
         )
         self.process.start()
         child.close()
-        status, payload = self.connection.recv()
+
+    def wait_ready(self) -> None:
+        """Wait until the environment is built (and attached to the block, on a restart)."""
+        status, payload = _receive(self.connection)
         if status == "error":
             raise WorkerError(f"building the environment failed in its worker:\n{payload}")
+        if self.attachment is not None:
+            self.send("attach", self.attachment)
+            self.receive()
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
 
     def send(self, command: str, payload: Any = None) -> None:
-        self.connection.send((command, payload))
+        _send(self.connection, (command, payload))
 
     def receive(self):
-        status, payload = self.connection.recv()
+        status, payload = _receive(self.connection)
         if status == "error":
             raise WorkerError(f"the environment raised in its worker:\n{payload}")
         return payload
 
     def close(self, timeout: float = 2.0) -> None:
         try:
-            self.connection.send(("close", None))
+            self.send("close")
         except (BrokenPipeError, OSError):
             pass
         self.process.join(timeout)
@@ -148,7 +300,8 @@ class VectorEnv:
             raise ValueError(f"mode={mode!r} must be 'process' or 'inline'")
         self.num_envs, self.mode = num_envs, mode
         self._needs_reset = np.ones(num_envs, bool)
-        self._last_observations: list[Optional[dict]] = [None] * num_envs
+        # Process mode: the last batch's observation, repeated for a crashed worker's row.
+        self._previous: Optional[dict[str, np.ndarray]] = None
         self._closed = False
         if mode == "inline":
             self._envs = [factory(seed=seed + i) for i in range(num_envs)]
@@ -160,10 +313,18 @@ class VectorEnv:
             variables = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             self._workers = []
             try:
-                for i in range(num_envs):
+                for i in range(num_envs):  # They all build their environments at once.
                     self._workers.append(_Process(context, factory, seed + i, variables))
+                for worker in self._workers:
+                    worker.wait_ready()
                 self._workers[0].send("spec")
                 self._specs = self._workers[0].receive()
+                self._shared = _SharedBlock(_Layout.from_spec(self._specs[0], num_envs))
+                for i, worker in enumerate(self._workers):
+                    worker.attachment = (self._shared.name, self._shared.layout, i)
+                    worker.send("attach", worker.attachment)
+                for worker in self._workers:
+                    worker.receive()
             except BaseException:
                 VectorEnv._shutdown(self.__dict__)
                 raise
@@ -216,48 +377,67 @@ class VectorEnv:
                 env.reset() if command == "reset" else env.step(payload)
                 for env, (command, payload) in zip(self._envs, commands)
             ]
-        else:
-            timesteps = self._run_processes(commands)
-        for i, timestep in enumerate(timesteps):
-            self._needs_reset[i] = timestep.last()
-            self._last_observations[i] = timestep.observation
-        return stack(timesteps)
+            self._needs_reset = np.array([timestep.last() for timestep in timesteps])
+            return stack(timesteps)
+        return self._run_processes(commands)
 
-    def _run_processes(self, commands) -> list[dm_env.TimeStep]:
+    def _run_processes(self, commands) -> dm_env.TimeStep:
         crashed = set()
         for i, (worker, (command, payload)) in enumerate(zip(self._workers, commands)):
             try:
-                worker.send(command, payload)
+                worker.send(command, _encode_action(payload) if command == "step" else None)
             except (BrokenPipeError, OSError):
                 crashed.add(i)
-        timesteps: list[Optional[dm_env.TimeStep]] = [None] * self.num_envs
+        results: list[Optional[tuple]] = [None] * self.num_envs
+        error = None
         for i, worker in enumerate(self._workers):
             if i in crashed:
                 continue
             try:
-                timesteps[i] = worker.receive()
+                results[i] = worker.receive()
+            except WorkerError as raised:  # Read the other replies first: pipes stay in step.
+                error = error or raised
             except (EOFError, ConnectionResetError, BrokenPipeError, OSError):
                 crashed.add(i)
+        if error is not None:
+            raise error  # That worker has exited; the next call restarts it.
+        repeated = []
         for i in sorted(crashed):
-            timesteps[i] = self._recover(i, commands[i][0])
-        return timesteps
+            results[i], repeat = self._recover(i, commands[i][0])
+            if repeat:
+                repeated.append(i)
+        # Copies: the block is overwritten by the next batch.
+        observation = {key: array.copy() for key, array in self._shared.arrays.items()}
+        for i in repeated:
+            for key, array in observation.items():
+                array[i] = self._previous[key][i]
+        for key in results[0][3] or ():
+            observation[key] = np.stack([result[3][key] for result in results])
+        step_type = np.array([result[0] for result in results], _STEP_TYPE_DTYPE)
+        reward = np.array([result[1] or 0.0 for result in results], np.float32)
+        discount = np.array([1.0 if r[2] is None else r[2] for r in results], np.float32)
+        self._needs_reset = step_type == _LAST
+        self._previous = {key: array.copy() for key, array in observation.items()}
+        return dm_env.TimeStep(step_type, reward, discount, observation)
 
-    def _recover(self, i: int, command: str) -> dm_env.TimeStep:
+    def _recover(self, i: int, command: str) -> tuple[tuple, bool]:
+        """Restart worker `i`; its result for this batch, and whether to repeat its last row."""
         worker = self._workers[i]
         code = worker.process.exitcode
         warnings.warn(
             f"environment worker {i} (pid {worker.process.pid}) died with exit code {code}; "
             "restarting it. Its episode ends as truncated.",
             WorkerCrashedWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         worker.close(timeout=0.5)
         worker.start()
-        if command == "reset" or self._last_observations[i] is None:
+        if command == "reset" or self._previous is None:
             worker.send("reset")
-            return worker.receive()
+            return worker.receive(), False
         # End the interrupted episode as a truncation; the next step resets the new worker.
-        return dm_env.truncation(np.float32(0.0), self._last_observations[i])
+        extras = {k: v[i] for k, v in self._previous.items() if k not in self._shared.arrays}
+        return (_LAST, 0.0, 1.0, extras or None), True
 
     # -- shutdown ---------------------------------------------------------------------------
     def worker_pids(self) -> list[int]:
@@ -277,6 +457,8 @@ class VectorEnv:
             env.close()
         for worker in state.get("_workers", []):
             worker.close()
+        if state.get("_shared") is not None:
+            state["_shared"].release()
 
     def __enter__(self) -> "VectorEnv":
         return self

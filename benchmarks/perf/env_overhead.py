@@ -8,16 +8,25 @@ raw library vs our environment, state and pixel observations, `fast` and `faithf
 rendering, and Procgen's native batch; ratios are printed from the same run. Families whose
 optional dependency is missing are skipped.
 
-All variants run side by side in one process, interleaved round by round (the machine is
-shared and noisy), with the same random actions. Reported: median steps/s per variant and the
-ratios the targets are stated in (wrapped / raw >= 0.97, 2 workers / 1 worker >= 1.7).
-Episode resets are included, as in training.
+All variants run side by side, interleaved round by round (the machine is shared and noisy),
+with the same random actions. Reported: median steps/s per variant and the ratios the targets
+are stated in (wrapped / raw >= 0.97, 2 workers / 1 worker >= 1.7). Episode resets are
+included, as in training.
+
+Two ceilings put the worker ratio in context. `2 raw processes` runs two raw environments
+free (no batching) in two processes at once: what the cores give right now. `lockstep bound`
+is what any batch of 2 that waits for both environments at every step can reach with zero
+overhead: it pairs the per-step times of two raw runs, sum(a + b) / sum(max(a, b)). A Crafter
+reset (world generation, ~60 ms, every ~170 random steps) stalls the other environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import multiprocessing
 import platform
 import statistics
 import time
@@ -25,18 +34,52 @@ import time
 import numpy as np
 
 
-def _raw(steps: int, seed: int) -> float:
-    import crafter
+def _raw(steps: int, seed: int, durations: list | None = None, barrier=None) -> float:
+    """Steps/s of `crafter.Env`; appends each step's seconds (with its reset) to `durations`."""
+    with contextlib.redirect_stderr(io.StringIO()):  # The legacy gym's notice, as envs.crafter.
+        import crafter
 
     env = crafter.Env(seed=seed)
     env.reset()
     actions = np.random.default_rng(seed).integers(17, size=steps)
-    start = time.perf_counter()
-    for action in actions:
+    times = np.empty(steps)
+    if barrier is not None:
+        barrier.wait()
+    start = previous = time.perf_counter()
+    for index, action in enumerate(actions):
         _, _, done, _ = env.step(int(action))
         if done:
             env.reset()
-    return steps / (time.perf_counter() - start)
+        now = time.perf_counter()
+        times[index], previous = now - previous, now
+    if durations is not None:
+        durations.append(times)
+    return steps / (previous - start)
+
+
+def _raw_process(steps: int, seed: int, barrier, results) -> None:
+    results.put(_raw(steps, seed, barrier=barrier))
+
+
+def _raw_processes(steps: int, seed: int) -> float:
+    """Total steps/s of two raw environments running free in two processes at once."""
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    processes = [
+        context.Process(target=_raw_process, args=(steps // 2, seed + i, barrier, results))
+        for i in range(2)
+    ]
+    for process in processes:
+        process.start()
+    total = results.get() + results.get()
+    for process in processes:
+        process.join()
+    return total
+
+
+def lockstep_bound(a: np.ndarray, b: np.ndarray) -> float:
+    """Speed-up of stepping environments with per-step times `a` and `b` as one batch of 2."""
+    return float((a.sum() + b.sum()) / np.maximum(a, b).sum())
 
 
 def _wrapped(steps: int, seed: int) -> float:
@@ -211,29 +254,45 @@ def main(argv=None) -> dict:
         return _report_families(families, args.family_steps, machine, args.json)
 
     _raw(200, 99), _wrapped(200, 99)  # Compile opensimplex (numba) before timing.
+    durations = []
     variants = {
-        "raw crafter.Env": lambda s: _raw(args.steps, s),
+        "raw crafter.Env": lambda s: _raw(args.steps, s, durations),
         "envs.make('crafter')": lambda s: _wrapped(args.steps, s),
         "VectorEnv 1 worker": lambda s: _vector(args.steps, s, 1),
         "VectorEnv 2 workers": lambda s: _vector(args.steps, s, 2),
+        "2 raw processes": lambda s: _raw_processes(args.steps, s),
     }
     measured = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name, run in variants.items():
             measured[name].append(run(round_index))
     median = {name: statistics.median(values) for name, values in measured.items()}
-    ratios = {
-        "wrapped / raw": median["envs.make('crafter')"] / median["raw crafter.Env"],
-        "2 workers / 1 worker": median["VectorEnv 2 workers"] / median["VectorEnv 1 worker"],
-        "1 worker / raw": median["VectorEnv 1 worker"] / median["raw crafter.Env"],
+    per_round = {
+        "wrapped / raw": _divide(measured["envs.make('crafter')"], measured["raw crafter.Env"]),
+        "2 workers / 1 worker": _divide(
+            measured["VectorEnv 2 workers"], measured["VectorEnv 1 worker"]
+        ),
+        "1 worker / raw": _divide(measured["VectorEnv 1 worker"], measured["raw crafter.Env"]),
+        "2 raw processes / raw": _divide(measured["2 raw processes"], measured["raw crafter.Env"]),
+        # Consecutive rounds ran different seeds: their step times pair as two environments.
+        "lockstep bound": [lockstep_bound(a, b) for a, b in zip(durations, durations[1:])],
     }
+    ratios = {name: statistics.median(values) for name, values in per_round.items() if values}
     print(f"machine: {machine}; {args.rounds} rounds x {args.steps} steps, median steps/s")
     for name, value in median.items():
         runs = ", ".join(f"{v:.0f}" for v in measured[name])
         print(f"  {name:24s} {value:8.0f}   (rounds: {runs})")
+    print("ratios, median of the per-round ratios")
     for name, value in ratios.items():
-        print(f"  {name:24s} {value:8.3f}x")
-    result = {"machine": machine, "steps_per_second": median, "ratios": ratios, "runs": measured}
+        runs = ", ".join(f"{v:.3f}" for v in per_round[name])
+        print(f"  {name:24s} {value:8.3f}x  (rounds: {runs})")
+    result = {
+        "machine": machine,
+        "steps_per_second": median,
+        "ratios": ratios,
+        "runs": measured,
+        "ratio_runs": per_round,
+    }
     if families:
         family_result = _report_families(families, args.family_steps, machine, None)
         result["steps_per_second"].update(family_result["steps_per_second"])
@@ -242,6 +301,10 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)
     return result
+
+
+def _divide(numerators: list, denominators: list) -> list:
+    return [n / d for n, d in zip(numerators, denominators)]
 
 
 def _report_families(families, steps: int, machine: str, json_path) -> dict:
