@@ -144,6 +144,8 @@ def _run_updates(args) -> dict:
 
     def merge(into: dict, more: dict) -> None:
         for key, value in more.items():
+            if key == "agent" and isinstance(into.get(key), str) and isinstance(value, dict):
+                into[key] = {"name": into[key]}  # `--agent X --set agent.y=...`
             if isinstance(value, dict) and isinstance(into.get(key), dict):
                 merge(into[key], value)
             else:

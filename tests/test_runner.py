@@ -209,3 +209,9 @@ def test_crafter_smoke_run_writes_metrics_checkpoint_and_video(tmp_path):
     assert len(summary["video"]["open_loop_mse"]) == 12 - 5
     assert checkpoint.latest(tmp_path / "checkpoints") is not None
     assert "train/loss/reconstruction" in _lines(tmp_path / "metrics.jsonl")[-1]
+
+
+def test_agent_flag_and_agent_overrides_combine(capsys):
+    code = cli.main(["run", "--agent", "muzero", "--set", "agent.hidden=16", "--print-config"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "agent: muzero" in printed and "hidden: 16" in printed
