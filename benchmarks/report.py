@@ -499,10 +499,44 @@ def plot_achievements(table: dict[str, dict[str, float]], path: Path) -> None:
 # The report
 
 
+def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
+    """`{trial_id: metrics}`: each finished pretrained trial's last phase against its scratch
+    twin found among `trials` (`benchmarks/transfer.py`), recomputed from the folders, so it
+    does not matter which of the two finished first."""
+    from benchmarks import transfer
+
+    scratch = {}
+    for trial in trials:
+        if trial.protocol == SCRATCH and trial.done is not None:
+            key = json.dumps(transfer._comparable(trial.config), sort_keys=True, default=str)
+            scratch.setdefault(key, trial)
+    out = {}
+    for trial in trials:
+        if trial.protocol == SCRATCH or trial.done is None:
+            continue
+        key = json.dumps(transfer._comparable(trial.config), sort_keys=True, default=str)
+        twin = scratch.get(key)
+        if twin is None:
+            continue
+        score = transfer.score_key(trial.env)
+        last = max((e.get("phase_index", 0) for e in trial.evals), default=0)
+        steps, values = transfer.curve(trial.evals, last, score)
+        twin_steps, twin_values = transfer.curve(twin.evals, 0, score)
+        if not steps or not twin_steps:
+            continue
+        threshold = (trial.config.get("protocol") or {}).get("threshold")
+        phase = next((e["phase"] for e in trial.evals if e.get("phase_index", 0) == last), "")
+        out[trial.trial_id] = {
+            phase: transfer.compare(steps, values, twin_steps, twin_values, threshold)
+        }
+    return out
+
+
 def _transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dict]:
     values: dict[tuple, dict[str, list[float]]] = {}
+    computed = transfer_metrics(trials)
     for trial in trials:
-        for phase, numbers in ((trial.done or {}).get("transfer") or {}).items():
+        for phase, numbers in computed.get(trial.trial_id, {}).items():
             key = (trial.env, trial.task, trial.protocol, trial.label, phase)
             for metric in TRANSFER_KEYS:
                 number = (numbers or {}).get(metric)
@@ -699,7 +733,7 @@ def write(
         plot_transfer(transfer, path)
         md += [
             "",
-            "## Transfer (from done.json; mean over seeds, 95% CI)",
+            "## Transfer (against the scratch twin; mean over seeds, 95% CI)",
             "",
             "| env / task | protocol | agent | phase | seeds | jumpstart | AUC ratio | "
             "final gain | steps to threshold | scratch steps to threshold |",
