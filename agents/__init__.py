@@ -17,6 +17,9 @@ _AGENTS = {
     "dreamer": ("agents.dreamer:make", "agents.dreamer:DreamerConfig"),
     "muzero": ("agents.muzero:make", "agents.muzero:MuZeroConfig"),
     "ppo": ("agents.ppo:make", "agents.ppo:PPOConfig"),
+    # The model-free counterparts of the model-based agents (agents/nomodel.py).
+    "muzero_nomodel": ("agents.muzero:make_nomodel", "agents.muzero:MuZeroNoModelConfig"),
+    "dreamer_nomodel": ("agents.dreamer:make_nomodel", "agents.dreamer:DreamerNoModelConfig"),
 }
 
 

@@ -10,6 +10,15 @@ Follows DreamerV3 (Hafner et al. 2023) at small, CPU-friendly sizes:
 * a slow critic (EMA of the critic) bootstraps the returns and regularizes the critic.
 
 `explore` samples actions from the actor; `eval` takes its mode (argmax or the mean).
+
+`actor_critic.source="replay"` learns the same actor-critic on the replayed sequences
+instead: the posteriors of the batch, the real rewards and the real continuations, with the
+lambda-returns cut at episode boundaries. Registered with no dynamics loss as the model-free
+control `dreamer_nomodel` (`DreamerNoModelConfig`; design in `agents/nomodel.py`): there the
+actor and critic losses also train the representation (encoder + filter), the reward and
+continuation heads that nothing reads are not built, and there is no `adapt`. The replayed
+actions come from older policies and the replay stores no behaviour probabilities, so the
+actor's REINFORCE term has no off-policy correction (as the critic's returns have none).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import rlax
 from acme import specs as acme_specs
 
 import exploration
-from agents import base, networks
+from agents import base, networks, nomodel
 from agents.world_model import (
     FilterCarry,
     LatentState,
@@ -74,6 +83,21 @@ class ActorCriticConfig:
     normalized advantages, as DreamerV3 does for every action space) or `dynamics`
     (backpropagate returns through the world model with reparameterized or straight-through
     actions, as DreamerV1/V2 did for continuous control)."""
+    source: Literal["imagination", "replay"] = "imagination"
+    """Where the actor-critic's trajectories come from: `imagination` (rollouts of `horizon`
+    steps through the world model from every replayed posterior) or `replay` (the replayed
+    sequences themselves, real rewards and continuations; `horizon` is unused, and the actor and
+    critic losses also train the world model's encoder and filter). `replay` with no dynamics
+    loss is the `dreamer_nomodel` control."""
+
+    def __post_init__(self):
+        if self.source not in ("imagination", "replay"):
+            raise ValueError(f"source={self.source!r} must be 'imagination' or 'replay'")
+        if self.source == "replay" and self.actor_gradient == "dynamics":
+            raise ValueError(
+                "actor_gradient='dynamics' backpropagates through imagined rollouts: it needs "
+                "source='imagination'"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +171,11 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     critic_bins = networks.symlog_bins(ac.critic_bins)
     explorer = exploration.make(config.exploration, config.model.feature_size, action_size)
     explorer_opt = optax.adam(config.exploration.learning_rate)
+    from_replay = ac.source == "replay"
+    model_terms = nomodel.has_loss_terms(config.model)
+    # Imagination reads the reward and continuation heads, and so does every model loss term
+    # (`WorldModel.loss` runs the heads); learning from replay alone reads neither.
+    has_heads = not from_replay or model_terms
 
     def optimizer(lr):
         return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lr, eps=1e-8))
@@ -173,6 +202,8 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     def init(rng) -> DreamerState:
         model_key, actor_key, critic_key = jax.random.split(rng, 3)
         model_params = model.init(model_key)
+        if not has_heads:
+            model_params = nomodel.without_heads(model_params)
         features = jnp.zeros((1, config.model.feature_size), jnp.float32)
         actor_params = actor_net.init(actor_key, features)
         critic_params = critic_net.init(critic_key, features)
@@ -215,6 +246,23 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         return action, DreamerCarry(posterior, action)
 
     use_dynamics_gradient = ac.actor_gradient == "dynamics"
+
+    def return_normalization(state: DreamerState, returns, valid=None):
+        """`(return_range, scale)`: the EMA of the 5th..95th percentile range of `returns`
+        (over the `valid` entries when given) and the advantage scale, never below 1."""
+        if valid is None:
+            low, high = jnp.percentile(returns, 5.0), jnp.percentile(returns, 95.0)
+        else:
+            masked = jnp.where(valid, returns, jnp.nan)
+            low, high = jnp.nanpercentile(masked, 5.0), jnp.nanpercentile(masked, 95.0)
+            low, high = jnp.where(jnp.any(valid), jnp.stack([low, high]), 0.0)
+        decay = ac.return_norm_decay
+        return_range = jnp.where(
+            state.step == 0,
+            jnp.stack([low, high]),
+            decay * state.return_range + (1 - decay) * jnp.stack([low, high]),
+        )
+        return return_range, jnp.maximum(1.0, return_range[1] - return_range[0])
 
     def imagine(model_params, actor_params, start: LatentState, rng):
         """Roll the actor through the prior for `horizon` steps from `start` `[M, ...]`.
@@ -270,17 +318,8 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         # States after a predicted termination contribute less (cumulative continuation).
         weight = jax.lax.stop_gradient(jnp.cumprod(continuation[:-1], axis=0))
 
-        # Return normalization: EMA of the 5th..95th percentile range, never scaled up.
         target_returns = jax.lax.stop_gradient(returns)
-        low = jnp.percentile(target_returns, 5.0)
-        high = jnp.percentile(target_returns, 95.0)
-        decay = ac.return_norm_decay
-        return_range = jnp.where(
-            state.step == 0,
-            jnp.stack([low, high]),
-            decay * state.return_range + (1 - decay) * jnp.stack([low, high]),
-        )
-        scale = jnp.maximum(1.0, return_range[1] - return_range[0])
+        return_range, scale = return_normalization(state, target_returns)
 
         distribution = policy(actor_params, features[:-1])
         entropy = distribution.entropy()
@@ -309,6 +348,60 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         }
         return actor_loss, critic_loss, return_range, metrics
 
+    def replay_actor_critic_loss(actor_params, critic_params, state: DreamerState, features, batch):
+        """The actor-critic losses on the replayed sequences `[B, T]` (`source="replay"`).
+
+        Rewards are the replayed ones mixed with the intrinsic reward of each replayed
+        transition, continuations the replayed discounts; lambda-returns bootstrap from the
+        slow critic and stop at episode boundaries (`nomodel.replay_lambda_returns`). The
+        `features` `[B, T, F]` keep their gradient: both losses train the representation.
+        """
+        features_with_gradient, features = features, jax.lax.stop_gradient(features)
+        actions = jnp.asarray(batch["action"])
+        slow_values = value(state.slow_critic_params, features)  # [B, T]
+        intrinsic = None
+        if explorer is not None:
+            action_input = jax.nn.one_hot(actions, action_size) if discrete else actions
+            intrinsic = explorer.reward(
+                state.exploration, features[:, :-1], action_input[:, :-1], features[:, 1:]
+            )  # [B, T-1]: the transition into step t+1, aligned as the reward of t+1
+            intrinsic = jnp.concatenate([jnp.zeros_like(intrinsic[:, :1]), intrinsic], axis=1)
+        reward = exploration.mix(
+            config.exploration, jnp.asarray(batch["reward"], jnp.float32), intrinsic
+        )
+        discount = ac.discount * jnp.asarray(batch["discount"], jnp.float32)
+        returns, valid = jax.vmap(nomodel.replay_lambda_returns, in_axes=(0, 0, 0, 0, 0, None))(
+            reward,
+            discount,
+            jnp.asarray(batch["is_first"], bool),
+            jnp.asarray(batch["is_last"], bool),
+            slow_values,
+            ac.lambda_,
+        )  # [B, T-1]: the return of state t
+        return_range, scale = return_normalization(state, returns, valid)
+
+        distribution = policy(actor_params, features_with_gradient[:, :-1])
+        entropy = distribution.entropy()
+        advantage = jax.lax.stop_gradient((returns - slow_values[:, :-1]) / scale)
+        objective = distribution.log_prob(actions[:, :-1]) * advantage
+        actor_loss = -nomodel.masked_mean(objective + ac.entropy * entropy, valid)
+
+        critic_logits = critic_net.apply(critic_params, features_with_gradient[:, :-1])
+        critic_loss = networks.two_hot_loss(critic_logits, returns, critic_bins)
+        regularizer = networks.two_hot_loss(critic_logits, slow_values[:, :-1], critic_bins)
+        critic_loss = nomodel.masked_mean(
+            critic_loss + ac.slow_critic_regularizer * regularizer, valid
+        )
+        metrics = {
+            "actor/loss": actor_loss,
+            "actor/entropy": nomodel.masked_mean(entropy, valid),
+            "critic/loss": critic_loss,
+            "replayed/return": nomodel.masked_mean(returns, valid),
+            "replayed/reward": nomodel.masked_mean(reward[:, 1:], valid),
+            "replayed/return_scale": scale,
+        }
+        return actor_loss, critic_loss, return_range, metrics
+
     def update_explorer(state: DreamerState, posteriors: LatentState, batch):
         """Train the intrinsic reward module on the replayed one-step transitions."""
         actions = batch["action"]
@@ -320,16 +413,39 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         )
         return state._replace(exploration=explorer_state, exploration_opt=opt_state), metrics
 
-    def update(state: DreamerState, batch, rng, adapt: bool = False):
+    def apply_gradients(state: DreamerState, grads, return_range, adapt: bool) -> DreamerState:
+        """One optimizer step of each of the model, the actor and the critic, then the slow
+        critic's EMA step; `adapt` keeps the model's reward head only."""
+        model_grads, actor_grads, critic_grads = grads
+        updates, model_opt_state = model_opt.update(model_grads, state.model_opt)
+        if adapt:
+            updates = base.only_reward_head(updates)
+        model_params = optax.apply_updates(state.model_params, updates)
+        updates, actor_opt_state = actor_opt.update(actor_grads, state.actor_opt)
+        actor_params = optax.apply_updates(state.actor_params, updates)
+        updates, critic_opt_state = critic_opt.update(critic_grads, state.critic_opt)
+        critic_params = optax.apply_updates(state.critic_params, updates)
+        slow_critic_params = optax.incremental_update(
+            critic_params, state.slow_critic_params, ac.slow_critic_fraction
+        )
+        return state._replace(
+            model_params=model_params,
+            actor_params=actor_params,
+            critic_params=critic_params,
+            slow_critic_params=slow_critic_params,
+            model_opt=model_opt_state,
+            actor_opt=actor_opt_state,
+            critic_opt=critic_opt_state,
+            return_range=return_range,
+            step=state.step + 1,
+        )
+
+    def update_in_imagination(state: DreamerState, batch, rng, adapt: bool):
         model_key, imagine_key = jax.random.split(rng)
         batch_size = batch["reward"].shape[0]
         (_, (model_metrics, posteriors, _)), model_grads = jax.value_and_grad(
             model.loss, has_aux=True
         )(state.model_params, batch, model.initial_state(batch_size), model_key)
-        updates, model_opt_state = model_opt.update(model_grads, state.model_opt)
-        if adapt:
-            updates = base.only_reward_head(updates)
-        model_params = optax.apply_updates(state.model_params, updates)
 
         start = jax.tree.map(
             lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.stop_gradient(posteriors)
@@ -350,25 +466,43 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         (_, (return_range, ac_metrics)), (actor_grads, critic_grads) = jax.value_and_grad(
             objective, has_aux=True
         )((state.actor_params, state.critic_params))
-        updates, actor_opt_state = actor_opt.update(actor_grads, state.actor_opt)
-        actor_params = optax.apply_updates(state.actor_params, updates)
-        updates, critic_opt_state = critic_opt.update(critic_grads, state.critic_opt)
-        critic_params = optax.apply_updates(state.critic_params, updates)
-        slow_critic_params = optax.incremental_update(
-            critic_params, state.slow_critic_params, ac.slow_critic_fraction
-        )
-        new_state = state._replace(
-            model_params=model_params,
-            actor_params=actor_params,
-            critic_params=critic_params,
-            slow_critic_params=slow_critic_params,
-            model_opt=model_opt_state,
-            actor_opt=actor_opt_state,
-            critic_opt=critic_opt_state,
-            return_range=return_range,
-            step=state.step + 1,
-        )
-        metrics = {**model_metrics, **ac_metrics, **explorer_metrics}
+        grads = (model_grads, actor_grads, critic_grads)
+        new_state = apply_gradients(state, grads, return_range, adapt)
+        return new_state, grads, {**model_metrics, **ac_metrics, **explorer_metrics}
+
+    def update_on_replay(state: DreamerState, batch, rng, adapt: bool):
+        batch_size = batch["reward"].shape[0]
+
+        def objective(params):
+            model_params, actor_params, critic_params = params
+            if model_terms:
+                model_loss, (model_metrics, posteriors, _) = model.loss(
+                    model_params, batch, model.initial_state(batch_size), rng
+                )
+            else:
+                model_loss, model_metrics = 0.0, {}
+                posteriors = nomodel.filter_sequence(model, model_params, batch, rng)
+            actor_loss, critic_loss, return_range, metrics = replay_actor_critic_loss(
+                actor_params, critic_params, state, model.features(posteriors), batch
+            )
+            aux = (return_range, {**model_metrics, **metrics}, posteriors)
+            return model_loss + actor_loss + critic_loss, aux
+
+        (_, (return_range, metrics, posteriors)), grads = jax.value_and_grad(
+            objective, has_aux=True
+        )((state.model_params, state.actor_params, state.critic_params))
+        new_state = apply_gradients(state, grads, return_range, adapt)
+        if explorer is not None:
+            # Trained after the losses that read its reward, as MuZero does.
+            new_state, explorer_metrics = update_explorer(
+                new_state, jax.lax.stop_gradient(posteriors), batch
+            )
+            metrics = {**metrics, **explorer_metrics}
+        return new_state, grads, metrics
+
+    def update(state: DreamerState, batch, rng, adapt: bool = False):
+        learn = update_on_replay if from_replay else update_in_imagination
+        new_state, (model_grads, actor_grads, _), metrics = learn(state, batch, rng, adapt)
         metrics["grad_norm/model"] = optax.tree.norm(model_grads)
         metrics["grad_norm/actor"] = optax.tree.norm(actor_grads)
         return new_state, metrics
@@ -376,6 +510,8 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     def open_loop(state: DreamerState, batch, context: int, horizon: int, rng):
         return model.open_loop(state.model_params, batch, context, horizon, rng)
 
+    # The open-loop video decodes imagined states: it needs a decoder and a trained prior.
+    video = config.model.decoder and config.model.losses.kl_dynamics > 0
     return base.Agent(
         "dreamer",
         config,
@@ -384,10 +520,47 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         act,
         update,
         True,
-        open_loop,
+        open_loop if video else None,
         part_of=PARTS,
-        adapt=functools.partial(update, adapt=True),
+        # Zero-shot adaptation fits the reward head: there is none to fit without one.
+        adapt=functools.partial(update, adapt=True) if has_heads else None,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamerNoModelConfig(DreamerConfig):
+    """The model-free control of Dreamer (`dreamer_nomodel`): Dreamer's representation
+    (encoder + RSSM filter), actor and critic, learned on the real replayed sequences (real
+    rewards and continuations) instead of imagined rollouts; no dynamics loss, and the actor and
+    critic losses train the representation (`agents/nomodel.py`)."""
+
+    model: WorldModelConfig = dataclasses.field(
+        default_factory=lambda: nomodel.representation_model("rssm")
+    )
+    """The representation: Dreamer's RSSM with no decoder and no loss term (reward,
+    continuation and reconstruction may be switched on as auxiliaries; the dynamics terms are
+    refused)."""
+    actor_critic: ActorCriticConfig = dataclasses.field(
+        default_factory=lambda: ActorCriticConfig(source="replay")
+    )
+    """The actor-critic; its `source` is always `replay`."""
+
+    def __post_init__(self):
+        if self.actor_critic.source != "replay":
+            raise ValueError(
+                "dreamer_nomodel needs actor_critic.source=replay (use agent=dreamer for the "
+                "model-based agent)"
+            )
+        nomodel.check_model_free("dreamer_nomodel", self.model)
+
+
+def make_nomodel(env_spec: acme_specs.EnvironmentSpec, config: DreamerNoModelConfig) -> base.Agent:
+    """The model-free Dreamer control for `env_spec` (no `adapt`: zero-shot needs a model)."""
+    if not isinstance(config, DreamerNoModelConfig):
+        raise TypeError(
+            f"dreamer_nomodel needs a DreamerNoModelConfig, got {type(config).__name__}"
+        )
+    return make(env_spec, config)._replace(name="dreamer_nomodel", adapt=None)
 
 
 PARTS = base.parts_by_substring(

@@ -22,9 +22,14 @@ Training (`update`), on a replay batch `[B, T, ...]`:
   network (the same cost as reanalysing them, for staler targets) or to reuse the policy's
   own prediction (no target at all). `reanalyse_fraction` is therefore the fraction of the
   batch that trains the policy, and it trades update cost for policy-target throughput;
-* `planning=False` is the model-free control: acting samples the policy head, no search runs
+* `planning=False` is the planning ablation: acting samples the policy head, no search runs
   anywhere, and the policy learns by advantage-weighted regression on replayed actions
-  (advantage = n-step target - value); networks, model losses, replay and ratio are the same.
+  (advantage = n-step target - value); networks, model losses, replay and ratio are the same;
+* `planning=False, unroll_steps=0` with no dynamics loss term is the model-free control,
+  registered as `muzero_nomodel` (`MuZeroNoModelConfig`; design in `agents/nomodel.py`): value
+  and policy losses on the filtered real steps only, nothing through `imagine`. World-model
+  heads that nothing reads (reward and continuation, when no loss term trains them) are not
+  built, and without a reward head there is no `adapt`.
 
 Continuous actions use Sampled MuZero; the prior correction is documented in `muzero_search`.
 Rewards are mixed in ONE place, `mixed_reward`, used by the search and by the value targets.
@@ -43,7 +48,7 @@ import optax
 from acme import specs as acme_specs
 
 import exploration as exploration_lib
-from agents import base, networks
+from agents import base, networks, nomodel
 from agents import muzero_targets as targets_lib
 from agents.muzero_search import (
     Search,
@@ -70,10 +75,12 @@ __all__ = [
     "MuZeroCarry",
     "MuZeroConfig",
     "MuZeroNetworks",
+    "MuZeroNoModelConfig",
     "MuZeroState",
     "SearchConfig",
     "make",
     "make_networks",
+    "make_nomodel",
 ]
 
 
@@ -97,7 +104,8 @@ class MuZeroConfig:
     discount: float = 0.99
     """Discount per step, in the search and in the value targets."""
     unroll_steps: int = 5
-    """K: steps the model is unrolled with replayed actions from every root."""
+    """K: steps the model is unrolled with replayed actions from every root; 0 (only with
+    planning=False): value and policy are learned on the filtered real steps alone."""
     n_step: int = 5
     """Steps of reward before the value target bootstraps from the target network."""
     reanalyse_fraction: float = 1.0
@@ -139,8 +147,13 @@ class MuZeroConfig:
     and in the value targets."""
 
     def __post_init__(self):
-        if self.unroll_steps < 1 or self.n_step < 1:
-            raise ValueError("unroll_steps and n_step must be positive")
+        if self.unroll_steps < 0 or self.n_step < 1:
+            raise ValueError("need unroll_steps >= 0 and n_step >= 1")
+        if self.planning and self.unroll_steps == 0:
+            raise ValueError(
+                "planning=True needs unroll_steps >= 1: the search reads the reward, value and "
+                "policy of imagined states, which only the unrolled losses train"
+            )
         if not 0.0 <= self.reanalyse_fraction <= 1.0:
             raise ValueError(f"reanalyse_fraction={self.reanalyse_fraction} must be in [0, 1]")
         if self.planning and self.reanalyse_fraction == 0.0:
@@ -232,6 +245,10 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate, eps=1e-8)
     )
     K = config.unroll_steps
+    model_terms = nomodel.has_loss_terms(config.model)
+    # The reward and continuation heads are read by the search, the unrolled reward loss and
+    # the world-model loss terms; without any of them they are not built.
+    has_heads = config.planning or K > 0 or model_terms
 
     def value(prediction_params, features) -> jax.Array:
         logits = prediction_net.apply(prediction_params, features).value_logits
@@ -240,7 +257,10 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
     def init(rng) -> MuZeroState:
         model_key, prediction_key = jax.random.split(rng)
         features = jnp.zeros((1, config.model.feature_size), jnp.float32)
-        params = SearchParams(model.init(model_key), prediction_net.init(prediction_key, features))
+        model_params = model.init(model_key)
+        if not has_heads:
+            model_params = nomodel.without_heads(model_params)
+        params = SearchParams(model_params, prediction_net.init(prediction_key, features))
         state = MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
         if explorer is not None:
             # fold_in, not split: the other keys stay those of the agent without exploration.
@@ -353,8 +373,11 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         return targets_lib.PolicyTargets(unflatten(output.branches), weights, not_last), metrics
 
     def unroll(params: SearchParams, posteriors: LatentState, batch, rng):
-        """Predictions `[B, T, K+1, ...]` (and reward logits `[B, T, K, ...]`) unrolled from
-        every posterior with the replayed actions."""
+        """Predictions `[B, T, K+1, ...]` (and reward logits `[B, T, K, ...]`, None when K=0)
+        unrolled from every posterior with the replayed actions."""
+        if K == 0:
+            prediction = prediction_net.apply(params.prediction, model.features(posteriors))
+            return jax.tree.map(lambda x: x[:, :, None], prediction), None
         batch_size, length = batch["reward"].shape
         start = jax.tree.map(lambda x: x.reshape((batch_size * length,) + x.shape[2:]), posteriors)
 
@@ -380,15 +403,19 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
     def loss(params: SearchParams, state: MuZeroState, batch, rng):
         model_key, unroll_key, target_key, search_key = jax.random.split(rng, 4)
         batch_size = batch["reward"].shape[0]
-        model_loss, (metrics, posteriors, _) = model.loss(
-            params.model,
-            batch,
-            model.initial_state(batch_size),
-            model_key,
-            target_params=state.target_params.model,
-        )
-        metrics = dict(metrics)
-        metrics["loss/world_model"] = metrics.pop("loss/total")
+        if model_terms:
+            model_loss, (metrics, posteriors, _) = model.loss(
+                params.model,
+                batch,
+                model.initial_state(batch_size),
+                model_key,
+                target_params=state.target_params.model,
+            )
+            metrics = dict(metrics)
+            metrics["loss/world_model"] = metrics.pop("loss/total")
+        else:
+            model_loss, metrics = 0.0, {}
+            posteriors = nomodel.filter_sequence(model, params.model, batch, model_key)
         intrinsic = replayed_intrinsic(state, posteriors, batch)
         returns, returns_valid = bootstrap_targets(
             state.target_params, batch, intrinsic, target_key
@@ -405,9 +432,14 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             targets_lib.masked_step_means(value_loss, value_valid)
         )
 
-        reward_targets = targets_lib.at_future(jnp.asarray(batch["reward"], jnp.float32), K)
-        reward_loss = networks.two_hot_loss(reward_logits, reward_targets[:, :, 1:], reward_bins)
-        reward_loss = jnp.mean(targets_lib.masked_step_means(reward_loss, valid[:, :, 1:]))
+        reward_loss = 0.0
+        if reward_logits is not None:
+            reward_targets = targets_lib.at_future(jnp.asarray(batch["reward"], jnp.float32), K)
+            reward_loss = networks.two_hot_loss(
+                reward_logits, reward_targets[:, :, 1:], reward_bins
+            )
+            reward_loss = jnp.mean(targets_lib.masked_step_means(reward_loss, valid[:, :, 1:]))
+            metrics["loss/unroll_reward"] = reward_loss
 
         root_values = networks.two_hot_decode(
             jax.lax.stop_gradient(value_logits[:, :, 0]), value_bins
@@ -440,7 +472,6 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
             {
                 "loss/value": value_loss,
                 "loss/policy": policy_loss,
-                "loss/unroll_reward": reward_loss,
                 "loss/total": total,
                 "muzero/value_target": jnp.sum(returns * returns_valid)
                 / jnp.maximum(jnp.sum(returns_valid), 1),
@@ -502,8 +533,44 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         True,
         open_loop,
         part_of=PARTS,
-        adapt=functools.partial(update, adapt=True),
+        # Zero-shot adaptation fits the reward head: there is none to fit without one.
+        adapt=functools.partial(update, adapt=True) if has_heads else None,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class MuZeroNoModelConfig(MuZeroConfig):
+    """The model-free control of MuZero (`muzero_nomodel`; the Q-learning control of Anand et
+    al. 2022): MuZero's representation (encoder + filter) and prediction heads, trained only by
+    n-step value targets from the target network and an advantage-weighted policy on real
+    replayed steps; no dynamics loss, no unroll, no search (`agents/nomodel.py`)."""
+
+    model: WorldModelConfig = dataclasses.field(
+        default_factory=lambda: nomodel.representation_model("deterministic")
+    )
+    """The representation: MuZero's deterministic latent with no decoder and no loss term
+    (reward, continuation and reconstruction may be switched on as auxiliaries; the dynamics
+    terms are refused)."""
+    planning: bool = False
+    """Always False: act from the policy head, no search."""
+    unroll_steps: int = 0
+    """Always 0: value and policy learn on the filtered real steps only."""
+
+    def __post_init__(self):
+        if self.planning or self.unroll_steps:
+            raise ValueError(
+                "muzero_nomodel needs planning=false and unroll_steps=0 (use agent=muzero for "
+                "the model-based agent)"
+            )
+        nomodel.check_model_free("muzero_nomodel", self.model)
+        super().__post_init__()
+
+
+def make_nomodel(env_spec: acme_specs.EnvironmentSpec, config: MuZeroNoModelConfig) -> base.Agent:
+    """The model-free MuZero control for `env_spec` (no `adapt`: zero-shot needs a model)."""
+    if not isinstance(config, MuZeroNoModelConfig):
+        raise TypeError(f"muzero_nomodel needs a MuZeroNoModelConfig, got {type(config).__name__}")
+    return make(env_spec, config)._replace(name="muzero_nomodel", adapt=None)
 
 
 PARTS = base.parts_by_substring(
