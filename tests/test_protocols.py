@@ -262,3 +262,53 @@ def test_agent_without_intrinsic_reward_is_refused_before_running():
     (phase,) = protocols.phases(explorer)
     mixed = protocols.agent_config_for(explorer.agent_config, phase, explorer.protocol)
     assert mixed.exploration.intrinsic_scale == 0.5
+
+
+def _preset_trials(name):
+    from benchmarks import sweep
+
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
+    return sweep.expand(sweep.load_spec(spec)).trials
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "agent",
+    [
+        "dreamer",
+        pytest.param(
+            "muzero",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured (3 seeds, benchmarks/configs/toy_transfer.yaml): after "
+                "reward-free pretraining MuZero finetunes SLOWER than scratch on the 5x5 grid "
+                "(final return 18.0 with carry=all, 6-12 with carry=world_model, vs 46.7 from "
+                "scratch): its value-equivalent model learns no reward-relevant features "
+                "without reward",
+            ),
+        ),
+    ],
+)
+def test_reward_free_pretraining_speeds_up_finetuning_on_the_grid(tmp_path, agent):
+    """Area under the finetuning curve against scratch, per seed, on the preset's trials
+    (pretraining with carry=world_model); averaged over 3 seeds it must exceed 1."""
+    trials = [
+        t
+        for t in _preset_trials("toy_transfer")
+        if t.config.agent == agent and t.config.protocol.carry in ("all", "world_model")
+    ]
+    curves = {}
+    for trial in trials:
+        config = trial.config
+        if config.protocol.name == "pretrain_finetune" and config.protocol.carry != "world_model":
+            continue
+        runner.run(config, tmp_path / trial.trial_id, progress=False)
+        evals = _lines(tmp_path / trial.trial_id / "eval.jsonl")
+        last = max(e["phase_index"] for e in evals)
+        curves[(config.protocol.name, config.seed)] = transfer.curve(evals, last, "return_mean")
+    ratios = []
+    for seed in sorted({seed for _, seed in curves}):
+        metrics = transfer.compare(*curves[("pretrain_finetune", seed)], *curves[("scratch", seed)])
+        ratios.append(metrics["auc_ratio"] if metrics["auc_ratio"] is not None else 0.0)
+    print(f"{agent}: AUC ratio pretrained / scratch per seed {ratios}")
+    assert np.mean(ratios) > 1.0
