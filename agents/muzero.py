@@ -339,7 +339,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         return targets_lib.value_targets(
             rewards,
             jnp.asarray(batch["discount"], jnp.float32),
-            jnp.asarray(batch["is_last"], bool),
+            targets_lib.episode_ends(batch["is_first"], batch["is_last"]),
             values,
             config.n_step,
             config.discount,

@@ -48,6 +48,15 @@ def n_step_returns(r_t: Array, discount_t: Array, is_last_t: Array, v_t: Array, 
     )
 
 
+def episode_ends(is_first: Array, is_last: Array) -> Array:
+    """`[B, T]` bool: the last step of an episode inside the window: `is_last`, or a step
+    followed by an episode start without one (the runner reseeds environments at checkpoints,
+    which cuts episodes), so that no return crosses into the next episode."""
+    is_first = jnp.asarray(is_first, bool)
+    cut = jnp.concatenate([is_first[:, 1:], jnp.zeros_like(is_first[:, :1])], axis=1)
+    return jnp.asarray(is_last, bool) | cut
+
+
 def value_targets(
     rewards: Array, discounts: Array, is_last: Array, values: Array, n: int, discount: float
 ) -> tuple[Array, Array]:

@@ -92,6 +92,20 @@ def test_n_step_returns_stop_at_terminal_and_bootstrap_at_truncation():
     np.testing.assert_allclose(returns[1, [0, 1, 2, 4]], [9.5, 13.5, 23.0, 35.0])
 
 
+def test_a_cut_episode_ends_its_returns_like_a_truncation():
+    # The runner reseeded the environments after step 2: step 3 starts an episode without
+    # step 2 being last. Its returns bootstrap from step 2 and nothing leaks across.
+    is_first = jnp.array([[True, False, False, True, False, False]])
+    is_last = jnp.zeros((1, 6), bool)
+    ends = targets.episode_ends(is_first, is_last)
+    np.testing.assert_array_equal(ends, [[False, False, True, False, False, False]])
+    rewards = jnp.array([[0.0, 1, 2, 100, 4, 5]])
+    values = jnp.array([[10.0, 20, 30, 40, 50, 60]])
+    returns, valid = targets.value_targets(rewards, jnp.ones((1, 6)), ends, values, 2, 0.5)
+    np.testing.assert_array_equal(valid, [[True, True, False, True, True, False]])
+    np.testing.assert_allclose(returns[0, :2], [1 + 0.5 * 2 + 0.25 * 30, 2 + 0.5 * 30])
+
+
 def test_unroll_masks_and_actions_follow_the_replay_alignment():
     is_first = np.zeros((1, 6), bool)
     is_first[0, 4] = True
