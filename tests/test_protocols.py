@@ -282,9 +282,8 @@ def _preset_trials(name):
                 strict=True,
                 reason="measured (3 seeds, benchmarks/configs/toy_transfer.yaml): after "
                 "reward-free pretraining MuZero finetunes SLOWER than scratch on the 5x5 grid "
-                "(final return 18.0 with carry=all, 6-12 with carry=world_model, vs 46.7 from "
-                "scratch): its value-equivalent model learns no reward-relevant features "
-                "without reward",
+                "(IQM final return 15.7 with carry=world_model, AUC ratio 0.54 [0.47, 0.62]; "
+                "18.0 with carry=all; 46.7 from scratch)",
             ),
         ),
     ],
