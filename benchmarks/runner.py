@@ -275,8 +275,8 @@ def run(
     of re-running them.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     all_phases = protocols.phases(config)  # protocol errors before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     config_text = config_lib.to_yaml(config)
     config_path = out / "config.yaml"
     if config_path.exists():

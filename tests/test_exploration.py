@@ -148,10 +148,16 @@ def batches():
     return _batches()
 
 
+@pytest.fixture(scope="module")
+def plain_states(batches):
+    """The extrinsic-only agents, trained once for both modules."""
+    return {name: _train(_agent(name, "none", 0.0), batches)[0] for name in SHARED}
+
+
 @pytest.mark.parametrize("name", ["dreamer", "muzero"])
 @pytest.mark.parametrize("module", ["disagreement", "rnd"])
-def test_agent_accepts_module_and_zero_scale_is_extrinsic_only(name, module, batches):
-    plain_state, _ = _train(_agent(name, "none", 0.0), batches)
+def test_agent_accepts_module_and_zero_scale_is_extrinsic_only(name, module, batches, plain_states):
+    plain_state = plain_states[name]
     explorer_state, metrics = _train(_agent(name, module, 0.0), batches)
     assert f"intrinsic/{module}_mean" in metrics
     assert explorer_state.exploration is not None

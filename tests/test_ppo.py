@@ -12,7 +12,7 @@ import agents
 from agents import base, ppo
 from agents.replay import Replay
 from benchmarks import config as config_lib
-from benchmarks import runner
+from benchmarks import protocols, runner
 from envs import base as env_base
 from envs import registry, vector
 
@@ -305,11 +305,21 @@ def test_pretrains_reward_free_with_rnd_then_finetunes(tmp_path):
     # Reward-free: the rewards learned from are the intrinsic ones.
     for m in pretrain:
         assert m["train/reward/mean"] == pytest.approx(m["train/intrinsic/rnd_mean"], rel=1e-4)
+    # protocol.intrinsic=auto picks RND for PPO; asking for disagreement fails before running.
+    auto = [o for o in overrides if not o.startswith("protocol.intrinsic")]
+    config = config_lib.build(config_lib.parse_overrides(auto))
+    assert (
+        protocols.with_module(
+            config.agent_config, protocols.phases(config), config.protocol
+        ).exploration.module
+        == "rnd"
+    )
     with pytest.raises(ValueError, match="module='rnd'"):
-        bad = [o for o in overrides if not o.startswith("protocol.intrinsic")]
+        bad = [*auto, "protocol.intrinsic=disagreement"]
         runner.run(
             config_lib.build(config_lib.parse_overrides(bad)), tmp_path / "bad", progress=False
         )
+    assert not (tmp_path / "bad").exists()  # Refused before anything was written.
 
 
 def _learn(overrides, folder):
