@@ -53,6 +53,24 @@ class IncompatibleTrialError(config_lib.ConfigError):
     pass
 
 
+def enable_compilation_cache() -> None:
+    """Share compiled XLA programs between trials through an on-disk cache.
+
+    A sweep compiles the same agent for every seed (and every phase); with the cache only the
+    first compile is paid. The directory is `JAX_COMPILATION_CACHE_DIR` when set, else
+    `~/.cache/mbxfer/jax`. A cache left by another jax version is ignored by jax itself.
+    """
+    import os
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mbxfer", "jax"
+    )
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def environment_spec(envs: vector.VectorEnv) -> acme_specs.EnvironmentSpec:
     """The spec agents are built from (agent keys only) for a batch of environments."""
     observations = env_base.agent_observation(envs.observation_spec())
@@ -276,6 +294,7 @@ def run(
     """
     out = Path(out)
     all_phases = protocols.phases(config)  # protocol errors before anything is written
+    enable_compilation_cache()
     out.mkdir(parents=True, exist_ok=True)
     config_text = config_lib.to_yaml(config)
     config_path = out / "config.yaml"
