@@ -219,11 +219,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             jnp.zeros((), jnp.int32),
         )
         if explorer is not None:
-            # fold_in, not split: the other keys stay those of the agent without exploration.
-            explorer_state = explorer.init(jax.random.fold_in(rng, 17))
-            state = state._replace(
-                exploration=explorer_state, exploration_opt=explorer_opt.init(explorer_state.params)
-            )
+            state = exploration.base.attach(state, explorer, explorer_opt, rng)
         return state
 
     def initial_carry(num_envs: int) -> DreamerCarry:

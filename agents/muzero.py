@@ -263,11 +263,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
         params = SearchParams(model_params, prediction_net.init(prediction_key, features))
         state = MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
         if explorer is not None:
-            # fold_in, not split: the other keys stay those of the agent without exploration.
-            explorer_state = explorer.init(jax.random.fold_in(rng, 17))
-            state = state._replace(
-                exploration=explorer_state, exploration_opt=explorer_opt.init(explorer_state.params)
-            )
+            state = exploration_lib.base.attach(state, explorer, explorer_opt, rng)
         return state
 
     def search_params(state: MuZeroState, params: SearchParams) -> SearchParams:

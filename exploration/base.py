@@ -151,6 +151,15 @@ def sequence_transitions(features: Array, actions: Array) -> Transitions:
     )
 
 
+def attach(agent_state, module: ExplorationModule, optimizer, rng):
+    """`agent_state` with the module's fresh state and optimizer state in its `exploration` and
+    `exploration_opt` fields. The module's key is folded from `rng`, not split off it, so every
+    other key of the agent stays what it is without exploration (`intrinsic_scale=0` then gives
+    exactly the extrinsic-only agent)."""
+    state = module.init(jax.random.fold_in(rng, 17))
+    return agent_state._replace(exploration=state, exploration_opt=optimizer.init(state.params))
+
+
 def train_step(module: ExplorationModule, optimizer, state: ExplorationState, opt_state, batch):
     """One optimizer step of the module on `batch`, then its reward statistics.
 
