@@ -9,7 +9,8 @@ config values (a grid over `agent.model.latent`, say), each variant is its own g
 
 A trial's score is its last evaluation in its last phase, per evaluation set: `crafter_score`
 for Crafter, `success_rate` for Meta-World and RoboDesk, `normalized_return` for Procgen and
-`return_mean` otherwise. Only finished trials (`done.json`) enter the final-score statistics;
+`return_mean` otherwise. Crafter trials also get the eval set `training episodes`: the Crafter
+score of all the training episodes of the last phase (how the Crafter paper scores). Only finished trials (`done.json`) enter the final-score statistics;
 learning curves use every evaluation written so far. Aggregates are the interquartile mean
 (IQM) and the mean over seeds with stratified bootstrap 95% confidence intervals, performance
 profiles and probabilities of improvement, all computed by rliable (Agarwal et al. 2021).
@@ -48,6 +49,7 @@ FALLBACK_SCORE = "return_mean"
 MODEL_BASED = ("dreamer", "muzero")
 MODEL_FREE = ("ppo", "muzero_nomodel", "dreamer_nomodel")
 SCRATCH = "scratch"
+TRAINING_EPISODES = "training episodes"
 TRANSFER_BARS = ("jumpstart", "auc_ratio", "final_gain")
 TRANSFER_KEYS = (*TRANSFER_BARS, "steps_to_threshold", "scratch_steps_to_threshold")
 
@@ -102,15 +104,42 @@ class TrialRecord:
         return SCORE_KEYS.get(self.env, FALLBACK_SCORE)
 
     def final_evals(self) -> dict[str, dict]:
-        """Eval set -> the last evaluation of the last phase."""
-        if not self.evals:
-            return {}
-        last_phase = max(e["phase_index"] for e in self.evals)
+        """Eval set -> the last evaluation of the last phase; for Crafter also the last
+        phase's training episodes (see `training_episodes`)."""
         out: dict[str, dict] = {}
-        for record in self.evals:
-            if record["phase_index"] == last_phase:
-                out[record["eval_set"]] = record  # Written in order: the last one wins.
+        if self.evals:
+            last_phase = max(e["phase_index"] for e in self.evals)
+            for record in self.evals:
+                if record["phase_index"] == last_phase:
+                    out[record["eval_set"]] = record  # Written in order: the last one wins.
+        training = self.training_episodes()
+        if training is not None:
+            out[TRAINING_EPISODES] = training
         return out
+
+    def training_episodes(self) -> Optional[dict]:
+        """The Crafter score of every training episode of the last phase, as a pseudo
+        evaluation set.
+
+        The Crafter paper (Hafner 2021) scores an agent by the success rates over all the
+        episodes it played during training, not by separate evaluation episodes; reports show
+        that score next to the evaluation's, so numbers can be set beside the published ones.
+        Finished Crafter trials only (the runner writes the summary into `done.json`)."""
+        if self.score_key != "crafter_score" or not self.done or not self.done.get("phases"):
+            return None
+        phase = self.done["phases"][-1]
+        summary = (phase.get("training_episodes") if isinstance(phase, dict) else None) or {}
+        if self.score_key not in summary:
+            return None
+        total = int(self.done.get("env_steps", phase.get("env_steps", 0)))
+        return {
+            **summary,
+            "phase": phase.get("name", ""),
+            "phase_index": phase.get("index", len(self.done["phases"]) - 1),
+            "eval_set": TRAINING_EPISODES,
+            "env_steps": int(phase.get("env_steps", 0)),
+            "total_env_steps": total,
+        }
 
 
 def _config_hash(config: dict) -> str:
@@ -660,7 +689,9 @@ def write(
         "",
         "Score: the last evaluation of the last phase (`crafter_score` for Crafter, "
         "`success_rate` for Meta-World and RoboDesk, `normalized_return` for Procgen, "
-        "`return_mean` otherwise), finished trials only. IQM = interquartile mean over seeds; "
+        "`return_mean` otherwise), finished trials only. For Crafter the eval set "
+        f"`{TRAINING_EPISODES}` is the Crafter paper's protocol: the score of every training "
+        "episode of the last phase. IQM = interquartile mean over seeds; "
         f"brackets are stratified bootstrap 95% CIs (rliable, {reps} resamples, seed {seed}). "
         "Budgets are environment steps per phase.",
         "",

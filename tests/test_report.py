@@ -17,6 +17,7 @@ DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]
 PPO = [0.0, 1.0, 1.0, 2.0, 3.0]
 FINETUNED = [3.0, 4.0, 6.0]
 CRAFTER = [2.0, 3.5, 5.0]
+CRAFTER_TRAINING = [1.0, 1.5, 4.0]  # Scores of the training episodes (the Crafter paper's).
 
 
 def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **extra):
@@ -57,6 +58,12 @@ def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **ext
     (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
     if extra.get("done", True):
         done = {"env_steps": 200 * len(phases), "phases": phases}
+        if "training_score" in extra:  # The runner's summary of the last phase's episodes.
+            summary = {"episodes": 7, "crafter_score": extra["training_score"]}
+            done["phases"] = [
+                {"name": name, "index": i, "env_steps": 200, "training_episodes": summary}
+                for i, name in enumerate(phases)
+            ]
         (folder / "done.json").write_text(json.dumps(done))
     if extra.get("video"):
         Image.new("RGB", (8, 8)).save(folder / "video.gif")
@@ -94,6 +101,7 @@ def results(tmp_path_factory):
             [score],
             success_rates=rates,
             video=seed == 0,
+            training_score=CRAFTER_TRAINING[seed],
         )
     _trial(root, "unfinished", "muzero", "grid", "collect_items", 0, [1.0], done=False)
     return root
@@ -140,6 +148,18 @@ def test_iqm_and_mean_with_cis_are_rliables(written, protocol, agent, scores):
     np.testing.assert_allclose(iqm, _rliable(scores, metrics.aggregate_iqm))
     np.testing.assert_allclose(mean, _rliable(scores, metrics.aggregate_mean))
     assert iqm[1] <= iqm[0] <= iqm[2]
+
+
+def test_crafter_is_also_scored_by_its_training_episodes(written):
+    out, text = written
+    rows = {r["eval_set"]: r for r in _rows(out / "scores.csv") if r["env"] == "crafter"}
+    assert set(rows) == {"eval", "training episodes"}
+    for eval_set, scores in (("eval", CRAFTER), ("training episodes", CRAFTER_TRAINING)):
+        iqm = [float(rows[eval_set][k]) for k in ("iqm", "iqm_low", "iqm_high")]
+        np.testing.assert_allclose(iqm, _rliable(scores, metrics.aggregate_iqm))
+    assert "eval set `training episodes`" in text
+    # Only Crafter: the other environments are scored by their evaluation episodes alone.
+    assert {r["eval_set"] for r in _rows(out / "scores.csv") if r["env"] == "grid"} == {"eval"}
 
 
 def test_probability_of_improvement_pairs(written):
