@@ -201,16 +201,27 @@ def _cmd_sweep(args) -> int:
         print(
             f"{'trial':12s}  {'status':8s}  {'env steps':>19s}  agent / env / task / protocol / seed"
         )
+        starts = sweep.shared_starts(plan.trials)
         for trial, status, steps in rows:
             labels = trial.labels
             overrides = " ".join(f"{k}={v}" for k, v in labels["overrides"].items())
+            shared = ""
+            if trial.trial_id in starts:
+                leader, index = starts[trial.trial_id]
+                shared = f"  (starts from {leader}/phase{index}.ckpt)"
             print(
                 f"{trial.trial_id:12s}  {status:8s}  {steps:>9,}/{sweep.trial_budget(trial.config):<9,}  "
                 f"{labels['agent']} / {labels['env']} / {labels['task']} / "
                 f"{labels['protocol']} / {labels['seed']}  {overrides}".rstrip()
+                + shared
             )
         counts = {s: sum(r[1] == s for r in rows) for s in sweep.STATUSES}
         print(", ".join(f"{n} {s}" for s, n in counts.items() if n))
+        if starts:
+            print(
+                f"{len(starts)} trials share their first phases with an earlier trial and start "
+                "from its phase checkpoint instead of running them again"
+            )
         return 0
     try:
         outcome = sweep.run(

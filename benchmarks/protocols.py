@@ -310,6 +310,35 @@ def with_module(agent_config: Any, all_phases: list[Phase], protocol: ProtocolCo
     raise ProtocolError(f"protocol.intrinsic={protocol.intrinsic}: {problem}")
 
 
+def prefix_key(config, count: int) -> str:
+    """A fingerprint of everything that decides how the first `count` phases of a trial run.
+
+    Two trials with the same fingerprint end phase `count - 1` in the same state and with the
+    same logs (same agent and its config, seed, environment, training settings and phases
+    0..count-1), so one's `phase{count-1}.ckpt` can start the other's phase `count`
+    (`runner.run(start_from=...)`; sweeps share pretraining this way). What only later phases
+    read is left out: `env.task` and `train.steps` (phases carry their own task and budget),
+    the protocol's name and fields (phases carry what they decide) and the first phase's
+    `carry`, which nothing reads.
+    """
+    import hashlib
+    import json
+
+    expanded = phases(config)
+    if not 1 <= count <= len(expanded):
+        raise ProtocolError(f"count={count}: the protocol has {len(expanded)} phases")
+    data = config.to_dict()
+    data.pop("protocol")
+    data["env"] = {key: value for key, value in data["env"].items() if key != "task"}
+    data["train"] = {key: value for key, value in data["train"].items() if key != "steps"}
+    agent_config = with_module(config.agent_config, expanded, config.protocol)
+    data["agent_config"] = dataclasses.asdict(agent_config)
+    prefix = [dataclasses.replace(expanded[0], carry="all"), *expanded[1:count]]
+    data["phases"] = [dataclasses.asdict(phase) for phase in prefix]
+    text = json.dumps(data, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def carry_over(rule: str, previous: Any, fresh: Any, part_of) -> Any:
     """The state a phase starts from: `previous`'s leaves for the carried parts, `fresh`'s
     for the rest (see the module docstring)."""

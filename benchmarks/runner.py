@@ -122,6 +122,22 @@ class _JsonlLog:
         self._file.close()
 
 
+def _copy_logs(source: Path, out: Path, offsets: dict) -> dict:
+    """Copy the first `offsets[name]` bytes of each of `source`'s logs (what it had written at
+    a checkpoint) into `out`; the offsets to continue `out`'s logs from."""
+    copied = {}
+    for name, offset in offsets.items():
+        path = source / f"{name}.jsonl"
+        if offset is None or not path.exists():
+            copied[name] = None
+            continue
+        with open(path, "rb") as file:
+            data = file.read(offset)
+        (out / f"{name}.jsonl").write_bytes(data)
+        copied[name] = len(data)
+    return copied
+
+
 def _summarize_episodes(records: list[dict]) -> dict:
     """Aggregate finished episodes: mean return/length, and the Crafter score when logged."""
     from envs import crafter as crafter_env
@@ -327,11 +343,12 @@ class _Trial:
 
     # -- resume ---------------------------------------------------------------------------
     def _resume_point(self, start_from: Optional[Path]):
+        """(checkpoint folder, its runner.json, whether it is another trial's) or Nones."""
         found = checkpoint.latest(self.out / "checkpoints")
         if found is not None:
-            return found, False
+            return found, json.loads((found / "runner.json").read_text()), False
         if start_from is None:
-            return None, False
+            return None, None, False
         start_from = Path(start_from)
         if not (start_from / "runner.json").exists():
             raise IncompatibleTrialError(
@@ -349,34 +366,24 @@ class _Trial:
             import yaml
 
             source = config_lib.build(yaml.safe_load(source_config.read_text()))
-            mine = protocols.phases(self.config)[: index + 1]
-            theirs = protocols.phases(source)[: index + 1]
-            same = (
-                mine == theirs
-                and source.agent == self.config.agent
-                and source.seed == self.config.seed
-                and config_lib.differences(
-                    source.to_dict()["env"] | {"task": None},
-                    self.config.to_dict()["env"] | {"task": None},
-                )
-                == []
-            )
-            if not same:
+            if protocols.prefix_key(source, index + 1) != protocols.prefix_key(
+                self.config, index + 1
+            ):
                 raise IncompatibleTrialError(
-                    f"--from {start_from}: that trial's phases 0..{index}, agent, seed or "
-                    "environment differ from this trial's"
+                    f"--from {start_from}: that trial's phases 0..{index}, agent, agent config, "
+                    "seed, environment or training settings differ from this trial's "
+                    f"(compare {source_config} with this trial's config.yaml)"
                 )
-        return start_from, True
+        return start_from, runner_state, True
 
     # -- the phases -----------------------------------------------------------------------
     def run(self, stop_after, on_step, start_from) -> dict:
-        resume_from, from_other_trial = self._resume_point(start_from)
-        resume_state = None
-        if resume_from is not None:
-            resume_state = json.loads((resume_from / "runner.json").read_text())
+        resume_from, resume_state, from_other_trial = self._resume_point(start_from)
         offsets = {"metrics": None, "eval": None, "episodes": None}
         if resume_state is not None and not from_other_trial:
             offsets = resume_state["offsets"]
+        elif from_other_trial:  # The earlier phases' lines, so this folder tells it all.
+            offsets = _copy_logs(resume_from.parent, self.out, resume_state["offsets"])
         self.metrics_log = _JsonlLog(self.out / "metrics.jsonl", offsets["metrics"])
         self.eval_log = _JsonlLog(self.out / "eval.jsonl", offsets["eval"])
         self.episodes_log = _JsonlLog(self.out / "episodes.jsonl", offsets.get("episodes"))

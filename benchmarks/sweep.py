@@ -41,7 +41,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, TextIO
+from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO
 
 import yaml
 
@@ -98,6 +98,8 @@ class Job:
     folder: str
     threads: Optional[int] = None
     """Set thread counts for this many cores (Ray tasks); None leaves them (local workers)."""
+    start_from: Optional[str] = None
+    """Another trial's phase-boundary checkpoint that ends this trial's first phases."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,6 +404,36 @@ def plan(sweep: Sweep, out: Path) -> list[tuple[Trial, str, int]]:
     return rows
 
 
+def shared_starts(trials: Sequence[Trial]) -> dict[str, tuple[str, int]]:
+    """Trial id -> (leader trial id, phase index) for the trials whose first phases an
+    earlier trial of the sweep runs exactly as they would: they start from the leader's
+    `phase<index>.ckpt` instead of running those phases again (a grid over finetuning
+    settings pretrains once per seed). "Exactly" is `protocols.prefix_key`: same agent and
+    agent config, seed, environment, training settings and phases up to there; the result is
+    bit-identical to running them (tests/test_protocols.py checks `--from` equals a
+    continuous run). The longest shared prefix wins; the leader is the first trial in sweep
+    order that has it."""
+    from benchmarks import protocols
+
+    counts = {t.trial_id: len(protocols.phases(t.config)) for t in trials}
+    first: dict[tuple[int, str], str] = {}
+    keys: dict[str, dict[int, str]] = {}
+    for trial in trials:
+        keys[trial.trial_id] = {}
+        for count in range(1, counts[trial.trial_id] + 1):
+            key = protocols.prefix_key(trial.config, count)
+            keys[trial.trial_id][count] = key
+            first.setdefault((count, key), trial.trial_id)
+    starts = {}
+    for trial in trials:
+        for count in range(counts[trial.trial_id] - 1, 0, -1):
+            leader = first[(count, keys[trial.trial_id][count])]
+            if leader != trial.trial_id:
+                starts[trial.trial_id] = (leader, count - 1)
+                break
+    return starts
+
+
 def write_index(sweep: Sweep, out: Path, spec_path: Optional[str] = None) -> None:
     """`<out>/trials.jsonl`: one line per trial ever run into `out`, newest spec wins."""
     path = Path(out) / INDEX
@@ -511,7 +543,8 @@ def run_trial(job: Job) -> dict:
         try:
             from benchmarks import runner
 
-            runner.run(job.config, folder, progress=False, on_step=progress)
+            start_from = Path(job.start_from) if job.start_from else None
+            runner.run(job.config, folder, progress=False, on_step=progress, start_from=start_from)
         except Exception:
             return {"status": "failed", "error": _record_failure(folder, traceback.format_exc())}
         progress(progress.total, force=True)
@@ -800,22 +833,51 @@ def run(
     errors: dict[str, str] = {}
     if not todo:
         return Outcome(statuses, errors)
+    # Trials that will start from another trial's phase checkpoint wait for it (unless they
+    # have checkpoints of their own to resume from).
+    starts = {
+        trial_id: start
+        for trial_id, start in shared_starts(sweep.trials).items()
+        if statuses[trial_id] != "partial"
+    }
     pool = make_executor(executor, workers, address, sweep.resources, retries)
     display = _Progress(sweep, out, stream if progress else None)
     attempts: dict[str, int] = {}
     submitted: dict[str, float] = {}
     pending: dict[Any, Trial] = {}
 
+    waiting: dict[str, Trial] = {}
+
     def submit(trial: Trial, charge: bool = True) -> None:
+        start_from = None
+        if trial.trial_id in starts:
+            leader, index = starts[trial.trial_id]
+            checkpoint = out / leader / f"phase{index}.ckpt"
+            if (checkpoint / "runner.json").exists():
+                start_from = str(checkpoint)
+            elif statuses.get(leader) in ("queued", "waiting"):
+                statuses[trial.trial_id] = "waiting"  # Until the leader ends that phase.
+                waiting[trial.trial_id] = trial
+                return
         attempts[trial.trial_id] = attempts.get(trial.trial_id, 0) + charge
         submitted[trial.trial_id] = time.time()
         statuses[trial.trial_id] = "queued"
-        pending[pool.submit(Job(trial.config, str(out / trial.trial_id)))] = trial
+        job = Job(trial.config, str(out / trial.trial_id), start_from=start_from)
+        pending[pool.submit(job)] = trial
+
+    def release_waiting() -> None:
+        for trial_id, trial in list(waiting.items()):
+            leader, index = starts[trial_id]
+            ready = (out / leader / f"phase{index}.ckpt" / "runner.json").exists()
+            if ready or statuses.get(leader) not in ("queued", "waiting"):
+                del waiting[trial_id]
+                submit(trial)  # From the checkpoint, or from scratch.
 
     try:
         for trial in todo:
             submit(trial)
-        while pending:
+        while pending or waiting:
+            release_waiting()
             for handle in pool.wait(list(pending), timeout=poll):
                 trial = pending.pop(handle)
                 folder = out / trial.trial_id

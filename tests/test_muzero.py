@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_configs
 
 import agents
 from agents import base, muzero, muzero_search
@@ -22,36 +23,16 @@ from envs import base as env_base
 from envs import registry
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_AGENT = [
-    "agent.model.deter=32",
-    "agent.model.hidden=32",
-    "agent.model.reward_bins=31",
-    "agent.value_bins=31",
-    "agent.hidden=32",
-    "agent.unroll_steps=3",
-    "agent.n_step=3",
-    "agent.search.num_simulations=4",
-    "agent.search.sampled_actions=4",
-]
-TINY = [
-    "agent=muzero",
-    "env.name=grid",
-    "env.task=collect_items",
-    "env.num_envs=2",
-    "env.kwargs={observation: vector, size: 5}",
+# The shared tiny MuZero (tests/tiny_configs.py) without the exploration module's width.
+SMALL_AGENT = [o for o in tiny_configs.AGENT["muzero"] if not o.startswith("agent.exploration")]
+TINY = tiny_configs.overrides(
+    "muzero",
     "train.steps=240",
-    "train.batch_size=4",
-    "train.sequence_length=8",
-    "train.train_ratio=4",
-    "train.learning_starts=40",
-    "train.log_every=40",
     "train.eval_every=120",
-    "train.eval_episodes=2",
     "train.checkpoint_every=80",
     "agent.search.policy=muzero",
     "agent.reanalyse_fraction=0.5",
-    *SMALL_AGENT,
-]
+)
 
 
 def _config(*overrides):

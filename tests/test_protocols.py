@@ -176,16 +176,17 @@ def test_finetuning_from_a_saved_checkpoint_equals_finetuning_after_pretraining(
     done = json.loads((tmp_path / "from" / "done.json").read_text())
     assert done["from"].endswith("phase0.ckpt")
 
-    def finetune(folder, log):
-        lines = [r for r in _lines(folder / log) if r["phase"] == "finetune"]
-        return [{k: v for k, v in r.items() if k != "env_steps_per_second"} for r in lines]
+    def lines(folder, log):
+        drop = "env_steps_per_second"
+        return [{k: v for k, v in r.items() if k != drop} for r in _lines(folder / log)]
 
-    assert finetune(tmp_path / "continuous", "eval.jsonl") == finetune(
-        tmp_path / "from", "eval.jsonl"
-    )
-    assert finetune(tmp_path / "continuous", "metrics.jsonl") == finetune(
-        tmp_path / "from", "metrics.jsonl"
-    )
+    # Every phase's lines: the pretraining ones are copied over from the source trial, so the
+    # folder started --from tells the whole story, as the continuous one does.
+    for log in ("eval.jsonl", "metrics.jsonl", "episodes.jsonl"):
+        continuous, started = lines(tmp_path / "continuous", log), lines(tmp_path / "from", log)
+        if log != "episodes.jsonl":  # Tiny budgets may end no episode.
+            assert {r["phase"] for r in continuous} == {"pretrain", "finetune"}
+        assert continuous == started, log
     for a, b in zip(
         _leaves(tmp_path / "continuous" / "phase1.ckpt"),
         _leaves(tmp_path / "from" / "phase1.ckpt"),
@@ -208,6 +209,32 @@ def test_from_rejects_a_checkpoint_of_another_protocol(tmp_path):
             progress=False,
             start_from=tmp_path / "scratch" / "phase0.ckpt",
         )
+
+
+def test_from_rejects_a_checkpoint_of_another_agent_config(tmp_path):
+    runner.run(_config("dreamer", "pretrain_finetune"), tmp_path / "a", progress=False)
+    with pytest.raises(runner.IncompatibleTrialError, match="agent config"):
+        runner.run(
+            _config("dreamer", "pretrain_finetune", "agent.model_lr=0.01"),
+            tmp_path / "b",
+            progress=False,
+            start_from=tmp_path / "a" / "phase0.ckpt",
+        )
+
+
+def test_prefix_key_ignores_only_what_later_phases_read():
+    base = _config("muzero", "pretrain_finetune")
+    key = protocols.prefix_key(base, 1)
+    # Finetuning choices: its budget, what carries over. (Not the task: pretraining is
+    # evaluated on it, so its logs differ.)
+    for same in ("train.steps=40", "protocol.carry=world_model"):
+        assert protocols.prefix_key(_config("muzero", "pretrain_finetune", same), 1) == key
+    assert protocols.prefix_key(base, 2) != key
+    for different in ("seed=1", "agent.learning_rate=0.01", "train.batch_size=2",
+                      "env.task=reach_top_left",
+                      "protocol.pretrain_steps=8", "protocol.intrinsic=rnd"):  # fmt: skip
+        other = _config("muzero", "pretrain_finetune", different)
+        assert protocols.prefix_key(other, 1) != key, different
 
 
 def test_protocol_errors_name_the_fix():

@@ -10,35 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_configs
 
 from benchmarks import checkpoint, cli, runner
 from benchmarks import config as config_lib
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "agent=dreamer",
-    "env.name=grid",
-    "env.task=collect_items",
-    "env.num_envs=2",
-    "env.kwargs={observation: vector, size: 5}",
-    "train.steps=240",
-    "train.batch_size=4",
-    "train.sequence_length=8",
-    "train.train_ratio=4",
-    "train.learning_starts=40",
-    "train.log_every=40",
-    "train.eval_every=120",
-    "train.eval_episodes=2",
-    "train.checkpoint_every=80",
-    "agent.model.deter=32",
-    "agent.model.hidden=32",
-    "agent.model.stoch_groups=4",
-    "agent.model.stoch_classes=4",
-    "agent.model.reward_bins=31",
-    "agent.actor_critic.hidden=32",
-    "agent.actor_critic.horizon=4",
-    "agent.actor_critic.critic_bins=31",
-]
+# The shared tiny Dreamer trial (tests/tiny_configs.py), with this file's schedule.
+TINY = tiny_configs.overrides(
+    "dreamer", "train.steps=240", "train.eval_every=120", "train.checkpoint_every=80"
+)
 
 
 def _config(*extra):

@@ -141,6 +141,38 @@ def test_local_sweep_runs_then_skips_finished_trials(tmp_path):
     assert "| scratch | random | 2 | 200 |" in written.read_text()
 
 
+def test_trials_that_share_their_pretraining_run_it_once(tmp_path, capsys):
+    base = {
+        **TINY_BASE,
+        "protocol": {"pretrain_task": "reach_top_left", "pretrain_steps": 100},
+    }
+    path = _spec(
+        tmp_path, base=base, protocols=["task_transfer"], grid={"protocol.carry": ["all", "none"]}
+    )
+    plan = sweep.expand(sweep.load_spec(path))
+    leader, follower = (t.trial_id for t in plan.trials)
+    assert sweep.shared_starts(plan.trials) == {follower: (leader, 0)}
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
+    assert f"(starts from {leader}/phase0.ckpt)" in capsys.readouterr().out
+    outcome = sweep.run(plan, out, workers=2, stream=None, poll=0.2)
+    assert outcome.ok
+    done = json.loads((out / follower / "done.json").read_text())
+    assert done["from"] == str(out / leader / "phase0.ckpt")  # It waited for the leader.
+    assert not (out / follower / "phase0.ckpt").exists()  # Pretraining did not run again...
+
+    def pretraining(trial_id):
+        lines = [json.loads(x) for x in open(out / trial_id / "eval.jsonl")]
+        return [
+            {k: v for k, v in r.items() if k != "env_steps_per_second"}
+            for r in lines
+            if r["phase"] == "pretrain"
+        ]
+
+    assert pretraining(follower) == pretraining(leader) != []  # ...but its logs are there.
+    assert [p["name"] for p in done["phases"]] == ["pretrain", "finetune"]
+
+
 def test_failed_trial_is_retried_and_reported(tmp_path, capsys):
     # size=0 passes validation (it is a known keyword) but the environment refuses it.
     base = {**TINY_BASE, "env": {**TINY_BASE["env"], "kwargs": {"size": 0}}}
