@@ -179,12 +179,12 @@ def _worker(connection, factory, seed: int, environment_variables: dict) -> None
         _send(connection, ("error", traceback.format_exc()))
         connection.close()
         return
-    _send(connection, ("ok", None))
     memory, rows = None, {}
     # After a LAST step the parent's next call for this environment is a reset, so the worker
     # starts it at once and keeps its FIRST step here: the reset overlaps the parent's work.
     next_first: Optional[dm_env.TimeStep] = None
     try:
+        _send(connection, ("ok", None))  # Inside: the parent may be gone already (Ctrl-C).
         while True:
             command, payload = _receive(connection)
             if command in ("step", "reset"):
