@@ -162,7 +162,11 @@ class Replay:
             "count": self._count,
             "rng": self._rng.bit_generator.state,
         }
-        arrays = {f"storage/{name}": array for name, array in self._storage.items()}
+        # Until the streams wrap around, steps sit in slots [0, count): only those are
+        # written, so a checkpoint early in a long run is not the size of the whole capacity.
+        arrays = {
+            f"storage/{name}": array[:, : self._count] for name, array in self._storage.items()
+        }
         arrays["metadata"] = np.array(json.dumps(metadata))
         handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".replay-", suffix=".tmp")
         try:
@@ -189,14 +193,21 @@ class Replay:
                 raise ValueError(
                     f"saved replay stores {sorted(stored)}, not {sorted(self._storage)}"
                 )
+            count = int(metadata["count"])
             for name, array in self._storage.items():
                 saved = data[f"storage/{name}"]
-                if saved.shape != array.shape or saved.dtype != array.dtype:
+                # `count` filled slots (older files: the whole capacity).
+                if (
+                    saved.shape[1:2] not in ((count,), (self._stream_capacity,))
+                    or saved.shape[:1] + saved.shape[2:] != array.shape[:1] + array.shape[2:]
+                    or saved.dtype != array.dtype
+                ):
                     raise ValueError(
                         f"saved {name} is {saved.dtype}{saved.shape}, expected "
-                        f"{array.dtype}{array.shape}"
+                        f"{array.dtype}{array.shape[:1] + (count,) + array.shape[2:]}"
                     )
-                array[...] = saved
+                array[:, : saved.shape[1]] = saved
+                array[:, saved.shape[1] :] = 0  # As in a replay that never held more.
         self._cursor = int(metadata["cursor"])
         self._count = int(metadata["count"])
         self._rng.bit_generator.state = metadata["rng"]

@@ -142,6 +142,28 @@ def test_save_load_resumes_identical_sampling(tmp_path):
         np.testing.assert_array_equal(expected["is_first"], actual["is_first"])
 
 
+def test_a_partly_filled_replay_saves_only_its_steps(tmp_path):
+    # A checkpoint early in a long run must not be the size of the whole capacity (a
+    # 100k-step image replay is 1.2 GB of zeros at its first checkpoint otherwise).
+    sizes = {}
+    for steps in (10, 100, 1000):  # 1000 steps fill the 3 streams of 1000.
+        filled(steps=steps, capacity=3000).save(tmp_path / f"{steps}.npz")
+        sizes[steps] = os.path.getsize(tmp_path / f"{steps}.npz")
+    assert sizes[10] < sizes[100] < sizes[1000] / 5 < sizes[10] * 50
+    replay = filled(steps=10, capacity=3000, seed=4)
+    replay.save(tmp_path / "10.npz")
+    replay.add(numbered_step(10, 3))
+    expected = replay.sample(8)
+    resumed = filled(steps=30, capacity=3000, seed=4)
+    resumed.load(tmp_path / "10.npz")
+    assert len(resumed) == 30
+    resumed.add(numbered_step(10, 3))
+    actual = resumed.sample(8)
+    for key in ("reward", "is_first"):
+        np.testing.assert_array_equal(expected[key], actual[key])
+    np.testing.assert_array_equal(resumed.latest(11)["reward"], replay.latest(11)["reward"])
+
+
 def test_load_rejects_a_different_layout(tmp_path):
     path = tmp_path / "replay.npz"
     filled(steps=10).save(path)
