@@ -209,5 +209,5 @@ class Replay:
                 array[:, : saved.shape[1]] = saved
                 array[:, saved.shape[1] :] = 0  # As in a replay that never held more.
         self._cursor = int(metadata["cursor"])
-        self._count = int(metadata["count"])
+        self._count = count
         self._rng.bit_generator.state = metadata["rng"]

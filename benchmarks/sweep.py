@@ -415,21 +415,24 @@ def shared_starts(trials: Sequence[Trial]) -> dict[str, tuple[str, int]]:
     order that has it."""
     from benchmarks import protocols
 
-    counts = {t.trial_id: len(protocols.phases(t.config)) for t in trials}
+    # keys[trial id][k] fingerprints the trial's first k + 1 phases.
+    keys = {
+        t.trial_id: [
+            protocols.prefix_key(t.config, count)
+            for count in range(1, len(protocols.phases(t.config)) + 1)
+        ]
+        for t in trials
+    }
     first: dict[tuple[int, str], str] = {}
-    keys: dict[str, dict[int, str]] = {}
-    for trial in trials:
-        keys[trial.trial_id] = {}
-        for count in range(1, counts[trial.trial_id] + 1):
-            key = protocols.prefix_key(trial.config, count)
-            keys[trial.trial_id][count] = key
-            first.setdefault((count, key), trial.trial_id)
+    for trial_id, prefixes in keys.items():
+        for index, key in enumerate(prefixes):
+            first.setdefault((index, key), trial_id)
     starts = {}
-    for trial in trials:
-        for count in range(counts[trial.trial_id] - 1, 0, -1):
-            leader = first[(count, keys[trial.trial_id][count])]
-            if leader != trial.trial_id:
-                starts[trial.trial_id] = (leader, count - 1)
+    for trial_id, prefixes in keys.items():
+        for index in range(len(prefixes) - 2, -1, -1):  # Never the whole protocol.
+            leader = first[(index, prefixes[index])]
+            if leader != trial_id:
+                starts[trial_id] = (leader, index)
                 break
     return starts
 
@@ -845,7 +848,6 @@ def run(
     attempts: dict[str, int] = {}
     submitted: dict[str, float] = {}
     pending: dict[Any, Trial] = {}
-
     waiting: dict[str, Trial] = {}
 
     def submit(trial: Trial, charge: bool = True) -> None:
@@ -866,12 +868,8 @@ def run(
         pending[pool.submit(job)] = trial
 
     def release_waiting() -> None:
-        for trial_id, trial in list(waiting.items()):
-            leader, index = starts[trial_id]
-            ready = (out / leader / f"phase{index}.ckpt" / "runner.json").exists()
-            if ready or statuses.get(leader) not in ("queued", "waiting"):
-                del waiting[trial_id]
-                submit(trial)  # From the checkpoint, or from scratch.
+        for trial_id in list(waiting):
+            submit(waiting.pop(trial_id))  # Waits again while the leader's phase runs.
 
     try:
         for trial in todo:
