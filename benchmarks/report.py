@@ -10,8 +10,9 @@ config values (a grid over `agent.model.latent`, say), each variant is its own g
 A trial's score is its last evaluation in its last phase, per evaluation set: `crafter_score`
 for Crafter, `success_rate` for Meta-World and RoboDesk, `normalized_return` for Procgen and
 `return_mean` otherwise. Crafter trials also get the eval set `training episodes`: the Crafter
-score of all the training episodes of the last phase (how the Crafter paper scores). Only finished trials (`done.json`) enter the final-score statistics;
-learning curves use every evaluation written so far. Aggregates are the interquartile mean
+score of all the training episodes of the last phase (how the Crafter paper scores). Only
+finished trials (`done.json`) enter the final-score statistics; learning curves use every
+evaluation written so far. Aggregates are the interquartile mean
 (IQM) and the mean over seeds with stratified bootstrap 95% confidence intervals, performance
 profiles and probabilities of improvement, all computed by rliable (Agarwal et al. 2021).
 Each bootstrap starts from numpy's global RNG seeded with `seed` (rliable resamples with it;
