@@ -438,13 +438,16 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
 
     def update_in_imagination(state: DreamerState, batch, rng, adapt: bool):
         model_key, imagine_key = jax.random.split(rng)
-        batch_size = batch["reward"].shape[0]
+        batch_size, length = batch["reward"].shape[:2]
         (_, (model_metrics, posteriors, _)), model_grads = jax.value_and_grad(
             model.loss, has_aux=True
         )(state.model_params, batch, model.initial_state(batch_size), model_key)
 
+        # An explicit leading size: the deterministic latent's `stoch` has zero width, and
+        # reshaping a zero-size array to `(-1, 0)` is ambiguous.
         start = jax.tree.map(
-            lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.stop_gradient(posteriors)
+            lambda x: x.reshape((batch_size * length,) + x.shape[2:]),
+            jax.lax.stop_gradient(posteriors),
         )
         start_cont = 1.0 - batch["is_terminal"].reshape(-1).astype(jnp.float32)
         explorer_metrics = {}

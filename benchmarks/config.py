@@ -42,6 +42,10 @@ class EnvConfig:
     """Extra keywords for `envs.registry.make` (e.g. `{size: 5, action_repeat: 2}`)."""
 
 
+EVAL_MODES = {"sampled": "explore", "greedy": "eval"}
+"""Evaluation mode -> the agent's `act` mode it runs."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The one loop's budget, data ratios, evaluation and checkpoint schedule."""
@@ -60,14 +64,34 @@ class TrainConfig:
     """Steps the replay buffer holds (over all environments)."""
     eval_every: int = 5000
     """Evaluate every this many environment steps (and at the end); 0 disables."""
-    eval_episodes: int = 4
-    """Episodes per evaluation (greedy `eval` mode, separate environments)."""
+    eval_episodes: Optional[int] = None
+    """Episodes per evaluation and mode, on separate environments; None takes the
+    environment's own default (`envs.registry.register(..., eval_episodes=)`: 32 for the toy
+    environments, 4 otherwise)."""
+    eval_modes: tuple[str, ...] = ("sampled", "greedy")
+    """How the agent acts in evaluation episodes, each mode on the same episodes: `sampled`
+    (the behaviour policy: actions sampled from the policy, MuZero's search with its
+    exploration noise) and/or `greedy` (the mode of the policy / argmax of the search). The
+    first mode is the headline score that reports and transfer metrics use."""
     checkpoint_every: int = 5000
     """Checkpoint every this many environment steps (and at the end)."""
     log_every: int = 1000
     """Write training metrics every this many environment steps."""
     video: bool = True
     """Write an open-loop world-model video at the end (image environments, model agents)."""
+
+    def __post_init__(self):
+        modes = tuple(self.eval_modes)
+        if not modes or len(set(modes)) != len(modes) or not set(modes) <= set(EVAL_MODES):
+            raise ValueError(
+                f"train.eval_modes={list(modes)} must list distinct modes of "
+                f"{list(EVAL_MODES)}, the headline first"
+            )
+        if self.eval_episodes is not None and self.eval_episodes < 1:
+            raise ValueError(
+                f"train.eval_episodes={self.eval_episodes} must be >= 1 (or null for the "
+                "environment's default)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

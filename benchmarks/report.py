@@ -143,6 +143,13 @@ class TrialRecord:
         }
 
 
+def headline_mode(config: dict) -> str:
+    """The evaluation mode a trial is scored by: the first of its `train.eval_modes`
+    (`greedy` for trials from before evaluation modes, which evaluated greedily)."""
+    modes = (config.get("train") or {}).get("eval_modes") or ["greedy"]
+    return str(modes[0])
+
+
 def _config_hash(config: dict) -> str:
     text = json.dumps(config, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -162,8 +169,13 @@ def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     return records
 
 
-def _normalize_eval(record: dict) -> dict:
+def _normalize_eval(record: dict, headline: str = "sampled") -> dict:
+    """An `eval.jsonl` line as the report groups it: evaluations in a mode other than the
+    trial's headline mode form their own evaluation set, `<set> (<mode>)`."""
     record = dict(record)
+    mode = record.get("mode")
+    if mode is not None and mode != headline:
+        record["eval_set"] = f"{record.get('eval_set', 'eval')} ({mode})"
     record.setdefault("phase", "train")
     record.setdefault("phase_index", 0)
     record.setdefault("eval_set", "eval")
@@ -187,7 +199,8 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
         if not isinstance(config, dict) or "agent" not in config or "env" not in config:
             notes.append(f"{path}: not a trial config; skipped")
             continue
-        evals = [_normalize_eval(r) for r in _read_jsonl(folder / "eval.jsonl", notes)]
+        headline = headline_mode(config)
+        evals = [_normalize_eval(r, headline) for r in _read_jsonl(folder / "eval.jsonl", notes)]
         done = None
         if (folder / "done.json").exists():
             try:
@@ -506,23 +519,27 @@ def plot_transfer(table: list[dict], path: Path) -> None:
     figure.savefig(path)
 
 
-def plot_achievements(table: dict[str, dict[str, float]], path: Path) -> None:
+def plot_achievements(table: dict[str, dict[str, float]], path: Path):
+    """Bars of each group's per-achievement success rates, which `table` holds in percent
+    (as `envs.crafter.success_rates` gives them and the CSV stores them); returns the figure."""
     achievements = sorted({a for rates in table.values() for a in rates})
-    figure = _figure(max(8.0, 0.45 * len(achievements) * max(1, len(table))), 4.2)
+    figure = _figure(min(14.0, max(8.0, 0.45 * len(achievements))), 4.2)
     ax = figure.subplots()
     width = 0.8 / max(1, len(table))
     positions = np.arange(len(achievements))
     for offset, (name, rates) in enumerate(sorted(table.items())):
-        values = [100.0 * rates.get(a, 0.0) for a in achievements]
+        values = [rates.get(a, 0.0) for a in achievements]
         ax.bar(positions + offset * width, values, width, label=name)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylabel("success rate (%)")
     ax.set_xticks(positions + 0.4 - width / 2)
     ax.set_xticklabels(achievements, rotation=60, ha="right", fontsize="small")
     ax.legend(fontsize="small")
+    ax.set_ylim(0.0, 100.0)
     ax.set_title("Crafter achievements (final evaluation, mean over seeds)")
     figure.tight_layout()
     figure.savefig(path)
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,20 +567,24 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
             continue
         score = transfer.score_key(trial.env)
         last = max((e.get("phase_index", 0) for e in trial.evals), default=0)
-        steps, values = transfer.curve(trial.evals, last, score)
-        twin_steps, twin_values = transfer.curve(twin.evals, 0, score)
+        mode = headline_mode(trial.config)
+        steps, values = transfer.curve(trial.evals, last, score, mode=mode)
+        twin_steps, twin_values = transfer.curve(twin.evals, 0, score, mode=mode)
         if not steps or not twin_steps:
             continue
         threshold = (trial.config.get("protocol") or {}).get("threshold")
         phase = next((e["phase"] for e in trial.evals if e.get("phase_index", 0) == last), "")
-        out[trial.trial_id] = {
-            phase: transfer.compare(steps, values, twin_steps, twin_values, threshold)
-        }
+        metrics = transfer.compare(steps, values, twin_steps, twin_values, threshold)
+        metrics["matched_episodes"] = transfer.matched_episodes(
+            trial.evals, last, twin.evals, 0, mode
+        )
+        out[trial.trial_id] = {phase: metrics}
     return out
 
 
 def _transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dict]:
     values: dict[tuple, dict[str, list[float]]] = {}
+    matched: dict[tuple, list] = {}
     computed = transfer_metrics(trials)
     for trial in trials:
         for phase, numbers in computed.get(trial.trial_id, {}).items():
@@ -572,8 +593,10 @@ def _transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dic
                 number = (numbers or {}).get(metric)
                 if isinstance(number, (int, float)) and not isinstance(number, bool):
                     values.setdefault(key, {}).setdefault(metric, []).append(float(number))
+            matched.setdefault(key, []).append((numbers or {}).get("matched_episodes"))
     table = []
     for (env, task, protocol, agent, phase), metrics in sorted(values.items()):
+        flags = matched.get((env, task, protocol, agent, phase), [])
         row: dict[str, Any] = {
             "env": env,
             "task": task,
@@ -581,6 +604,8 @@ def _transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dic
             "agent": agent,
             "phase": phase,
             "seeds": max(len(v) for v in metrics.values()),
+            # Seeds whose curve and scratch twin's were scored on the same episodes.
+            "matched_episodes": f"{sum(f is True for f in flags)}/{len(flags)}",
         }
         for metric in TRANSFER_KEYS:
             numbers = np.array(metrics.get(metric, []))[:, None]
@@ -696,6 +721,14 @@ def write(
         f"brackets are stratified bootstrap 95% CIs (rliable, {reps} resamples, seed {seed}). "
         "Budgets are environment steps per phase.",
         "",
+        "Evaluation modes: every evaluation plays the same episodes (start states seeded by "
+        "the trial's seed, the evaluation set and the step count, so twins see the same ones) "
+        "with the policy `sampled` and `greedy`. The eval set `eval` is the headline mode, "
+        "`sampled` unless a trial's `train.eval_modes` says otherwise; `eval (greedy)` is the "
+        "other. Sampled is the headline because it is the policy the agent trained with, as "
+        "Crafter and DreamerV3 score agents, while an argmax policy that stalls on a "
+        "deterministic task scores 0 for the whole episode.",
+        "",
         "## Final scores",
     ]
     score_csv = []
@@ -767,15 +800,19 @@ def write(
             "",
             "## Transfer (against the scratch twin; mean over seeds, 95% CI)",
             "",
-            "| env / task | protocol | agent | phase | seeds | jumpstart | AUC ratio | "
+            "Headline evaluation mode of each trial (`train.eval_modes[0]`); `matched` counts "
+            "the seeds whose finetuning curve and scratch twin were scored on the same "
+            "evaluation episodes (equal start states at every common step).",
+            "",
+            "| env / task | protocol | agent | phase | seeds | matched | jumpstart | AUC ratio | "
             "final gain | steps to threshold | scratch steps to threshold |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for r in transfer:
             cells = [_ci((r[k], r[f"{k}_low"], r[f"{k}_high"])) for k in TRANSFER_KEYS]
             md.append(
                 f"| {r['env']} / {r['task']} | {r['protocol']} | {r['agent']} | {r['phase']} | "
-                f"{r['seeds']} | " + " | ".join(cells) + " |"
+                f"{r['seeds']} | {r['matched_episodes']} | " + " | ".join(cells) + " |"
             )
         md += ["", f"![transfer]({_link(path, out)})"]
     if achievements:

@@ -29,6 +29,7 @@ import contextlib
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -138,8 +139,11 @@ def _copy_logs(source: Path, out: Path, offsets: dict) -> dict:
     return copied
 
 
-def _summarize_episodes(records: list[dict]) -> dict:
-    """Aggregate finished episodes: mean return/length, and the Crafter score when logged."""
+def _summarize_episodes(records: list[dict], tasks: Optional[tuple] = None) -> dict:
+    """Aggregate finished episodes: mean return/length, the Crafter score when logged, the
+    success rate of the selected task (`log_success`, from its flag at the episode's last
+    step) and, for environments with one success flag per task, every task's success rate
+    (`task_success_rates`, named by `tasks` when given)."""
     from envs import crafter as crafter_env
 
     out: dict[str, Any] = {"episodes": len(records)}
@@ -151,8 +155,12 @@ def _summarize_episodes(records: list[dict]) -> dict:
         rates = crafter_env.success_rates([r["log_achievements"] for r in records])
         out["crafter_score"] = crafter_env.score(rates)
         out["success_rates"] = dict(zip(crafter_env.ACHIEVEMENTS, rates.round(3).tolist()))
-    if "log_success" in records[0]:
-        out["success_rate"] = float(np.mean([r["log_success"] for r in records]))
+    if env_base.SUCCESS_KEY in records[0]:
+        out["success_rate"] = float(np.mean([r[env_base.SUCCESS_KEY] for r in records]))
+    if env_base.TASK_SUCCESS_KEY in records[0]:
+        rates = np.mean([r[env_base.TASK_SUCCESS_KEY] for r in records], axis=0).round(4)
+        names = tasks if tasks is not None and len(tasks) == len(rates) else range(len(rates))
+        out["task_success_rates"] = {str(name): float(v) for name, v in zip(names, rates)}
     return out
 
 
@@ -243,28 +251,58 @@ def _normalized_return(recipe: registry.EnvFactory, returns: list[float]) -> Opt
     return float(np.mean(normalized))
 
 
-def evaluate(agent, act, state, config, index: int, recipe=None) -> dict:
-    """`train.eval_episodes` greedy episodes on fresh environments seeded for `index`."""
-    episodes = config.train.eval_episodes
+def evaluation_seed(trial_seed: int, eval_set: str, task: Optional[str], env_steps: int) -> int:
+    """The seed of one evaluation's episodes: a function of the trial's seed, the evaluation
+    set (its name and task) and the environment steps into the phase, never of how many
+    evaluations ran before. So a finetuning phase and its scratch twin (same seed and task)
+    are scored on the same start states at the same step count, whatever phases came
+    before, and every mode of one evaluation plays the same episodes."""
+    text = json.dumps([int(trial_seed), str(eval_set), task, int(env_steps)])
+    return (zlib.crc32(text.encode()) + _EVAL_SEED_OFFSET) % 2**31
+
+
+def _start_digest(observation, index: int) -> int:
+    """A fingerprint of environment `index`'s observation (its agent keys and `log_*` keys)."""
+    digest = 0
+    for key in sorted(observation):
+        if key != env_base.TASK_REWARDS_KEY:
+            digest = zlib.crc32(np.ascontiguousarray(observation[key][index]).tobytes(), digest)
+    return digest
+
+
+def evaluate(agent, act, state, config, seed: int, recipe=None, mode: str = "sampled") -> dict:
+    """Evaluation episodes (`train.eval_episodes`, else the environment's default) on fresh
+    environments seeded with `seed`, the agent acting in evaluation `mode` (`sampled` or
+    `greedy`, `config_lib.EVAL_MODES`). `start_digest` fingerprints the episodes' first
+    observations: equal digests mean the same start states."""
+    recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
+    episodes = config.train.eval_episodes or recipe.entry.eval_episodes
     num_envs = min(episodes, config.env.num_envs)
-    seed = config.seed + _EVAL_SEED_OFFSET + 101 * index
     rng = jax.random.PRNGKey(seed)
     records: list[dict] = []
-    recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
     with make_envs(config, num_envs, seed, recipe) as envs:
         tracker = _EpisodeTracker(num_envs)
         carry = agent.initial_carry(num_envs)
         timestep = envs.reset()
+        starts = [_start_digest(timestep.observation, i) for i in range(num_envs)]
         while len(records) < episodes:
             rng, key = jax.random.split(rng)
             step = ActInput(
                 env_base.agent_observation(timestep.observation), timestep.step_type == 0
             )
-            action, carry = act(state, carry, step, key, "eval")
+            action, carry = act(state, carry, step, key, config_lib.EVAL_MODES[mode])
             timestep = envs.step(np.asarray(action))
-            records += tracker.observe(timestep)
-    summary = _summarize_episodes(records[:episodes])
-    normalized = _normalized_return(recipe, [r["return"] for r in records[:episodes]])
+            finished = tracker.observe(timestep)
+            for record, i in zip(finished, np.flatnonzero(timestep.step_type == 2)):
+                record["start"] = starts[i]
+            records += finished
+            for i in np.flatnonzero(timestep.step_type == 0):
+                starts[i] = _start_digest(timestep.observation, i)
+        tasks = envs.tasks
+    records = records[:episodes]
+    summary = _summarize_episodes(records, tasks)
+    summary["start_digest"] = zlib.crc32(json.dumps([r["start"] for r in records]).encode())
+    normalized = _normalized_return(recipe, [r["return"] for r in records])
     if normalized is not None:
         summary["normalized_return"] = normalized
     return summary
@@ -488,21 +526,29 @@ class _Trial:
             return protocols.relabel(batch, task_index) if phase.keep_replay else batch
 
         def run_evaluations():
+            """Every evaluation set in every mode; a set's result is its headline mode's
+            summary (the first of `train.eval_modes`) with every mode's under `modes`."""
             results = {}
             for set_name, eval_set in phase.eval_sets.items():
                 eval_recipe = env_recipe(config, eval_set.task, phase.env_kwargs, eval_set.kwargs)
-                summary = evaluate(agent, act, state, config, self.history["evals"], eval_recipe)
+                eval_seed = evaluation_seed(config.seed, set_name, eval_set.task, env_steps)
+                by_mode = {}
+                for mode in train.eval_modes:
+                    summary = evaluate(agent, act, state, config, eval_seed, eval_recipe, mode)
+                    eval_log.write(
+                        {
+                            **tag,
+                            "eval_set": set_name,
+                            "mode": mode,
+                            "env_steps": env_steps,
+                            "total_env_steps": self._total_steps + env_steps,
+                            **summary,
+                        }
+                    )
+                    by_mode[mode] = summary
                 self.history["evals"] += 1
-                eval_log.write(
-                    {
-                        **tag,
-                        "eval_set": set_name,
-                        "env_steps": env_steps,
-                        "total_env_steps": self._total_steps + env_steps,
-                        **summary,
-                    }
-                )
-                results[set_name] = summary
+                headline = train.eval_modes[0]
+                results[set_name] = {**by_mode[headline], "mode": headline, "modes": by_mode}
             return results
 
         def save_checkpoint(phase_done: bool):
@@ -696,7 +742,7 @@ class _Trial:
             "episodes": episodes_total,
             **coverage.metrics(),
             "final_eval": final_evals,
-            "training_episodes": self._phase_episodes(index),
+            "training_episodes": self._phase_episodes(index, envs.tasks),
         }
         self.history["phases"] = self.history["phases"][:index] + [summary]
         folder = save_checkpoint(phase_done=True)
@@ -705,13 +751,13 @@ class _Trial:
         envs.close()
         return state, replay, agent
 
-    def _phase_episodes(self, index: int) -> dict:
+    def _phase_episodes(self, index: int, tasks=None) -> dict:
         """The training episodes of phase `index`, summarized (from `episodes.jsonl`, so a
         resumed phase counts the episodes before the kill too): for reward-free phases this
         is how much the exploration achieved (e.g. the Crafter score of its episodes)."""
         self.episodes_log.offset()  # flush
         records = [json.loads(line) for line in (self.out / "episodes.jsonl").open()]
-        return _summarize_episodes([r for r in records if r["phase_index"] == index])
+        return _summarize_episodes([r for r in records if r["phase_index"] == index], tasks)
 
     def _finish(self, state, replay, agent) -> dict:
         config, out = self.config, self.out
@@ -763,15 +809,18 @@ class _Trial:
         mine = [json.loads(line) for line in (self.out / "eval.jsonl").read_text().splitlines()]
         theirs = [json.loads(line) for line in (scratch / "eval.jsonl").read_text().splitlines()]
         last = len(self.phases) - 1
-        steps, values = transfer.curve(mine, last, score_key)
-        scratch_steps, scratch_values = transfer.curve(theirs, 0, score_key)
+        mode = self.config.train.eval_modes[0]
+        steps, values = transfer.curve(mine, last, score_key, mode=mode)
+        scratch_steps, scratch_values = transfer.curve(theirs, 0, score_key, mode=mode)
         if not steps or not scratch_steps:
             return {"status": f"no {score_key} evaluations to compare"}
         return {
             "phase": self.phases[last].name,
             "score": score_key,
+            "mode": mode,
             "scratch_trial": scratch.name,
             **transfer.compare(
                 steps, values, scratch_steps, scratch_values, self.config.protocol.threshold
             ),
+            "matched_episodes": transfer.matched_episodes(mine, last, theirs, 0, mode),
         }

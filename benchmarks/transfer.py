@@ -84,16 +84,44 @@ def compare(
     return out
 
 
-def curve(records: list[dict], phase_index: int, key: str, eval_set: str = "eval"):
-    """`(steps, values)` of one phase and evaluation set from `eval.jsonl` records."""
+def curve(
+    records: list[dict], phase_index: int, key: str, eval_set: str = "eval", mode: str = "sampled"
+):
+    """`(steps, values)` of one phase, evaluation set and evaluation mode (`sampled` or
+    `greedy`) from `eval.jsonl` records; records written before modes existed have no `mode`
+    and count as any."""
     points = [
         (r["env_steps"], r[key])
         for r in records
         if r.get("phase_index", 0) == phase_index
         and r.get("eval_set", "eval") == eval_set
+        and r.get("mode", mode) == mode
         and r.get(key) is not None
     ]
     return [p[0] for p in points], [p[1] for p in points]
+
+
+def matched_episodes(
+    records: list[dict], phase_index: int, twin: list[dict], twin_phase: int, mode: str
+) -> Optional[bool]:
+    """Whether two curves were evaluated on the same episodes: equal `start_digest` at every
+    step both evaluated (None when the records carry no digests, as older ones do not)."""
+
+    def digests(lines, phase):
+        return {
+            r["env_steps"]: r["start_digest"]
+            for r in lines
+            if r.get("phase_index", 0) == phase
+            and r.get("eval_set", "eval") == "eval"
+            and r.get("mode", mode) == mode
+            and "start_digest" in r
+        }
+
+    mine, theirs = digests(records, phase_index), digests(twin, twin_phase)
+    common = set(mine) & set(theirs)
+    if not common:
+        return None
+    return all(mine[step] == theirs[step] for step in common)
 
 
 def matching_scratch(root: Path, config) -> Optional[Path]:

@@ -12,6 +12,11 @@ Read this file first: it is the whole interface between `envs` and the rest of m
   reward, or 0 when the task is `None` (reward-free), with all task rewards still logged.
   This is what lets a reward-free pretraining run later fit a task's reward head on its own
   data (zero-shot transfer).
+* Success flags travel as `log_success`. An environment with one flag per task reports them
+  as float32 `[len(tasks)]` (in the order of `tasks`, like `log_task_rewards`); `SelectTask`
+  then makes `log_success` the selected task's flag (a scalar) and keeps the vector as
+  `log_task_success`, so an evaluator scores the task being trained, never the mean of all.
+  Reward-free (`task=None`) keeps only `log_task_success`.
 * Actions are one `specs.DiscreteArray` or one float32 `specs.BoundedArray` in [-1, 1].
 * Termination and truncation are told apart by the discount of the LAST step:
   0 when the episode terminated, 1 when it was cut by a time limit.
@@ -29,6 +34,8 @@ from dm_env import specs
 
 LOG_PREFIX = "log_"
 TASK_REWARDS_KEY = "log_task_rewards"
+SUCCESS_KEY = "log_success"
+TASK_SUCCESS_KEY = "log_task_success"
 AGENT_KEYS = ("image", "vector")
 
 

@@ -66,6 +66,10 @@ class EnvEntry:
     name: str
     entry_point: EntryPoint
     defaults: Mapping[str, Any]
+    eval_episodes: int = 4
+    """Evaluation episodes per evaluation unless a trial says otherwise: many where an
+    episode is cheap (a handful of evaluation episodes on a deterministic toy task moves in
+    large steps), few where it is not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +93,11 @@ _PLUGINS_LOADED = False
 _LOCK = threading.Lock()
 
 
-def register(name: str, entry_point: EntryPoint, **defaults: Any) -> None:
-    """Register `name`; `entry_point` is `'module:function'` or a callable."""
+def register(
+    name: str, entry_point: EntryPoint, *, eval_episodes: int = 4, **defaults: Any
+) -> None:
+    """Register `name`; `entry_point` is `'module:function'` or a callable; `defaults` are
+    keywords for it. `eval_episodes` is how many episodes an evaluation plays by default."""
     if isinstance(entry_point, str) and entry_point.count(":") != 1:
         raise ValueError(
             f"entry point {entry_point!r} for {name!r} must look like 'package.module:function'"
@@ -99,7 +106,7 @@ def register(name: str, entry_point: EntryPoint, **defaults: Any) -> None:
         warnings.warn(
             f"environment {name!r} is registered again; the new entry replaces it", stacklevel=2
         )
-    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults))
+    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults), eval_episodes)
 
 
 def names() -> list[str]:
@@ -215,12 +222,14 @@ def _load_plugins() -> None:
 
 
 # Built-in environments. The table is the only place that names them.
-register("grid", "envs.toy:GridWorld")
-register("grid_image", "envs.toy:GridWorld", observation="image")
-register("point_mass", "envs.toy:PointMass")
-register("point_mass_image", "envs.toy:PointMass", observation="image")
+register("grid", "envs.toy:GridWorld", eval_episodes=32)
+register("grid_image", "envs.toy:GridWorld", eval_episodes=32, observation="image")
+register("point_mass", "envs.toy:PointMass", eval_episodes=32)
+register("point_mass_image", "envs.toy:PointMass", eval_episodes=32, observation="image")
 register("crafter", "envs.crafter:Crafter")
-register("cartpole", "envs.wrappers:from_gymnasium", gym_id="CartPole-v1", task="reward")
+register(
+    "cartpole", "envs.wrappers:from_gymnasium", eval_episodes=16, gym_id="CartPole-v1", task="reward"
+)
 register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
 register("procgen", "envs.procgen:Procgen", task="reward")
 register("metaworld", "envs.metaworld:MetaWorld", task="reward")

@@ -53,9 +53,26 @@ class SelectTask(base.Wrapper):
         self._task = task
         self._index = None if task is None else tasks.index(task)
 
+        success = env.observation_spec().get(base.SUCCESS_KEY)
+        # One success flag per task (RoboDesk): score the selected task's (`envs.base`).
+        self._per_task_success = success is not None and tuple(success.shape) == (len(tasks),)
+
     @property
     def task(self) -> Optional[str]:
         return self._task
+
+    def observation_spec(self):
+        spec = self._env.observation_spec()
+        if not self._per_task_success:
+            return spec
+        spec = dict(spec)
+        per_task = spec.pop(base.SUCCESS_KEY)
+        spec[base.TASK_SUCCESS_KEY] = specs.Array(
+            per_task.shape, per_task.dtype, name=base.TASK_SUCCESS_KEY
+        )
+        if self._index is not None:
+            spec[base.SUCCESS_KEY] = specs.Array((), per_task.dtype, name=base.SUCCESS_KEY)
+        return spec
 
     def reset(self) -> dm_env.TimeStep:
         return self._select(self._env.reset())
@@ -64,6 +81,13 @@ class SelectTask(base.Wrapper):
         return self._select(self._env.step(action))
 
     def _select(self, timestep: dm_env.TimeStep) -> dm_env.TimeStep:
+        if self._per_task_success:
+            observation = dict(timestep.observation)
+            flags = observation.pop(base.SUCCESS_KEY)
+            observation[base.TASK_SUCCESS_KEY] = flags
+            if self._index is not None:
+                observation[base.SUCCESS_KEY] = flags[self._index]
+            timestep = timestep._replace(observation=observation)
         if self._index is None:
             return _with_reward(timestep, 0.0)
         return _with_reward(timestep, timestep.observation[base.TASK_REWARDS_KEY][self._index])

@@ -89,7 +89,7 @@ def results(tmp_path_factory):
             protocol="pretrain_finetune",
             phases=["pretrain", "finetune"],
         )
-    rates = {"collect_wood": 0.9, "place_table": 0.4, "eat_cow": 0.1}
+    rates = {"collect_wood": 90.0, "place_table": 40.0, "eat_cow": 10.0}  # percent, as Crafter
     for seed, score in enumerate(CRAFTER):
         _trial(
             root,
@@ -194,7 +194,23 @@ def test_report_tables_budgets_and_provenance(written):
     achievements = {
         r["achievement"]: float(r["success_rate"]) for r in _rows(out / "crafter_achievements.csv")
     }
-    assert achievements == pytest.approx({"collect_wood": 0.9, "place_table": 0.4, "eat_cow": 0.1})
+    assert achievements == pytest.approx({"collect_wood": 90.0, "place_table": 40.0, "eat_cow": 10.0})
+
+
+def test_achievement_plot_draws_the_csvs_percentages(written, tmp_path):
+    """The bars are the CSV's numbers (percent), not 100x them (#14 point 6)."""
+    out, _ = written
+    table = {}
+    for row in _rows(out / "crafter_achievements.csv"):
+        table.setdefault(row["group"], {})[row["achievement"]] = float(row["success_rate"])
+    figure = report.plot_achievements(table, tmp_path / "a.png")
+    (ax,) = figure.axes
+    heights = sorted(round(bar.get_height(), 6) for bar in ax.patches)
+    expected = sorted(round(v, 6) for rates in table.values() for v in rates.values())
+    assert heights == expected and max(heights) <= 100.0
+    assert ax.get_ylim()[1] == 100.0
+    with Image.open(out / "plots" / "crafter_achievements.png") as image:
+        assert image.size[0] <= 1400  # Readable, not one 40-inch strip.
 
 
 def test_plots_are_written_and_not_empty(written):

@@ -48,7 +48,23 @@ def test_success_reward_is_given_once_and_sparse_every_step():
     rewards = [env.step(np.zeros(5, np.float32)) for _ in range(3)]
     index = robodesk.TASKS.index("open_slide")
     assert [t.observation[base.TASK_REWARDS_KEY][index] for t in rewards] == [1.0, 0.0, 0.0]
-    assert all(t.observation["log_success"][index] == 1.0 for t in rewards)
+    assert all(t.observation[base.TASK_SUCCESS_KEY][index] == 1.0 for t in rewards)
+    assert base.SUCCESS_KEY not in rewards[0].observation  # Reward-free: no task to score.
+
+
+def test_success_is_the_selected_tasks_flag():
+    """`log_success` is the selected task's flag, not the mean of all nine (#14 point 5)."""
+    env = registry.make("robodesk", task="open_slide", observation="state", reward="success")
+    assert env.observation_spec()[base.SUCCESS_KEY].shape == ()
+    env.reset()
+    env.unwrapped.raw.physics.named.data.qpos["slide_joint"] = 0.6
+    timestep = env.step(np.zeros(5, np.float32))
+    assert timestep.observation[base.SUCCESS_KEY] == 1.0
+    assert timestep.observation[base.TASK_SUCCESS_KEY].sum() >= 1.0
+    other = registry.make("robodesk", task="lift_ball", observation="state", reward="success")
+    other.reset()
+    other.unwrapped.raw.physics.named.data.qpos["slide_joint"] = 0.6
+    assert other.step(np.zeros(5, np.float32)).observation[base.SUCCESS_KEY] == 0.0
 
 
 def test_seeding_reproduces_resets_without_touching_global_random_state():
