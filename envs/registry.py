@@ -228,7 +228,11 @@ register("point_mass", "envs.toy:PointMass", eval_episodes=32)
 register("point_mass_image", "envs.toy:PointMass", eval_episodes=32, observation="image")
 register("crafter", "envs.crafter:Crafter")
 register(
-    "cartpole", "envs.wrappers:from_gymnasium", eval_episodes=16, gym_id="CartPole-v1", task="reward"
+    "cartpole",
+    "envs.wrappers:from_gymnasium",
+    eval_episodes=16,
+    gym_id="CartPole-v1",
+    task="reward",
 )
 register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
 register("procgen", "envs.procgen:Procgen", task="reward")

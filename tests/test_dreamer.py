@@ -66,6 +66,39 @@ def test_explore_samples_and_eval_takes_the_mode():
         agent.act(state, carry, step, jax.random.PRNGKey(1), "greedy")
 
 
+def test_deterministic_latent_trains():
+    """`agent.model.latent=deterministic` (zero-width stochastic state) updates (#14 point 2)."""
+    env = registry.make("grid", size=5, observation="vector", task="reach_bottom_right")
+    config = config_lib.build(
+        config_lib.parse_overrides(
+            [
+                "agent.model.latent=deterministic",
+                "agent.model.deter=32",
+                "agent.model.hidden=32",
+                "agent.actor_critic.hidden=32",
+                "agent.actor_critic.horizon=4",
+            ]
+        )
+    ).agent_config
+    agent = agents.make("dreamer", env_base.environment_spec(env), config)
+    state = agent.init(jax.random.PRNGKey(0))
+    B, T = 4, 8
+    spec = env.observation_spec()
+    rng = np.random.default_rng(0)
+    batch = {
+        "observation": {"vector": rng.random((B, T) + spec["vector"].shape, np.float32)},
+        "action": rng.integers(0, 5, (B, T)),
+        "reward": (rng.random((B, T)) < 0.2).astype(np.float32),
+        "discount": np.ones((B, T), np.float32),
+        "is_first": np.eye(T, dtype=bool)[None, 0].repeat(B, 0),
+        "is_last": np.zeros((B, T), bool),
+        "is_terminal": np.zeros((B, T), bool),
+    }
+    new_state, metrics = jax.jit(agent.update)(state, batch, jax.random.PRNGKey(1))
+    assert int(new_state.step) == 1
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
 def _learn(overrides, folder):
     config = config_lib.build(config_lib.parse_overrides(overrides))
     summary = runner.run(config, folder, progress=False)

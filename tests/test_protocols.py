@@ -110,6 +110,16 @@ def test_pretrained_trial_reports_transfer_against_its_scratch_twin(tmp_path):
     scratch_evals = _lines(tmp_path / "scratch" / "eval.jsonl")
     first = [e["return_mean"] for e in evals if e["phase"] == "finetune"][0]
     assert metrics["jumpstart"] == pytest.approx(first - scratch_evals[0]["return_mean"])
+    # Twins are scored on identical evaluation episodes at each step count (#14 point 3),
+    # although the pretrained trial evaluated 3 times before its finetuning phase began.
+    finetune = {(e["env_steps"], e["mode"]): e for e in evals if e["phase"] == "finetune"}
+    twin = {(e["env_steps"], e["mode"]): e for e in scratch_evals}
+    assert set(finetune) == set(twin) and len(twin) == 6
+    for key, record in twin.items():
+        assert finetune[key]["start_digest"] == record["start_digest"], key
+    digests = {e["start_digest"] for e in scratch_evals}
+    assert len(digests) == 3  # Each step count has its own episodes.
+    assert metrics["matched_episodes"] is True and metrics["mode"] == "sampled"
     # Reward-free pretraining really was reward-free and intrinsically driven.
     pretrain = [m for m in _lines(tmp_path / "pretrained" / "metrics.jsonl")]
     pretrain = [m for m in pretrain if m["phase"] == "pretrain" and "train/loss/total" in m]

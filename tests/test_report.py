@@ -194,7 +194,9 @@ def test_report_tables_budgets_and_provenance(written):
     achievements = {
         r["achievement"]: float(r["success_rate"]) for r in _rows(out / "crafter_achievements.csv")
     }
-    assert achievements == pytest.approx({"collect_wood": 90.0, "place_table": 40.0, "eat_cow": 10.0})
+    assert achievements == pytest.approx(
+        {"collect_wood": 90.0, "place_table": 40.0, "eat_cow": 10.0}
+    )
 
 
 def test_achievement_plot_draws_the_csvs_percentages(written, tmp_path):

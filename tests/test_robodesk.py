@@ -92,7 +92,7 @@ def test_observations_and_errors():
     env = registry.make("robodesk", observation="both")
     spec = env.observation_spec()
     assert spec["image"].shape == (64, 64, 3) and spec["vector"].shape == (robodesk.STATE_SIZE,)
-    assert spec["log_success"].shape == (len(robodesk.TASKS),)
+    assert spec[base.TASK_SUCCESS_KEY].shape == (len(robodesk.TASKS),)  # reward-free: no task
     with pytest.raises(base.ConfigurationError, match="reward="):
         registry.make("robodesk", reward="shaped")
     with pytest.raises(wrappers.UnknownTaskError, match="open_drawer"):
@@ -115,3 +115,27 @@ def test_each_task_selects_its_reward(task):
             timestep.reward
             == timestep.observation[base.TASK_REWARDS_KEY][robodesk.TASKS.index(task)]
         )
+
+
+def test_runner_scores_the_selected_task():
+    """The runner's episode summary scores the trained task's success, not the mean of all
+    nine flags (it reported 1/9 for an episode that solved its task), and keeps every task's."""
+    from benchmarks import runner
+
+    for task, expected in (("open_slide", 1.0), ("lift_ball", 0.0)):
+        env = registry.make(
+            "robodesk", task=task, observation="state", reward="success", time_limit=3
+        )
+        tracker, records = runner._EpisodeTracker(1), []
+        batched = lambda t: t._replace(  # noqa: E731
+            step_type=np.array([t.step_type]),
+            reward=np.array([t.reward or 0.0]),
+            observation={k: np.asarray(v)[None] for k, v in t.observation.items()},
+        )
+        tracker.observe(batched(env.reset()))
+        env.unwrapped.raw.physics.named.data.qpos["slide_joint"] = 0.6
+        while not records:
+            records = tracker.observe(batched(env.step(np.zeros(5, np.float32))))
+        summary = runner._summarize_episodes(records, env.tasks)
+        assert summary["success_rate"] == expected, task
+        assert summary["task_success_rates"]["open_slide"] == 1.0

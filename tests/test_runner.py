@@ -51,7 +51,15 @@ def test_trial_writes_metrics_evals_checkpoints(finished_trial):
     assert [m["env_steps"] for m in metrics] == [40, 80, 120, 160, 200, 240]
     assert all(np.isfinite(m["train/loss/total"]) for m in metrics if "train/loss/total" in m)
     # The phase's starting point is evaluated too (the jumpstart of transfer metrics).
-    assert [e["env_steps"] for e in _lines(tmp_path / "eval.jsonl")] == [0, 120, 240]
+    evals = _lines(tmp_path / "eval.jsonl")
+    assert [(e["env_steps"], e["mode"]) for e in evals] == [
+        (steps, mode) for steps in (0, 120, 240) for mode in ("sampled", "greedy")
+    ]
+    # Both modes of one evaluation play the same episodes.
+    assert evals[0]["start_digest"] == evals[1]["start_digest"]
+    headline = summary["final_eval"]
+    assert headline["mode"] == "sampled" and set(headline["modes"]) == {"sampled", "greedy"}
+    assert headline["return_mean"] == headline["modes"]["sampled"]["return_mean"]
     assert (tmp_path / "done.json").exists() and (tmp_path / "config.yaml").exists()
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000000000240-phase0"
     assert (tmp_path / "phase0.ckpt" / "state.npz").exists()
