@@ -83,6 +83,12 @@ class ActorCriticConfig:
     normalized advantages, as DreamerV3 does for every action space) or `dynamics`
     (backpropagate returns through the world model with reparameterized or straight-through
     actions, as DreamerV1/V2 did for continuous control)."""
+    replay_critic: float = 0.0
+    """Scale of a second critic loss on the replayed sequences (DreamerV3's `repval_loss`, 0.3
+    there): the critic also regresses the lambda-returns of the real rewards and
+    continuations along the replayed posteriors (bootstrapped from the slow critic, cut at
+    episode boundaries), so values learn from real returns even where the reward head does not
+    yet predict them in imagination. 0 switches it off; unused with `source="replay"`."""
     source: Literal["imagination", "replay"] = "imagination"
     """Where the actor-critic's trajectories come from: `imagination` (rollouts of `horizon`
     steps through the world model from every replayed posterior) or `replay` (the replayed
@@ -344,15 +350,12 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
         }
         return actor_loss, critic_loss, return_range, metrics
 
-    def replay_actor_critic_loss(actor_params, critic_params, state: DreamerState, features, batch):
-        """The actor-critic losses on the replayed sequences `[B, T]` (`source="replay"`).
-
-        Rewards are the replayed ones mixed with the intrinsic reward of each replayed
-        transition, continuations the replayed discounts; lambda-returns bootstrap from the
-        slow critic and stop at episode boundaries (`nomodel.replay_lambda_returns`). The
-        `features` `[B, T, F]` keep their gradient: both losses train the representation.
-        """
-        features_with_gradient, features = features, jax.lax.stop_gradient(features)
+    def replay_returns(state: DreamerState, features, batch):
+        """`(reward [B, T], slow_values [B, T], returns [B, T-1], valid [B, T-1])` of the
+        replayed sequences: the replayed rewards mixed with the intrinsic reward of each
+        replayed transition, continuations the replayed discounts; lambda-returns bootstrap
+        from the slow critic and stop at episode boundaries (`nomodel.replay_lambda_returns`).
+        `features` `[B, T, F]` carry no gradient."""
         actions = jnp.asarray(batch["action"])
         slow_values = value(state.slow_critic_params, features)  # [B, T]
         intrinsic = None
@@ -374,6 +377,25 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             slow_values,
             ac.lambda_,
         )  # [B, T-1]: the return of state t
+        return reward, slow_values, returns, valid
+
+    def replay_critic_loss(critic_params, state: DreamerState, features, batch):
+        """The critic's two-hot loss (+ slow-critic regularizer) on the replayed posteriors
+        `features` `[B, T, F]` against `replay_returns` (`replay_critic`)."""
+        features = jax.lax.stop_gradient(features)
+        _, slow_values, returns, valid = replay_returns(state, features, batch)
+        logits = critic_net.apply(critic_params, features[:, :-1])
+        loss = networks.two_hot_loss(logits, returns, critic_bins)
+        regularizer = networks.two_hot_loss(logits, slow_values[:, :-1], critic_bins)
+        return nomodel.masked_mean(loss + ac.slow_critic_regularizer * regularizer, valid)
+
+    def replay_actor_critic_loss(actor_params, critic_params, state: DreamerState, features, batch):
+        """The actor-critic losses on the replayed sequences `[B, T]` (`source="replay"`),
+        with the returns of `replay_returns`. The `features` `[B, T, F]` keep their gradient:
+        both losses train the representation."""
+        features_with_gradient, features = features, jax.lax.stop_gradient(features)
+        actions = jnp.asarray(batch["action"])
+        reward, slow_values, returns, valid = replay_returns(state, features, batch)
         return_range, scale = return_normalization(state, returns, valid)
 
         distribution = policy(actor_params, features_with_gradient[:, :-1])
@@ -460,6 +482,12 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
             actor_loss, critic_loss, return_range, metrics = actor_critic_loss(
                 params[0], params[1], state, start, start_cont, imagine_key
             )
+            if ac.replay_critic:
+                replay_loss = replay_critic_loss(
+                    params[1], state, model.features(posteriors), batch
+                )
+                critic_loss = critic_loss + ac.replay_critic * replay_loss
+                metrics = {**metrics, "critic/replay_loss": replay_loss}
             return actor_loss + critic_loss, (return_range, metrics)
 
         (_, (return_range, ac_metrics)), (actor_grads, critic_grads) = jax.value_and_grad(

@@ -48,7 +48,9 @@ Array = chex.Array
 
 HEADS = ("reward_head", "continuation_head")
 """World-model modules that only model losses, imagination and search read."""
-DYNAMICS_TERMS = ("kl_dynamics", "kl_representation", "contrastive", "self_predictive")
+DYNAMICS_TERMS = (
+    "kl_dynamics", "kl_representation", "contrastive", "self_predictive", "open_loop_heads",
+)  # fmt: skip
 """World-model loss terms that train or read the dynamics (`imagine` or the prior)."""
 
 

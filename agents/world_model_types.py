@@ -53,19 +53,26 @@ class LossConfig:
     """SPR-style: negative cosine similarity between projections of imagined future latents
     and a target network's projections of the filtered future latents (an EMA target when
     the caller passes `target_params`)."""
+    open_loop_heads: float = 0.0
+    """The reward and continuation heads also trained on latents imagined 1..K steps ahead
+    with the replayed actions (`open_loop_horizon`), the dynamics receiving their gradient."""
     free_bits: float = 1.0
     """Each KL term is clipped below at this many nats per step (DreamerV3)."""
     self_supervised_horizon: int = 3
     """Steps imagined ahead (with the replayed actions) by the contrastive and self-predictive
     terms; predictions that cross an episode start or the window's end are masked."""
+    open_loop_horizon: int = 5
+    """Steps K imagined ahead by the `open_loop_heads` term."""
     projection_size: int = 64
     """Width of the projection heads of the contrastive and self-predictive terms."""
     contrastive_temperature: float = 0.1
     """Temperature of the contrastive term's cosine-similarity logits."""
 
     def __post_init__(self):
-        if self.self_supervised_horizon < 1 or self.projection_size < 1:
-            raise ValueError("self_supervised_horizon and projection_size must be positive")
+        if min(self.self_supervised_horizon, self.open_loop_horizon, self.projection_size) < 1:
+            raise ValueError(
+                "self_supervised_horizon, open_loop_horizon and projection_size must be positive"
+            )
         if self.contrastive_temperature <= 0:
             raise ValueError(f"contrastive_temperature={self.contrastive_temperature} must be > 0")
 
@@ -81,6 +88,7 @@ class LossConfig:
 _NOT_SCALES = (
     "free_bits",
     "self_supervised_horizon",
+    "open_loop_horizon",
     "projection_size",
     "contrastive_temperature",
 )
