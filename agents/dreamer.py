@@ -83,9 +83,9 @@ class ActorCriticConfig:
     normalized advantages, as DreamerV3 does for every action space) or `dynamics`
     (backpropagate returns through the world model with reparameterized or straight-through
     actions, as DreamerV1/V2 did for continuous control)."""
-    replay_critic: float = 0.0
+    replay_critic: float = 0.3
     """Scale of a second critic loss on the replayed sequences (DreamerV3's `repval_loss`, 0.3
-    there): the critic also regresses the lambda-returns of the real rewards and
+    as there): the critic also regresses the lambda-returns of the real rewards and
     continuations along the replayed posteriors (bootstrapped from the slow critic, cut at
     episode boundaries), so values learn from real returns even where the reward head does not
     yet predict them in imagination. 0 switches it off; unused with `source="replay"`."""

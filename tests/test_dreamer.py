@@ -123,18 +123,57 @@ LEARN = [
 ]
 
 
+QUICKSTART_GRID = [
+    "env.name=grid",
+    "env.task=reach_bottom_right",
+    "env.kwargs={observation: vector, size: 5}",
+    "agent.model.deter=64",
+    "agent.model.hidden=64",
+    "agent.actor_critic.hidden=64",
+    "agent.model_lr=1e-3",
+    "agent.actor_lr=3e-4",
+    "agent.critic_lr=3e-4",
+    "train.batch_size=16",
+    "train.sequence_length=16",
+    "train.train_ratio=64",
+    "train.learning_starts=500",
+    "train.checkpoint_every=100000",
+    "train.steps=1500",
+    "train.eval_every=1500",
+    "env.num_envs=4",
+]
+
+
+def _iqm(values):
+    values = np.sort(np.asarray(values, float))
+    cut = len(values) // 4
+    return float(values[cut : len(values) - cut].mean())
+
+
 @pytest.mark.slow
-def test_learns_discrete_grid_corner_task(tmp_path):
-    """Uniform random policy: 2.1 mean return on this task (optimal is about 45)."""
-    overrides = [
-        *LEARN,
-        "env.name=grid",
-        "env.task=reach_bottom_right",
-        "env.kwargs={observation: vector, size: 5}",
-        "train.steps=5000",
-        "train.eval_every=5000",
-    ]
-    assert _learn(overrides, tmp_path) >= 8.0
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured (5 seeds, quickstart budget, sampled final return): Dreamer IQM 1.9 vs "
+    "dreamer_nomodel 35+; the RSSM posterior carries ~1.3 nats (KL just above free bits) and "
+    "does not encode the agent's position, so the reward head predicts the base rate in "
+    "imagination. replay_critic=0.3 (1.7) and open_loop_heads=1 (3.3) did not close the gap "
+    "(issue #14, closing note)",
+)
+def test_learns_the_grid_corner_task_as_well_as_its_model_free_twin(tmp_path):
+    """Dreamer against `dreamer_nomodel` (same encoder, data and ratio, learning on replay),
+    5 seeds at the quickstart's budget, scored on the same sampled evaluation episodes: the
+    IQM of Dreamer's final return must reach 0.8x the twin's (a fixed low bar let a Dreamer
+    that learned nothing pass; random scores 2.1, optimal about 45)."""
+    finals = {}
+    for agent in ("dreamer", "dreamer_nomodel"):
+        for seed in range(5):
+            overrides = [f"agent={agent}", f"seed={seed}", *QUICKSTART_GRID]
+            config = config_lib.build(config_lib.parse_overrides(overrides))
+            summary = runner.run(config, tmp_path / f"{agent}_{seed}", progress=False)
+            assert summary["final_eval"]["mode"] == "sampled"
+            finals.setdefault(agent, []).append(summary["final_eval"]["return_mean"])
+    print({agent: [round(v, 1) for v in values] for agent, values in finals.items()})
+    assert _iqm(finals["dreamer"]) >= 0.8 * _iqm(finals["dreamer_nomodel"])
 
 
 @pytest.mark.slow
