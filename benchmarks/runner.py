@@ -823,4 +823,17 @@ class _Trial:
                 steps, values, scratch_steps, scratch_values, self.config.protocol.threshold
             ),
             "matched_episodes": transfer.matched_episodes(mine, last, theirs, 0, mode),
+            **self._return_transfer(score_key, mine, theirs, last, mode),
         }
+
+    def _return_transfer(self, score_key: str, mine, theirs, last: int, mode: str) -> dict:
+        """`{"return": metrics}` on the evaluation return when the family is scored by
+        something else (success rates are 0 for every agent at CPU budgets), else `{}`."""
+        if score_key == "return_mean":
+            return {}
+        steps, values = transfer.curve(mine, last, "return_mean", mode=mode)
+        scratch_steps, scratch_values = transfer.curve(theirs, 0, "return_mean", mode=mode)
+        if not steps or not scratch_steps:
+            return {}
+        threshold = None  # The threshold is in the units of the score, not of the return.
+        return {"return": transfer.compare(steps, values, scratch_steps, scratch_values, threshold)}

@@ -259,3 +259,26 @@ def test_grid_variants_are_separate_groups(tmp_path):
 def test_report_of_an_empty_folder_is_bad_input(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no trial folders" in capsys.readouterr().err
+
+
+def test_success_rate_families_are_also_compared_by_return(tmp_path):
+    """Meta-World/RoboDesk transfer is scored by success rate, which is 0 for every agent at
+    CPU budgets; the report adds the same metrics on the evaluation return."""
+    for seed in range(2):
+        _trial(tmp_path, f"s{seed}", "dreamer", "robodesk", "open_slide", seed, [2.0])
+        _trial(
+            tmp_path,
+            f"f{seed}",
+            "dreamer",
+            "robodesk",
+            "open_slide",
+            seed,
+            [0.5, 4.0],
+            protocol="pretrain_finetune",
+            phases=["pretrain", "finetune"],
+        )
+    out = tmp_path / "report"
+    report.write(tmp_path, out, command="mbxfer report", reps=50, curve_reps=10)
+    rows = {r["phase"]: r for r in _rows(out / "transfer.csv")}
+    assert set(rows) == {"finetune", "finetune (return_mean)"}
+    assert float(rows["finetune (return_mean)"]["final_gain"]) == pytest.approx(2.0)
