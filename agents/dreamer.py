@@ -568,9 +568,9 @@ class DreamerNoModelConfig(DreamerConfig):
     continuation and reconstruction may be switched on as auxiliaries; the dynamics terms are
     refused)."""
     actor_critic: ActorCriticConfig = dataclasses.field(
-        default_factory=lambda: ActorCriticConfig(source="replay")
+        default_factory=lambda: ActorCriticConfig(source="replay", replay_critic=0.0)
     )
-    """The actor-critic; its `source` is always `replay`."""
+    """The actor-critic; its `source` is always `replay` (so `replay_critic` is unused)."""
 
     def __post_init__(self):
         if self.actor_critic.source != "replay":
