@@ -351,7 +351,7 @@ def _evaluate(config, spec, state, planning: bool, episodes: int = 16) -> float:
         config, train=dataclasses.replace(config.train, eval_episodes=episodes)
     )
     act = jax.jit(agent.act, static_argnums=4)
-    return runner.evaluate(agent, act, state, config, 99)["return_mean"]
+    return runner.evaluate(agent, act, state, config, 99, mode="greedy")["return_mean"]
 
 
 @pytest.mark.slow
