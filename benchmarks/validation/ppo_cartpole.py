@@ -73,7 +73,9 @@ def run_seed(seed: int, steps: int, eval_episodes: int, window: int, out: Path) 
     summary = runner.run(trial_config(seed, steps, eval_episodes), folder, progress=False)
     return {
         "seed": seed,
-        "eval": summary["final_eval"]["return_mean"],
+        "eval": summary["final_eval"]
+        .get("modes", {})
+        .get("greedy", summary["final_eval"])["return_mean"],
         "train": training_return(folder / "metrics.jsonl", steps, window),
         "seconds": None if finished_before else time.time() - started,
     }
