@@ -12,7 +12,13 @@ For each environment and seed, two trials at matched settings:
   `--out/reference/<env>/seed-<i>` (`stdout.jsonl`: one line per training episode, then a
   summary; `stderr.log`).
 
-A finished trial (`result.json` in its folder) is not run again, so the command resumes.
+A finished trial (`result.json` in its folder) is not run again, so the command resumes (our
+trials also resume mid-way from their checkpoints; a reference trial cut short starts over).
+`parity.md` and `curves.png` cover the envs and agents of the invocation that wrote them;
+`--report-only` (same `--out`) tabulates every finished trial of the given envs and agents
+without running anything. `--agents ours,reference,reference-<name>` with
+`--reference-overrides '{"run.train_ratio": 87.5}'` adds a reference ablation, tabulated
+under its own name (the overrides are read back from each trial's `command.json`).
 
 Score: the mean return of `--eval-episodes` episodes acting with actions SAMPLED from the
 policy after the last step (ours: the final `sampled` evaluation of `eval.jsonl`; reference:
@@ -32,7 +38,10 @@ Matched settings (`SHARED` below; both sides read them):
   lambda 0.95, entropy 3e-4, slow critic 0.02 every update;
 * continuous actions (point_mass): ours `actor_gradient=dynamics`, because DreamerV3 1.5.0
   backpropagates through the model for continuous actions (`actor_grad_cont: backprop`);
-* precision float32 on CPU on both sides; jax optimizations on.
+* precision float32 on CPU on both sides; jax optimizations on;
+* ours without what 1.5.0 lacks, pinned whatever our defaults become: RSSM latent, no replay
+  critic (`replay_critic=0`; DreamerV3's `repval_loss` is later than 1.5.0), no open-loop,
+  contrastive or self-predictive losses, no exploration module.
 
 What cannot be matched (see the report): DreamerV3's driver counts the observation of every
 reset as a step (its ratio and budget count 51 steps per 50-step episode; the reference stops
@@ -119,6 +128,15 @@ def ours_overrides(env: str, seed: int, steps: int, eval_episodes: int) -> list[
         f"agent.actor_lr={s['actor_lr']}",
         f"agent.critic_lr={s['critic_lr']}",
         f"agent.grad_clip={s['grad_clip']}",
+        # What DreamerV3 1.5.0 does not have, pinned off whatever our defaults become: its
+        # RSSM latent, no replay critic (its `repval_loss` came later), no extra model losses.
+        "agent.model.latent=rssm",
+        "agent.actor_critic.replay_critic=0.0",
+        "agent.actor_critic.source=imagination",
+        "agent.model.losses.open_loop_heads=0.0",
+        "agent.model.losses.contrastive=0.0",
+        "agent.model.losses.self_predictive=0.0",
+        "agent.exploration.module=none",
     ]
     if spec["continuous"]:
         items.append("agent.actor_critic.actor_gradient=dynamics")
@@ -199,7 +217,12 @@ def run_ours(env: str, seed: int, steps: int, eval_episodes: int, folder: Path) 
 
 
 def run_reference(
-    env: str, seed: int, steps: int, eval_episodes: int, folder: Path, python: Path,
+    env: str,
+    seed: int,
+    steps: int,
+    eval_episodes: int,
+    folder: Path,
+    python: Path,
     extra_overrides: dict | None = None,
 ) -> dict:
     spec = ENVS[env]
@@ -215,7 +238,9 @@ def run_reference(
     environ.pop("PYTHONPATH", None)
     (folder / "command.json").write_text(json.dumps(command) + "\n")
     with open(folder / "stdout.jsonl", "w") as stdout, open(folder / "stderr.log", "w") as err:
-        code = subprocess.run(command, stdout=stdout, stderr=err, env=environ, cwd=folder).returncode
+        code = subprocess.run(
+            command, stdout=stdout, stderr=err, env=environ, cwd=folder
+        ).returncode
     lines = [json.loads(line) for line in (folder / "stdout.jsonl").read_text().splitlines()]
     summaries = [line for line in lines if line["event"] == "summary"]
     if code or not summaries:
@@ -224,7 +249,7 @@ def run_reference(
     config = next(line for line in lines if line["event"] == "config")
     return {
         "final_return": float(summaries[-1]["eval_return_mean"]),
-        "episodes": [(l["env_steps"], l["return"]) for l in lines if l["event"] == "episode"],
+        "episodes": [(e["env_steps"], e["return"]) for e in lines if e["event"] == "episode"],
         "updates": summaries[-1]["updates"],
         "params": config["params"],
     }
@@ -244,7 +269,12 @@ def run_trial(agent, env, seed, steps, eval_episodes, out, python, extra=None) -
         result = run_ours(env, seed, steps, eval_episodes, folder)
     else:
         result = run_reference(
-            env, seed, steps, eval_episodes, folder, Path(python),
+            env,
+            seed,
+            steps,
+            eval_episodes,
+            folder,
+            Path(python),
             extra if agent != "reference" else None,
         )
     result.update(agent=agent, env=env, seed=seed, steps=steps, wall_s=time.time() - started)
@@ -255,6 +285,19 @@ def run_trial(agent, env, seed, steps, eval_episodes, out, python, extra=None) -
         flush=True,
     )
     return result
+
+
+def extra_overrides(out: Path, result: dict) -> dict:
+    """The DreamerV3 overrides a `reference-<name>` trial ran with beyond `reference_overrides`
+    (read back from its `command.json`)."""
+    command = json.loads(
+        (
+            trial_folder(out, result["agent"], result["env"], result["seed"]) / "command.json"
+        ).read_text()
+    )
+    used = json.loads(command[command.index("--overrides") + 1])
+    shared = reference_overrides()
+    return {k: v for k, v in used.items() if k not in shared or shared[k] != v}
 
 
 def _safe_trial(*job) -> dict | None:
@@ -297,7 +340,6 @@ def report(results: list[dict], envs: Sequence[str], agents: Sequence[str] = AGE
                 key=lambda r: r["seed"],
             )
             if not rows:
-                lines.append(f"| {env} | | {agent} | 0 | | | | | |")
                 continue
             scores = [r["final_return"] for r in rows]
             iqm, low, high = iqm_with_ci(scores) if len(rows) > 1 else (scores[0],) * 3
@@ -379,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--reference-venv", type=Path, default=DEFAULT_REFERENCE_VENV)
     parser.add_argument("--report-only", action="store_true", help="tabulate finished trials")
     parser.add_argument(
-        "--reference-overrides", default="{}",
+        "--reference-overrides",
+        default="{}",
         help="JSON DreamerV3 overrides of the `reference-<name>` agents (ablations)",
     )
     args = parser.parse_args(argv)
@@ -418,8 +461,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = report(results, envs, agents)
     text += "\n\nMatched settings: " + json.dumps(SHARED)
     text += f"\nsteps: {json.dumps(steps)}; eval episodes: {args.eval_episodes}"
-    if any(a.startswith("reference-") for a in agents):
-        text += f"\nreference-<name> overrides: {args.reference_overrides}"
+    for agent in agents:
+        if agent.startswith("reference-"):
+            extras = {
+                json.dumps(extra_overrides(args.out, r)) for r in results if r["agent"] == agent
+            }
+            text += f"\n{agent}: the reference with {' or '.join(sorted(extras)) or '(no trial)'}"
     if not args.report_only:
         text += f"\ntotal wall time of this invocation: {time.time() - started:.0f} s"
     (args.out / "parity.md").write_text(text + "\n")

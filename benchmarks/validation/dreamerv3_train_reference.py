@@ -38,7 +38,6 @@ import re
 import sys
 import time
 
-
 _LOGGED_METRICS = r"(policy_entropy_mean|_loss_mean$|return_raw_mean|adv_mean|model_loss)"
 
 
@@ -136,6 +135,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)  # embodied's RandomAgent and OneHotAction sample from np.random.
     import dreamerv3
     import embodied
+
     from envs import registry
 
     config = embodied.Config(dreamerv3.configs["defaults"])
@@ -154,7 +154,10 @@ def main(argv=None) -> None:
     env = embodied.BatchEnv([make_env(i, 0) for i in range(args.num_envs)], parallel=False)
     batch_steps = config.batch_size * config.batch_length
     replay = embodied.replay.Uniform(
-        config.batch_length, int(config.replay_size), None, online=config.replay_online,
+        config.batch_length,
+        int(config.replay_size),
+        None,
+        online=config.replay_online,
         seed=args.seed,
     )
     step = embodied.Counter()  # The driver's steps, as DreamerV3 counts them.
@@ -162,28 +165,40 @@ def main(argv=None) -> None:
     from dreamerv3 import jaxutils
 
     counts = {k.split("/")[-1]: int(v) for k, v in jaxutils.Optimizer.PARAM_COUNTS.items()}
-    protocol.write(json.dumps({
-        "event": "config", "params": sum(counts.values()), "params_by_optimizer": counts,
-        "config": json.loads(json.dumps(dict(config), default=str)),
-        "obs_space": {k: str(v) for k, v in env.obs_space.items()},
-        "act_space": {k: str(v) for k, v in env.act_space.items()},
-    }) + "\n")
+    protocol.write(
+        json.dumps(
+            {
+                "event": "config",
+                "params": sum(counts.values()),
+                "params_by_optimizer": counts,
+                "config": json.loads(json.dumps(dict(config), default=str)),
+                "obs_space": {k: str(v) for k, v in env.obs_space.items()},
+                "act_space": {k: str(v) for k, v in env.act_space.items()},
+            }
+        )
+        + "\n"
+    )
 
     real_steps = [0]
     last_metrics: dict = {}  # The latest scalar training metrics (every `jax.metrics_every`).
     updates = embodied.Counter()
 
     def per_episode(ep):
-        protocol.write(json.dumps({
-            "event": "episode",
-            "return": float(ep["reward"].astype(np.float64).sum()),
-            "length": len(ep["reward"]) - 1,
-            "env_steps": real_steps[0],
-            "driver_steps": int(step),
-            "updates": int(updates),
-            "wall_s": time.time() - started,
-            "train_metrics": dict(last_metrics),
-        }) + "\n")
+        protocol.write(
+            json.dumps(
+                {
+                    "event": "episode",
+                    "return": float(ep["reward"].astype(np.float64).sum()),
+                    "length": len(ep["reward"]) - 1,
+                    "env_steps": real_steps[0],
+                    "driver_steps": int(step),
+                    "updates": int(updates),
+                    "wall_s": time.time() - started,
+                    "train_metrics": dict(last_metrics),
+                }
+            )
+            + "\n"
+        )
 
     def count(tran, worker):
         step.increment()
@@ -220,37 +235,46 @@ def main(argv=None) -> None:
             agent.sync()
 
     driver.on_step(train_step)
-    policy = lambda *a: agent.policy(*a, mode="train")
+
+    def policy(obs, policy_state):
+        return agent.policy(obs, policy_state, mode="train")
+
     while real_steps[0] < args.steps:
         driver(policy, steps=args.num_envs)
     train_wall = time.time() - started
 
     # Evaluation: fresh environments (other seeds), actions sampled from the policy.
-    eval_env = embodied.BatchEnv(
-        [make_env(i, 500) for i in range(args.num_envs)], parallel=False
-    )
+    eval_env = embodied.BatchEnv([make_env(i, 500) for i in range(args.num_envs)], parallel=False)
     returns: list[float] = []
     eval_driver = embodied.Driver(eval_env)
     eval_driver.on_episode(
         lambda ep, worker: returns.append(float(ep["reward"].astype(np.float64).sum()))
     )
-    eval_policy = lambda *a: agent.policy(*a, mode="eval")
+
+    def eval_policy(obs, policy_state):
+        return agent.policy(obs, policy_state, mode="eval")
+
     while len(returns) < args.eval_episodes:
         eval_driver(eval_policy, episodes=1)
     returns = returns[: args.eval_episodes]
-    protocol.write(json.dumps({
-        "event": "summary",
-        "eval_returns": returns,
-        "eval_return_mean": float(np.mean(returns)),
-        "env_steps": real_steps[0],
-        "driver_steps": int(step),
-        "prefill_env_steps": prefill_steps,
-        "updates": int(updates),
-        "train_update_seconds": train_seconds[0],
-        "train_wall_s": train_wall,
-        "wall_s": time.time() - started,
-        "params": sum(counts.values()),
-    }) + "\n")
+    protocol.write(
+        json.dumps(
+            {
+                "event": "summary",
+                "eval_returns": returns,
+                "eval_return_mean": float(np.mean(returns)),
+                "env_steps": real_steps[0],
+                "driver_steps": int(step),
+                "prefill_env_steps": prefill_steps,
+                "updates": int(updates),
+                "train_update_seconds": train_seconds[0],
+                "train_wall_s": train_wall,
+                "wall_s": time.time() - started,
+                "params": sum(counts.values()),
+            }
+        )
+        + "\n"
+    )
     env.close()
     eval_env.close()
 
