@@ -80,12 +80,12 @@ class ActorCriticConfig:
     """Largest standard deviation of the continuous actor."""
     actor_gradient: Literal["reinforce", "dynamics"] = "reinforce"
     """How the actor learns from imagined returns: `reinforce` (score function with
-    normalized advantages, as DreamerV3 does for every action space) or `dynamics`
+    normalized advantages, as the current DreamerV3 does for every action space) or `dynamics`
     (backpropagate returns through the world model with reparameterized or straight-through
-    actions, as DreamerV1/V2 did for continuous control)."""
+    actions, as DreamerV1/V2 and the DreamerV3 1.5.0 release do for continuous control)."""
     replay_critic: float = 0.3
-    """Scale of a second critic loss on the replayed sequences (DreamerV3's `repval_loss`, 0.3
-    as there): the critic also regresses the lambda-returns of the real rewards and
+    """Scale of a second critic loss on the replayed sequences (the current DreamerV3's
+    `repval_loss`, 0.3 as there; the 1.5.0 release on PyPI has no such loss): the critic also regresses the lambda-returns of the real rewards and
     continuations along the replayed posteriors (bootstrapped from the slow critic, cut at
     episode boundaries), so values learn from real returns even where the reward head does not
     yet predict them in imagination. 0 switches it off; unused with `source="replay"`."""
