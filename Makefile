@@ -39,7 +39,7 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_FLAGS)
 
-# The quickstart: a small sweep (toy-grid transfer with 3 seeds, a short real-Crafter leg),
+# The quickstart: a small sweep (toy-grid transfer with 5 seeds, a short real-Crafter leg),
 # then its report (results/quickstart/report.md, CSVs and plots). 42 trials; see the README for
 # the measured time.
 demo: $(STAMP)
