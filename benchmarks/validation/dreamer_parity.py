@@ -65,6 +65,8 @@ from typing import Sequence
 
 import numpy as np
 
+from benchmarks.validation.ppo_cartpole import iqm_with_ci
+
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_TRAIN_SCRIPT = Path(__file__).with_name("dreamerv3_train_reference.py")
 DEFAULT_OUT = Path("results/validation/dreamer_parity")
@@ -306,23 +308,6 @@ def _safe_trial(*job) -> dict | None:
     except Exception as error:  # One failed trial must not lose the others.
         print(f"FAILED {job[:3]}: {error}", file=sys.stderr, flush=True)
         return None
-
-
-def iqm_with_ci(scores: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """IQM of `scores` (one per run) and its 95% stratified bootstrap CI (rliable)."""
-    from rliable import library as rly
-    from rliable import metrics
-
-    matrix = np.asarray(scores, np.float64)[:, None]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)
-        points, intervals = rly.get_interval_estimates(
-            {"x": matrix},
-            lambda x: np.array([metrics.aggregate_iqm(x)]),
-            reps=20000,
-            random_state=np.random.RandomState(seed),
-        )
-    return float(points["x"][0]), float(intervals["x"][0, 0]), float(intervals["x"][1, 0])
 
 
 def report(results: list[dict], envs: Sequence[str], agents: Sequence[str] = AGENTS) -> str:
