@@ -570,17 +570,9 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
         mode = headline_mode(trial.config)
         threshold = (trial.config.get("protocol") or {}).get("threshold")
         phase = next((e["phase"] for e in trial.evals if e.get("phase_index", 0) == last), "")
-        # Success rates are 0 for every agent at CPU budgets (Meta-World, RoboDesk): the
-        # return says more there, so such families are compared on both.
-        for key in dict.fromkeys([score, FALLBACK_SCORE]):
-            steps, values = transfer.curve(trial.evals, last, key, mode=mode)
-            twin_steps, twin_values = transfer.curve(twin.evals, 0, key, mode=mode)
-            if not steps or not twin_steps:
-                continue
-            metrics = transfer.compare(steps, values, twin_steps, twin_values, threshold)
-            metrics["matched_episodes"] = transfer.matched_episodes(
-                trial.evals, last, twin.evals, 0, mode
-            )
+        for key, metrics in transfer.against_twin(
+            trial.evals, last, twin.evals, score, mode, threshold
+        ).items():
             label = phase if key == score else f"{phase} ({key})"
             out.setdefault(trial.trial_id, {})[label] = metrics
     return out

@@ -810,30 +810,18 @@ class _Trial:
         theirs = [json.loads(line) for line in (scratch / "eval.jsonl").read_text().splitlines()]
         last = len(self.phases) - 1
         mode = self.config.train.eval_modes[0]
-        steps, values = transfer.curve(mine, last, score_key, mode=mode)
-        scratch_steps, scratch_values = transfer.curve(theirs, 0, score_key, mode=mode)
-        if not steps or not scratch_steps:
+        by_score = transfer.against_twin(
+            mine, last, theirs, score_key, mode, self.config.protocol.threshold
+        )
+        if score_key not in by_score:
             return {"status": f"no {score_key} evaluations to compare"}
-        return {
+        out = {
             "phase": self.phases[last].name,
             "score": score_key,
             "mode": mode,
             "scratch_trial": scratch.name,
-            **transfer.compare(
-                steps, values, scratch_steps, scratch_values, self.config.protocol.threshold
-            ),
-            "matched_episodes": transfer.matched_episodes(mine, last, theirs, 0, mode),
-            **self._return_transfer(score_key, mine, theirs, last, mode),
+            **by_score[score_key],
         }
-
-    def _return_transfer(self, score_key: str, mine, theirs, last: int, mode: str) -> dict:
-        """`{"return": metrics}` on the evaluation return when the family is scored by
-        something else (success rates are 0 for every agent at CPU budgets), else `{}`."""
-        if score_key == "return_mean":
-            return {}
-        steps, values = transfer.curve(mine, last, "return_mean", mode=mode)
-        scratch_steps, scratch_values = transfer.curve(theirs, 0, "return_mean", mode=mode)
-        if not steps or not scratch_steps:
-            return {}
-        threshold = None  # The threshold is in the units of the score, not of the return.
-        return {"return": transfer.compare(steps, values, scratch_steps, scratch_values, threshold)}
+        if score_key != "return_mean" and "return_mean" in by_score:
+            out["return"] = by_score["return_mean"]
+        return out

@@ -124,6 +124,33 @@ def matched_episodes(
     return all(mine[step] == theirs[step] for step in common)
 
 
+def against_twin(
+    records: list[dict],
+    phase_index: int,
+    twin: list[dict],
+    score: str,
+    mode: str,
+    threshold: Optional[float] = None,
+) -> dict[str, dict]:
+    """Transfer metrics of `records`' phase `phase_index` against the scratch `twin`'s phase 0,
+    by score: `{score: metrics}`, plus `{"return_mean": metrics}` for families scored by
+    something else (success rates are 0 for every agent at CPU budgets, so the return says
+    more). Each has `matched_episodes`; `threshold` is in the score's units, so only the score
+    gets steps to threshold. Scores with no evaluations on either side are left out."""
+    out = {}
+    for key in dict.fromkeys([score, "return_mean"]):
+        steps, values = curve(records, phase_index, key, mode=mode)
+        twin_steps, twin_values = curve(twin, 0, key, mode=mode)
+        if not steps or not twin_steps:
+            continue
+        metrics = compare(
+            steps, values, twin_steps, twin_values, threshold if key == score else None
+        )
+        metrics["matched_episodes"] = matched_episodes(records, phase_index, twin, 0, mode)
+        out[key] = metrics
+    return out
+
+
 def matching_scratch(root: Path, config) -> Optional[Path]:
     """A finished trial folder under `root` that is `config`'s scratch control: the same agent,
     environment, seed, budget and agent config (the intrinsic module aside), protocol scratch."""
