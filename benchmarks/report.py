@@ -39,14 +39,9 @@ import numpy as np
 import yaml
 
 from benchmarks import config as config_lib
+from envs import scoring
 
-SCORE_KEYS = {
-    "crafter": "crafter_score",
-    "metaworld": "success_rate",
-    "robodesk": "success_rate",
-    "procgen": "normalized_return",
-}
-FALLBACK_SCORE = "return_mean"
+FALLBACK_SCORE = scoring.DEFAULT_KEY
 MODEL_BASED = ("dreamer", "muzero")
 MODEL_FREE = ("ppo", "muzero_nomodel", "dreamer_nomodel")
 SCRATCH = "scratch"
@@ -102,7 +97,7 @@ class TrialRecord:
 
     @property
     def score_key(self) -> str:
-        return SCORE_KEYS.get(self.env, FALLBACK_SCORE)
+        return scoring.score_key(self.env)
 
     def final_evals(self) -> dict[str, dict]:
         """Eval set -> the last evaluation of the last phase; for Crafter also the last
@@ -565,7 +560,7 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
         twin = scratch.get(key)
         if twin is None:
             continue
-        score = transfer.score_key(trial.env)
+        score = trial.score_key
         last = max((e.get("phase_index", 0) for e in trial.evals), default=0)
         mode = headline_mode(trial.config)
         threshold = (trial.config.get("protocol") or {}).get("threshold")

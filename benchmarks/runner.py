@@ -44,7 +44,7 @@ from agents.replay import Replay
 from benchmarks import checkpoint, protocols, transfer
 from benchmarks import config as config_lib
 from envs import base as env_base
-from envs import registry, vector
+from envs import registry, scoring, vector
 
 _EVAL_SEED_OFFSET = 1_000_003
 _RESEED_OFFSET = 7_919
@@ -775,7 +775,7 @@ class _Trial:
         last = phases_summary[-1]["final_eval"] if phases_summary else {}
         if last:
             summary["final_eval"] = last.get("eval", next(iter(last.values())))
-        score_key = transfer.score_key(config.env.name)
+        score_key = scoring.score_key(config.env.name)
         if "train" in last and "test" in last:
             train_score, test_score = last["train"].get(score_key), last["test"].get(score_key)
             if train_score is not None and test_score is not None:

@@ -12,7 +12,7 @@ the scratch curve:
     steps_to_threshold  first evaluated step where the score reaches the threshold (None if
                         never), for both curves
 
-`score_key(env_name)` names the score each environment family is judged by.
+The score each environment family is judged by is `envs.scoring.score_key(env_name)`.
 """
 
 from __future__ import annotations
@@ -21,19 +21,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-
-SCORE_KEYS = {
-    "crafter": "crafter_score",
-    "metaworld": "success_rate",
-    "robodesk": "success_rate",
-    "procgen": "normalized_return",
-}
-
-
-def score_key(env_name: str) -> str:
-    """The evaluation key an environment family is scored by (`return_mean` by default)."""
-    family = env_name.split("/")[0].split("-")[0]
-    return SCORE_KEYS.get(family, "return_mean")
 
 
 def _area(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import dm_env
 import numpy as np
@@ -139,3 +139,15 @@ def score(rates_percent: Sequence[float]) -> float:
     if np.any((rates < 0) | (rates > 100)):
         raise ValueError("success rates must be percentages in [0, 100]")
     return float(np.exp(np.mean(np.log1p(rates))) - 1.0)
+
+
+def summarize(records: Sequence[Mapping], keywords: Mapping) -> dict:
+    """Crafter's episode summary (`envs.scoring`): the score and each achievement's success
+    rate in percent, from each episode's final `log_achievements`."""
+    if "log_achievements" not in records[0]:
+        return {}
+    rates = success_rates([r["log_achievements"] for r in records])
+    return {
+        "crafter_score": score(rates),
+        "success_rates": dict(zip(ACHIEVEMENTS, rates.round(3).tolist())),
+    }

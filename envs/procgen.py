@@ -32,7 +32,7 @@ unbounded distribution, which repeats a training level with probability
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import dm_env
 import numpy as np
@@ -82,6 +82,17 @@ def normalized_return(game: str, distribution_mode: str, episode_return):
         )
     low, high = NORMALIZATION[distribution_mode][game]
     return (np.asarray(episode_return, np.float64) - low) / (high - low)
+
+
+def summarize(records: Sequence[Mapping], keywords: Mapping) -> dict:
+    """Procgen's episode summary (`envs.scoring`): the mean normalized return of the game and
+    distribution mode the environment was built with (nothing when no constants exist)."""
+    game = keywords.get("game", "coinrun")
+    mode = keywords.get("distribution_mode", "easy")
+    if mode not in NORMALIZATION or game not in NORMALIZATION[mode]:
+        return {}
+    returns = [r["return"] for r in records]
+    return {"normalized_return": float(np.mean(normalized_return(game, mode, returns)))}
 
 
 def level_split(

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Union
 import dm_env
 
 from envs import base
+from envs.scoring import RETURN, Scorer
 
 EntryPoint = Union[str, Callable[..., dm_env.Environment]]
 PLUGIN_GROUP = "mbxfer.envs"
@@ -70,6 +71,8 @@ class EnvEntry:
     """Evaluation episodes per evaluation unless a trial says otherwise: many where an
     episode is cheap (a handful of evaluation episodes on a deterministic toy task moves in
     large steps), few where it is not."""
+    scorer: Scorer = RETURN
+    """The family's score key and episode summaries (`envs.scoring`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,11 @@ class EnvFactory:
     def __call__(self, **more: Any) -> dm_env.Environment:
         return _build(self.entry, {**self.overrides, **more})
 
+    @property
+    def keywords(self) -> dict:
+        """The keywords the environment is built with: its defaults updated by overrides."""
+        return {**self.entry.defaults, **self.overrides}
+
 
 _REGISTRY: dict[str, EnvEntry] = {}
 _PLUGINS_LOADED = False
@@ -94,10 +102,16 @@ _LOCK = threading.Lock()
 
 
 def register(
-    name: str, entry_point: EntryPoint, *, eval_episodes: int = 4, **defaults: Any
+    name: str,
+    entry_point: EntryPoint,
+    *,
+    eval_episodes: int = 4,
+    scorer: Scorer = RETURN,
+    **defaults: Any,
 ) -> None:
     """Register `name`; `entry_point` is `'module:function'` or a callable; `defaults` are
-    keywords for it. `eval_episodes` is how many episodes an evaluation plays by default."""
+    keywords for it. `eval_episodes` is how many episodes an evaluation plays by default;
+    `scorer` is how its episodes are scored (`envs.scoring.Scorer`; default: the return)."""
     if isinstance(entry_point, str) and entry_point.count(":") != 1:
         raise ValueError(
             f"entry point {entry_point!r} for {name!r} must look like 'package.module:function'"
@@ -106,13 +120,19 @@ def register(
         warnings.warn(
             f"environment {name!r} is registered again; the new entry replaces it", stacklevel=2
         )
-    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults), eval_episodes)
+    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults), eval_episodes, scorer)
 
 
 def names() -> list[str]:
     """All registered environment names, sorted."""
     _load_plugins()
     return sorted(_REGISTRY)
+
+
+def find(name: str) -> EnvEntry | None:
+    """The entry registered as `name`, or None."""
+    _load_plugins()
+    return _REGISTRY.get(name)
 
 
 def entry(name: str) -> EnvEntry:
@@ -226,7 +246,9 @@ register("grid", "envs.toy:GridWorld", eval_episodes=32)
 register("grid_image", "envs.toy:GridWorld", eval_episodes=32, observation="image")
 register("point_mass", "envs.toy:PointMass", eval_episodes=32)
 register("point_mass_image", "envs.toy:PointMass", eval_episodes=32, observation="image")
-register("crafter", "envs.crafter:Crafter")
+register(
+    "crafter", "envs.crafter:Crafter", scorer=Scorer("crafter_score", "envs.crafter:summarize")
+)
 register(
     "cartpole",
     "envs.wrappers:from_gymnasium",
@@ -235,6 +257,12 @@ register(
     task="reward",
 )
 register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
-register("procgen", "envs.procgen:Procgen", task="reward")
-register("metaworld", "envs.metaworld:MetaWorld", task="reward")
-register("robodesk", "envs.robodesk:RoboDesk")
+register(
+    "procgen",
+    "envs.procgen:Procgen",
+    scorer=Scorer("normalized_return", "envs.procgen:summarize"),
+    task="reward",
+)
+# Success of the selected task (`log_success`, see envs/base.py) is what they are scored by.
+register("metaworld", "envs.metaworld:MetaWorld", scorer=Scorer("success_rate"), task="reward")
+register("robodesk", "envs.robodesk:RoboDesk", scorer=Scorer("success_rate"))

@@ -11,6 +11,7 @@ from PIL import Image
 from rliable import library, metrics
 
 from benchmarks import cli, report
+from envs import scoring
 
 REPS = 300
 DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]
@@ -33,7 +34,7 @@ def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **ext
         "agent_config": {},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    score_key = report.SCORE_KEYS.get(env, "return_mean")
+    score_key = scoring.score_key(env)
     phases = extra.get("phases", ["train"])
     lines = []
     for index, (phase, final) in enumerate(zip(phases, finals)):

@@ -1,0 +1,87 @@
+"""How episodes are scored: the one place that knows what an environment family's score is.
+
+A finished episode is a record `{"return", "length", "log_*": value at its last step}` (see
+`benchmarks/episodes.py`). `summarize(records, recipe, tasks)` turns a list of them into the
+summary every evaluation, phase and report reads:
+
+    episodes, return_mean, length_mean         every environment
+    <the family's own keys>                    the scorer declared at `register(...)`
+    success_rate                               environments that report `log_success`
+    task_success_rates                         ... with one flag per task (`log_task_success`)
+
+A family with its own score declares a `Scorer` when it registers:
+
+    registry.register("crafter", "envs.crafter:Crafter",
+                      scorer=Scorer("crafter_score", "envs.crafter:summarize"))
+
+`key` is the summary key that reports, transfer metrics and generalization gaps compare
+(`return_mean` unless declared); `summarize` is a `'module:function'` (imported when first
+used, like entry points) called as `summarize(records, keywords)` with the factory's resolved
+keywords, returning the family's extra summary keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from envs import base
+
+DEFAULT_KEY = "return_mean"
+Summarizer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scorer:
+    """An environment family's score key and its extra episode summaries."""
+
+    key: str = DEFAULT_KEY
+    summarize: Union[str, Summarizer, None] = None
+
+    def extras(self, records: Sequence[Mapping], keywords: Mapping[str, Any]) -> dict:
+        if self.summarize is None:
+            return {}
+        function = self.summarize
+        if isinstance(function, str):
+            module_name, attribute = function.split(":")
+            function = getattr(importlib.import_module(module_name), attribute)
+        return function(records, keywords)
+
+
+RETURN = Scorer()
+"""The default: scored by the mean return, no extra summaries."""
+
+
+def summarize(records: Sequence[Mapping], recipe=None, tasks: Optional[Sequence] = None) -> dict:
+    """The summary of finished episodes `records` of environment `recipe` (an
+    `envs.registry.EnvFactory`; None: only the generic keys), tasks named by `tasks`."""
+    out: dict[str, Any] = {"episodes": len(records)}
+    if not records:
+        return out
+    out["return_mean"] = float(np.mean([r["return"] for r in records]))
+    out["length_mean"] = float(np.mean([r["length"] for r in records]))
+    if recipe is not None:
+        out.update(recipe.entry.scorer.extras(records, recipe.keywords))
+    if base.SUCCESS_KEY in records[0]:
+        out["success_rate"] = float(np.mean([r[base.SUCCESS_KEY] for r in records]))
+    if base.TASK_SUCCESS_KEY in records[0]:
+        rates = np.mean([r[base.TASK_SUCCESS_KEY] for r in records], axis=0).round(4)
+        names = tasks if tasks is not None and len(tasks) == len(rates) else range(len(rates))
+        out["task_success_rates"] = {str(name): float(v) for name, v in zip(names, rates)}
+    return out
+
+
+def score_key(env_name: str) -> str:
+    """The summary key environment `env_name` is scored by. A name that is not registered
+    (results of a plugin not installed here) is looked up by its family, the part before
+    `-` or `/` (`crafter-64` is scored as `crafter`), else `return_mean`."""
+    from envs import registry
+
+    for name in (env_name, env_name.split("/")[0].split("-")[0]):
+        found = registry.find(name)
+        if found is not None:
+            return found.scorer.key
+    return DEFAULT_KEY
