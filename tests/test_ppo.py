@@ -12,7 +12,7 @@ import agents
 from agents import base, ppo
 from agents.replay import Replay
 from benchmarks import config as config_lib
-from benchmarks import protocols, runner
+from benchmarks import loop, protocols, runner
 from envs import base as env_base
 from envs import registry, vector
 
@@ -141,7 +141,7 @@ def _rollout_batch(env, length, seed):
     timestep = vector.stack([env.reset()])
     for _ in range(length + 1):
         action = rng.integers(5, size=1).astype(np.int32)
-        replay.add(runner._replay_step(timestep, action))
+        replay.add(loop.replay_step(timestep, action))
         timestep = vector.stack([env.step(action[0])])
     return replay.latest(length + 1)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-from envs import base, registry, robodesk, wrappers
+from envs import base, registry, robodesk, scoring, wrappers
 
 raw_robodesk = pytest.importorskip("robodesk", reason="pip install 'mbxfer[robodesk]'")
 STEPS = 25
@@ -120,13 +120,13 @@ def test_each_task_selects_its_reward(task):
 def test_runner_scores_the_selected_task():
     """The runner's episode summary scores the trained task's success, not the mean of all
     nine flags (it reported 1/9 for an episode that solved its task), and keeps every task's."""
-    from benchmarks import runner
+    from benchmarks import episodes
 
     for task, expected in (("open_slide", 1.0), ("lift_ball", 0.0)):
         env = registry.make(
             "robodesk", task=task, observation="state", reward="success", time_limit=3
         )
-        tracker, records = runner._EpisodeTracker(1), []
+        tracker, records = episodes.EpisodeTracker(1), []
         batched = lambda t: t._replace(  # noqa: E731
             step_type=np.array([t.step_type]),
             reward=np.array([t.reward or 0.0]),
@@ -136,6 +136,6 @@ def test_runner_scores_the_selected_task():
         env.unwrapped.raw.physics.named.data.qpos["slide_joint"] = 0.6
         while not records:
             records = tracker.observe(batched(env.step(np.zeros(5, np.float32))))
-        summary = runner._summarize_episodes(records, env.tasks)
+        summary = scoring.summarize(records, registry.factory("robodesk", task=task), env.tasks)
         assert summary["success_rate"] == expected, task
         assert summary["task_success_rates"]["open_slide"] == 1.0

@@ -1,0 +1,188 @@
+"""THE loop, written once for every agent: act, step, add to the replay, run the updates the
+schedule says are due, track episodes.
+
+    state = loop.run(envs, replay, learner, state, plan, hooks)
+
+It knows no files and no trial configuration. What it carries from step to step is the
+explicit `LoopState`; what happens at a due log, evaluation or checkpoint is the caller's,
+through `Hooks` (benchmarks/runner.py writes files there). Resume is exact because everything
+random is in `LoopState.rng` and every checkpoint restarts the environments from seeds derived
+from the step count (`restart`), in the resumed run and the uninterrupted one alike.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import numpy as np
+
+from agents.base import ActInput
+from benchmarks import episodes as episodes_lib
+from benchmarks import schedule
+from envs import base as env_base
+
+_RESEED_OFFSET = 7_919
+
+
+class LoopState(NamedTuple):
+    """Everything the loop carries across steps, and what a checkpoint saves of it."""
+
+    agent: Any
+    """The agent's state (parameters, optimizer states, counters)."""
+    rng: jax.Array
+    coverage: episodes_lib.Coverage
+    env_steps: int = 0
+    """Environment steps of this phase, summed over the batch."""
+    updates: int = 0
+    episodes: int = 0
+
+
+class Learner(NamedTuple):
+    """The agent as the loop drives it (`act` and `update` jitted)."""
+
+    act: Callable
+    update: Callable
+    initial_carry: Callable[[int], Any]
+    sample: Callable[[], dict]
+    """A training batch from the replay (relabelled as the phase asks)."""
+
+
+class Plan(NamedTuple):
+    """How long the loop runs and when it does what."""
+
+    steps: int
+    seed: int
+    """Environments are (re)seeded with `seed + 7919 * env_steps` (see `restart`)."""
+    updates: schedule.Updates
+    log: schedule.Every
+    evaluate: schedule.Every
+    checkpoint: schedule.Every
+
+
+class Window(NamedTuple):
+    """What happened since the last log (finished episodes, update metrics), and the step
+    count and time the loop started at (steps per second are over the whole call)."""
+
+    episodes: list
+    updates: list
+    start_steps: int
+    start_time: float
+
+
+class Hooks(Protocol):
+    def episode(self, state: LoopState, record: dict) -> None: ...
+
+    def log(self, state: LoopState, window: Window) -> None: ...
+
+    def evaluate(self, state: LoopState) -> None: ...
+
+    def checkpoint(self, state: LoopState) -> None: ...
+
+    def step(self, state: LoopState, ended: bool) -> bool:
+        """Called after every batch step; True stops the loop now (as a kill would)."""
+
+
+def replay_step(timestep, action) -> dict:
+    """The replay row of `timestep` and the action taken from it."""
+    return {
+        "observation": timestep.observation,
+        "action": np.asarray(action),
+        "reward": timestep.reward,
+        "discount": timestep.discount,
+        "is_first": timestep.step_type == 0,
+        "is_last": timestep.step_type == 2,
+        "is_terminal": (timestep.step_type == 2) & (timestep.discount == 0.0),
+    }
+
+
+def restart(envs, seed: int, env_steps: int):
+    """Reseed the environments for step count `env_steps` (unless 0: they were built with
+    `seed`) and reset them."""
+    if env_steps:
+        envs.seed(seed + _RESEED_OFFSET * env_steps)
+    return envs.reset()
+
+
+def update(learner: Learner, state: LoopState, batch, metrics: list) -> LoopState:
+    rng, key = jax.random.split(state.rng)
+    agent_state, result = learner.update(state.agent, batch, key)
+    metrics.append(result)
+    return state._replace(agent=agent_state, rng=rng, updates=state.updates + 1)
+
+
+def window_metrics(state: LoopState, window: Window, summarize) -> dict:
+    """The training metrics of `window`: counts, coverage, `episode/` summaries (by
+    `summarize`), `train/` means of the update metrics, and steps per second."""
+    record = {"updates": state.updates, "episodes": state.episodes, **state.coverage.metrics()}
+    summary = summarize(window.episodes)
+    record.update({f"episode/{k}": v for k, v in summary.items() if not isinstance(v, dict)})
+    if window.updates:
+        stacked = jax.device_get(window.updates)
+        for key in stacked[0]:
+            record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
+    elapsed = max(time.time() - window.start_time, 1e-9)
+    record["env_steps_per_second"] = (state.env_steps - window.start_steps) / elapsed
+    return record
+
+
+def run(envs, replay, learner: Learner, state: LoopState, plan: Plan, hooks: Hooks):
+    """Run from `state` until `plan.steps` environment steps; `(state, finished)`, where
+    `finished` is False when `hooks.step` stopped the loop early."""
+    num_envs = envs.num_envs
+    on_policy = isinstance(plan.updates, schedule.OnPolicy)
+    off_policy = isinstance(plan.updates, schedule.ReplayRatio)
+    spec = envs.action_spec()
+    placeholder_action = np.zeros((num_envs,) + spec.shape, spec.dtype)
+    timestep = restart(envs, plan.seed, state.env_steps)
+    carry = learner.initial_carry(num_envs)
+    tracker = episodes_lib.EpisodeTracker(num_envs)
+    window = Window([], [], state.env_steps, time.time())
+    while state.env_steps < plan.steps:
+        rng, act_key = jax.random.split(state.rng)
+        state = state._replace(rng=rng)
+        step = ActInput(env_base.agent_observation(timestep.observation), timestep.step_type == 0)
+        if on_policy:
+            # The step joins the replay before acting, so that every `rollout` steps the
+            # update sees the rollout just collected, all of it acted with the current
+            # parameters, with this step as the bootstrap row.
+            replay.add(replay_step(timestep, placeholder_action))
+            if plan.updates.due(state.env_steps):
+                batch = replay.latest(plan.updates.rollout + 1)
+                state = update(learner, state, batch, window.updates)
+            action, carry = learner.act(state.agent, carry, step, act_key, "explore")
+            action = np.asarray(action)
+            replay.set_newest_action(action)
+        else:
+            action, carry = learner.act(state.agent, carry, step, act_key, "explore")
+            action = np.asarray(action)
+            replay.add(replay_step(timestep, action))
+        timestep = envs.step(action)
+        finished = tracker.observe(timestep)
+        state = state._replace(
+            env_steps=state.env_steps + num_envs, episodes=state.episodes + len(finished)
+        )
+        for record in finished:
+            hooks.episode(state, record)
+        state.coverage.observe(timestep.observation)
+        window.episodes.extend(finished)
+        if off_policy and replay.num_windows:
+            for _ in range(plan.updates.owed(state.env_steps, state.updates)):
+                state = update(learner, state, learner.sample(), window.updates)
+
+        ended = state.env_steps >= plan.steps
+        checkpoint_due = plan.checkpoint.due(state.env_steps, num_envs) and not ended
+        # Metrics are also flushed at checkpoints, so a resumed run writes the same lines.
+        if plan.log.due(state.env_steps, num_envs, ended) or checkpoint_due:
+            hooks.log(state, window)
+            window = window._replace(episodes=[], updates=[])
+        if plan.evaluate.due(state.env_steps, num_envs, ended):
+            hooks.evaluate(state)
+        if checkpoint_due:
+            hooks.checkpoint(state)
+            timestep = restart(envs, plan.seed, state.env_steps)
+            tracker.reset()
+        if hooks.step(state, ended):
+            return state, False
+    return state, True

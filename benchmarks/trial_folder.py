@@ -1,0 +1,235 @@
+"""A trial's folder: everything one trial writes, and where it resumes from.
+
+    config.yaml       the resolved TrialConfig (a resume with a different config is refused)
+    metrics.jsonl     training metrics every `train.log_every` environment steps
+    eval.jsonl        one line per evaluation set and mode
+    episodes.jsonl    one line per finished training episode (return, length, log_* data)
+    checkpoints/      atomic checkpoints (benchmarks/checkpoint.py), each with `runner.json`:
+                      the `RunnerState` and the byte offsets the logs had then
+    phaseN.ckpt       the checkpoint at the end of phase N (what `--from` starts after)
+    video.gif         open-loop world-model rollout (model-based agents on images)
+    done.json         written last: the final summary
+
+A resumed trial cuts its logs back to the checkpoint's offsets, so it writes the same lines
+as an uninterrupted run. `--from <trial>/phaseN.ckpt` starts a trial after phase N of another
+trial whose earlier phases are this one's, copying those phases' log lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import yaml
+
+from benchmarks import checkpoint, protocols
+from benchmarks import config as config_lib
+
+LOGS = ("metrics", "eval", "episodes")
+
+
+class IncompatibleTrialError(config_lib.ConfigError):
+    pass
+
+
+@dataclasses.dataclass
+class RunnerState:
+    """What a checkpoint records besides the agent's state and the replay (`runner.json`)."""
+
+    phase: str
+    phase_index: int
+    phase_done: bool
+    """True at a phase's end: the next phase starts from this checkpoint."""
+    env_steps: int
+    updates: int
+    episodes: int
+    rng: list
+    """The loop's key (`LoopState.rng`)."""
+    offsets: dict
+    """Byte offsets of each log (`LOGS`) when the checkpoint was taken."""
+    coverage: dict
+    history: dict
+    """`phases`: the summaries of the phases finished so far; `from`: the `--from` folder."""
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunnerState":
+        raw = json.loads((folder / "runner.json").read_text())
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in names})
+
+    @property
+    def next_phase(self) -> int:
+        """The phase a run resumed from here continues (or starts)."""
+        return self.phase_index + bool(self.phase_done)
+
+
+class Resume(NamedTuple):
+    """Where a run starts: a checkpoint `folder`, its `state`, and whether the folder is
+    another trial's (`--from`)."""
+
+    folder: Path
+    state: RunnerState
+    other_trial: bool
+
+
+class JsonlLog:
+    """An append-only JSON-lines file that can be cut back to a checkpoint's offset."""
+
+    def __init__(self, path: Path, offset: Optional[int]):
+        self.path = path
+        if offset is not None and path.exists():
+            with open(path, "r+b") as file:
+                file.truncate(offset)
+        elif offset is None and path.exists():
+            path.unlink()
+        self._file = open(path, "ab")
+
+    def write(self, record: dict) -> None:
+        self._file.write((json.dumps(record) + "\n").encode())
+        self._file.flush()
+
+    def offset(self) -> int:
+        self._file.flush()
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TrialFolder:
+    """One trial's folder (see the module docstring); `open` checks its config first."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.logs: dict[str, JsonlLog] = {}
+
+    @classmethod
+    def open(cls, out: Path, config: config_lib.TrialConfig) -> "TrialFolder":
+        """The folder of `config`'s trial, made if new; refused if it holds another config."""
+        folder = cls(out)
+        folder.out.mkdir(parents=True, exist_ok=True)
+        config_path = folder.out / "config.yaml"
+        if config_path.exists():
+            saved = yaml.safe_load(config_path.read_text())
+            changed = config_lib.differences(saved, config.to_dict())
+            if changed:
+                raise IncompatibleTrialError(
+                    f"{folder.out} holds a trial with a different configuration:\n  "
+                    + "\n  ".join(changed)
+                    + "\nUse another --out folder, or delete this one to start over."
+                )
+        else:
+            checkpoint.write_atomic(config_path, config_lib.to_yaml(config).encode())
+        return folder
+
+    def done(self) -> Optional[dict]:
+        """The final summary if the trial has finished."""
+        path = self.out / "done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_done(self, summary: dict) -> None:
+        text = json.dumps(summary, indent=2) + "\n"
+        checkpoint.write_atomic(self.out / "done.json", text.encode())
+
+    # -- resume -----------------------------------------------------------------------------
+    def resume_point(self, start_from: Optional[Path], config, phases) -> Optional[Resume]:
+        """The latest checkpoint of this trial, else the `start_from` phase checkpoint of
+        another trial (checked to share this trial's earlier phases), else None."""
+        found = checkpoint.latest(self.out / "checkpoints")
+        if found is not None:
+            return Resume(found, RunnerState.read(found), False)
+        if start_from is None:
+            return None
+        start_from = Path(start_from)
+        if not (start_from / "runner.json").exists():
+            raise IncompatibleTrialError(
+                f"--from {start_from}: not a checkpoint folder (expected <trial>/phaseN.ckpt)"
+            )
+        state = RunnerState.read(start_from)
+        if not state.phase_done or state.next_phase >= len(phases):
+            raise IncompatibleTrialError(
+                f"--from {start_from}: it ends phase {state.phase_index}, so this trial would "
+                f"start at phase {state.phase_index + 1}, but its protocol has {len(phases)} "
+                "phases"
+            )
+        source_config = start_from.parent / "config.yaml"
+        if source_config.exists():
+            source = config_lib.build(yaml.safe_load(source_config.read_text()))
+            count = state.next_phase
+            if protocols.prefix_key(source, count) != protocols.prefix_key(config, count):
+                raise IncompatibleTrialError(
+                    f"--from {start_from}: that trial's phases 0..{state.phase_index}, agent, "
+                    "agent config, seed, environment or training settings differ from this "
+                    f"trial's (compare {source_config} with this trial's config.yaml)"
+                )
+        return Resume(start_from, state, True)
+
+    # -- logs -------------------------------------------------------------------------------
+    def open_logs(self, resume: Optional[Resume]) -> None:
+        """Open the logs, cut back to `resume`'s offsets (copied from the other trial's logs
+        for `--from`, so this folder tells the whole story); fresh logs without `resume`."""
+        offsets = {name: None for name in LOGS}
+        if resume is not None and resume.other_trial:
+            offsets = self._copy_logs(resume.folder.parent, resume.state.offsets)
+        elif resume is not None:
+            offsets = {name: resume.state.offsets.get(name) for name in LOGS}
+        self.logs = {name: JsonlLog(self.out / f"{name}.jsonl", offsets[name]) for name in LOGS}
+
+    def _copy_logs(self, source: Path, offsets: dict) -> dict:
+        """Copy the first `offsets[name]` bytes of each of `source`'s logs into this folder;
+        the offsets to continue from."""
+        copied = {}
+        for name in LOGS:
+            path, offset = source / f"{name}.jsonl", offsets.get(name)
+            if offset is None or not path.exists():
+                copied[name] = None
+                continue
+            with open(path, "rb") as file:
+                data = file.read(offset)
+            (self.out / f"{name}.jsonl").write_bytes(data)
+            copied[name] = len(data)
+        return copied
+
+    def write(self, log: str, record: dict) -> None:
+        self.logs[log].write(record)
+
+    def offsets(self) -> dict:
+        return {name: log.offset() for name, log in self.logs.items()}
+
+    def read(self, log: str) -> list[dict]:
+        """Every line of `log` so far."""
+        if log in self.logs:
+            self.logs[log].offset()  # flush
+        path = self.out / f"{log}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def close(self) -> None:
+        for log in self.logs.values():
+            log.close()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save(self, state: RunnerState, total_steps: int, agent_state: Any, replay) -> Path:
+        """An atomic checkpoint of the agent, the replay and `state` at `total_steps`."""
+        return checkpoint.save(
+            self.out / "checkpoints",
+            total_steps,
+            agent_state,
+            dataclasses.asdict(state),
+            replay.save,
+            name=f"step-{total_steps:012d}-phase{state.phase_index}",
+        )
+
+    def mark_phase(self, folder: Path, index: int) -> None:
+        """Keep the checkpoint `folder` that ends phase `index` as `phase<index>.ckpt`."""
+        checkpoint.link_copy(folder, self.out / f"phase{index}.ckpt")
+
+
+def load_agent_state(resume: Resume, fresh: Any) -> Any:
+    """The agent state saved at `resume`, shaped like `fresh`."""
+    try:
+        state, _ = checkpoint.load(resume.folder, fresh)
+    except checkpoint.IncompatibleCheckpointError as error:
+        raise IncompatibleTrialError(str(error)) from None
+    return state
