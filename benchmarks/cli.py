@@ -13,78 +13,41 @@ mbxfer demo                       the smallest end-to-end run (what `make demo` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def random_rollout(
     env: str, episodes: int, workers: int, seed: int, out: Path | None, task: str | None
 ) -> dict:
-    """Run a uniform random policy until `episodes` episodes end; summarize them."""
-    from dm_env import specs
-
-    from envs import crafter as crafter_env
-    from envs import registry, vector
+    """Play a uniform random policy until `episodes` episodes end; their summary
+    (`envs.scoring`), written with each episode's record to `out` when given."""
+    from benchmarks import episodes as episodes_lib
+    from envs import registry, scoring, vector
 
     recipe = registry.factory(env, task=task)
     mode = "process" if workers > 1 else "inline"
-    rng = np.random.default_rng(seed)
-    finished, returns, lengths, achievements = 0, [], [], []
     start = time.time()
-    steps = 0
-    with vector.make(recipe, workers, mode=mode, seed=seed) as envs:
-        action_spec = envs.action_spec()
-        timestep = envs.reset()
-        episode_return = np.zeros(workers)
-        episode_length = np.zeros(workers, int)
-        episodes_file = None
+    with contextlib.ExitStack() as stack:
+        envs = stack.enter_context(vector.make(recipe, workers, mode=mode, seed=seed))
+        write = None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            episodes_file = open(out / "episodes.jsonl", "w")
-        while finished < episodes:
-            if isinstance(action_spec, specs.DiscreteArray):
-                actions = rng.integers(action_spec.num_values, size=workers)
-            else:
-                actions = rng.uniform(-1, 1, (workers,) + action_spec.shape).astype(np.float32)
-            timestep = envs.step(actions)
-            steps += workers
-            mid = timestep.step_type != 0
-            episode_return += np.where(mid, timestep.reward, 0.0)
-            episode_length += mid
-            for i in np.flatnonzero(timestep.step_type == 2):
-                if finished >= episodes:
-                    break
-                record = {"return": float(episode_return[i]), "length": int(episode_length[i])}
-                if "log_achievements" in timestep.observation:
-                    counts = timestep.observation["log_achievements"][i]
-                    achievements.append(counts)
-                    record["achievements"] = counts.tolist()
-                returns.append(record["return"])
-                lengths.append(record["length"])
-                if episodes_file:
-                    episodes_file.write(json.dumps(record) + "\n")
-                    episodes_file.flush()
-                finished += 1
-                episode_return[i], episode_length[i] = 0.0, 0
-        if episodes_file:
-            episodes_file.close()
+            lines = stack.enter_context(open(out / "episodes.jsonl", "w"))
+            write = lambda record: lines.write(json.dumps(record) + "\n")  # noqa: E731
+        policy = episodes_lib.RandomPolicy(envs.action_spec(), seed)
+        records = episodes_lib.play(envs, policy, episodes, on_episode=write)
+        tasks = envs.tasks
     summary = {
         "env": env,
         "task": task,
-        "episodes": finished,
-        "env_steps": steps,
-        "steps_per_second": steps / (time.time() - start),
-        "mean_return": float(np.mean(returns)),
-        "mean_length": float(np.mean(lengths)),
+        "env_steps": policy.steps,
+        "steps_per_second": policy.steps / (time.time() - start),
+        **scoring.summarize(records, recipe, tasks),
     }
-    if achievements:
-        rates = crafter_env.success_rates(achievements)
-        summary["crafter_score"] = crafter_env.score(rates)
-        summary["success_rates"] = dict(zip(crafter_env.ACHIEVEMENTS, rates.round(2).tolist()))
     if out is not None:
         from benchmarks.checkpoint import write_atomic
 
@@ -125,7 +88,7 @@ def _cmd_demo(args) -> int:
     summary = random_rollout("crafter", args.episodes, 2, 0, out, "reward")
     print(
         f"{summary['episodes']} episodes, {summary['env_steps']} steps at "
-        f"{summary['steps_per_second']:.0f} steps/s; mean return {summary['mean_return']:.2f}, "
+        f"{summary['steps_per_second']:.0f} steps/s; mean return {summary['return_mean']:.2f}, "
         f"Crafter score {summary['crafter_score']:.2f}% (published random agent: 1.6%)"
     )
     print(f"wrote {out / 'episodes.jsonl'} and {out / 'summary.json'}")

@@ -113,15 +113,18 @@ class AgentPolicy:
 
 
 class RandomPolicy:
-    """Uniform random actions (discrete, or continuous in [-1, 1]) from a numpy generator."""
+    """Uniform random actions (discrete, or continuous in [-1, 1]) from a numpy generator;
+    `steps` counts the actions taken."""
 
     def __init__(self, action_spec, seed: int):
         self.spec, self.rng = action_spec, np.random.default_rng(seed)
+        self.steps = 0
 
     def initial_carry(self, num_envs: int):
         return num_envs
 
     def __call__(self, timestep, num_envs):
+        self.steps += num_envs
         if isinstance(self.spec, specs.DiscreteArray):
             return self.rng.integers(self.spec.num_values, size=num_envs), num_envs
         shape = (num_envs,) + self.spec.shape

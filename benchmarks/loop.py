@@ -112,6 +112,17 @@ def update(learner: Learner, state: LoopState, batch, metrics: list) -> LoopStat
     return state._replace(agent=agent_state, rng=rng, updates=state.updates + 1)
 
 
+def offline(update_fn, sample, state: LoopState, count: int) -> tuple[LoopState, list]:
+    """`count` updates by `update_fn` on batches from `sample`, no environment step (offline
+    adaptation); they are not counted as the phase's updates. The state and their metrics."""
+    rng, agent_state, metrics = state.rng, state.agent, []
+    for _ in range(count):
+        rng, key = jax.random.split(rng)
+        agent_state, result = update_fn(agent_state, sample(), key)
+        metrics.append(result)
+    return state._replace(agent=agent_state, rng=rng), metrics
+
+
 def window_metrics(state: LoopState, window: Window, summarize) -> dict:
     """The training metrics of `window`: counts, coverage, `episode/` summaries (by
     `summarize`), `train/` means of the update metrics, and steps per second."""

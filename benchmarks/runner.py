@@ -28,12 +28,11 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from acme import specs as acme_specs
 
 import agents
 from agents.replay import Replay
 from benchmarks import config as config_lib
-from benchmarks import episodes, loop, protocols, schedule, transfer
+from benchmarks import episodes, loop, protocols, schedule, transfer, video
 from benchmarks.trial_folder import (
     IncompatibleTrialError,
     Resume,
@@ -41,10 +40,9 @@ from benchmarks.trial_folder import (
     TrialFolder,
     load_agent_state,
 )
-from envs import base as env_base
 from envs import registry, scoring, vector
 
-__all__ = ["IncompatibleTrialError", "run", "evaluate", "make_envs", "environment_spec"]
+__all__ = ["IncompatibleTrialError", "run", "evaluate", "make_envs"]
 
 
 def enable_compilation_cache() -> None:
@@ -61,17 +59,6 @@ def enable_compilation_cache() -> None:
     )
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def environment_spec(envs: vector.VectorEnv) -> acme_specs.EnvironmentSpec:
-    """The spec agents are built from (agent keys only) for a batch of environments."""
-    observations = env_base.agent_observation(envs.observation_spec())
-    return acme_specs.EnvironmentSpec(
-        observations=observations,
-        actions=envs.action_spec(),
-        rewards=env_base.Environment.reward_spec(None),
-        discounts=env_base.Environment.discount_spec(None),
-    )
 
 
 def env_recipe(config: config_lib.TrialConfig, task, *kwargs) -> registry.EnvFactory:
@@ -184,50 +171,20 @@ class _Trial:
         if last:
             summary["final_eval"] = last.get("eval", next(iter(last.values())))
         score_key = scoring.score_key(config.env.name)
-        gap = _generalization_gap(last, score_key)
+        gap = transfer.generalization_gap(last, score_key)
         if gap is not None:
             summary["generalization_gap"] = gap
         if config.protocol.name != "scratch":
-            summary["transfer"] = self._transfer(score_key)
+            last_phase = len(self.phases) - 1
+            summary["transfer"] = transfer.against_scratch(
+                self.folder.out, config, self.phases[last_phase].name, last_phase,
+                self.folder.read("eval"), score_key,
+            )  # fmt: skip
         video = phase.video(state, replay)
         if video is not None:
             summary["video"] = video
         self.folder.write_done(summary)
         return summary
-
-    def _transfer(self, score_key: str) -> dict:
-        """Transfer metrics of the last phase against the matching scratch trial, if finished."""
-        scratch = transfer.matching_scratch(self.folder.out.parent, self.config)
-        if scratch is None:
-            return {"status": "no finished scratch trial with the same settings next to this one"}
-        theirs = TrialFolder(scratch).read("eval")
-        last = len(self.phases) - 1
-        mode = self.config.train.eval_modes[0]
-        by_score = transfer.against_twin(
-            self.folder.read("eval"), last, theirs, score_key, mode, self.config.protocol.threshold
-        )
-        if score_key not in by_score:
-            return {"status": f"no {score_key} evaluations to compare"}
-        out = {
-            "phase": self.phases[last].name,
-            "score": score_key,
-            "mode": mode,
-            "scratch_trial": scratch.name,
-            **by_score[score_key],
-        }
-        if score_key != "return_mean" and "return_mean" in by_score:
-            out["return"] = by_score["return_mean"]
-        return out
-
-
-def _generalization_gap(final_evals: dict, score_key: str) -> Optional[dict]:
-    """Train minus test score when the last phase evaluated both splits."""
-    if "train" not in final_evals or "test" not in final_evals:
-        return None
-    train, test = final_evals["train"].get(score_key), final_evals["test"].get(score_key)
-    if train is None or test is None:
-        return None
-    return {"score": score_key, "train": train, "test": test, "gap": train - test}
 
 
 class _Phase:
@@ -246,7 +203,8 @@ class _Phase:
         agent_config = protocols.agent_config_for(
             trial.agent_config, self.phase, self.config.protocol
         )
-        self.agent = agents.make(self.config.agent, environment_spec(self.envs), agent_config)
+        spec = vector.environment_spec(self.envs)
+        self.agent = agents.make(self.config.agent, spec, agent_config)
         self.act = jax.jit(self.agent.act, static_argnums=4)
         self.task_index = None
         if self.phase.keep_replay and self.phase.task is not None:
@@ -374,18 +332,14 @@ class _Phase:
                 "(set keep_replay and run a phase before it)"
             )
         adapt = jax.jit(self.agent.adapt)
-        rng, agent_state, metrics = state.rng, state.agent, []
-        for _ in range(phase.offline_updates):
-            rng, key = jax.random.split(rng)
-            agent_state, result = adapt(agent_state, self._sample(), key)
-            metrics.append(result)
+        state, metrics = loop.offline(adapt, self._sample, state, phase.offline_updates)
         stacked = jax.device_get(metrics)
         record = {**self.tag, "env_steps": 0, "total_env_steps": self.steps_before,
                   "offline_updates": phase.offline_updates}  # fmt: skip
         for key in stacked[-1]:
             record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
         self.folder.write("metrics", record)
-        return state._replace(agent=agent_state, rng=rng)
+        return state
 
     def _end(self, state: loop.LoopState) -> None:
         """The phase's summary into the trial's history, and its checkpoint."""
@@ -430,8 +384,8 @@ class _Phase:
         if not replay.num_windows or train.sequence_length <= 6:
             return None
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 999)
-        return {"path": "video.gif", **_write_video(self.agent, agent_state, replay,
-                                                     self.folder.out, key)}  # fmt: skip
+        written = video.write_open_loop(self.agent, agent_state, replay, self.folder.out, key)
+        return {"path": "video.gif", **written}
 
     # -- the loop's hooks ---------------------------------------------------------------
     def episode(self, state: loop.LoopState, record: dict) -> None:
@@ -495,25 +449,3 @@ class _Phase:
             desc=f"{self.config.agent} on {self.config.env.name}: {self.phase.name}",
             dynamic_ncols=True,
         )
-
-
-def _write_video(agent, state, replay: Replay, out: Path, rng, context: int = 5) -> dict:
-    """An open-loop rollout GIF (real | imagined | error) and the error per horizon step."""
-    import imageio.v2 as imageio
-
-    batch = replay.sample(4)
-    length = batch["is_first"].shape[1]
-    horizon = length - context
-    imagined = jax.device_get(agent.open_loop(state, batch, context, horizon, rng))
-    real = batch["observation"]["image"][:, context:].astype(np.float32) / 255.0
-    predicted = np.clip(np.asarray(imagined["image"]), 0.0, 1.0)
-    error = ((real - predicted) ** 2).mean(axis=(0, 2, 3, 4))
-    frames = []
-    for t in range(horizon):
-        rows = [
-            np.concatenate([real[b, t], predicted[b, t], np.abs(real[b, t] - predicted[b, t])], 1)
-            for b in range(real.shape[0])
-        ]
-        frames.append((np.concatenate(rows, 0) * 255).astype(np.uint8))
-    imageio.mimsave(out / "video.gif", frames, duration=0.2, loop=0)
-    return {"open_loop_mse": error.round(6).tolist(), "context": context, "horizon": horizon}

@@ -17,6 +17,7 @@ The score each environment family is judged by is `envs.scoring.score_key(env_na
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -136,6 +137,41 @@ def against_twin(
         metrics["matched_episodes"] = matched_episodes(records, phase_index, twin, 0, mode)
         out[key] = metrics
     return out
+
+
+def against_scratch(
+    trial: Path, config, phase_name: str, phase_index: int, records: list, score: str
+) -> dict:
+    """`done.json`'s `transfer`: the metrics of phase `phase_index` of the trial in folder
+    `trial` (its evaluation lines `records`) against its finished scratch twin next to it."""
+    scratch = matching_scratch(Path(trial).parent, config)
+    if scratch is None:
+        return {"status": "no finished scratch trial with the same settings next to this one"}
+    theirs = [json.loads(line) for line in (scratch / "eval.jsonl").read_text().splitlines()]
+    mode = config.train.eval_modes[0]
+    by_score = against_twin(records, phase_index, theirs, score, mode, config.protocol.threshold)
+    if score not in by_score:
+        return {"status": f"no {score} evaluations to compare"}
+    out = {
+        "phase": phase_name,
+        "score": score,
+        "mode": mode,
+        "scratch_trial": scratch.name,
+        **by_score[score],
+    }
+    if score != "return_mean" and "return_mean" in by_score:
+        out["return"] = by_score["return_mean"]
+    return out
+
+
+def generalization_gap(final_evals: dict, score: str) -> Optional[dict]:
+    """Train minus test `score` when the last phase evaluated both splits (None otherwise)."""
+    if "train" not in final_evals or "test" not in final_evals:
+        return None
+    train, test = final_evals["train"].get(score), final_evals["test"].get(score)
+    if train is None or test is None:
+        return None
+    return {"score": score, "train": train, "test": test, "gap": train - test}
 
 
 def matching_scratch(root: Path, config) -> Optional[Path]:

@@ -41,7 +41,10 @@ from typing import Any, Callable, Mapping, Optional
 
 import dm_env
 import numpy as np
+from acme import specs as acme_specs
 from dm_env import specs
+
+from envs import base
 
 _STEP_TYPE_DTYPE = np.int8
 _LAST = int(dm_env.StepType.LAST)  # Enum attribute lookups are slow in the per-step path.
@@ -496,3 +499,14 @@ def _native_batch(factory, num_envs: int, seed: int):
     if make_batch is None:
         return None
     return make_batch(num_envs, seed, {**factory.entry.defaults, **factory.overrides})
+
+
+def environment_spec(envs) -> acme_specs.EnvironmentSpec:
+    """The spec agents are built from (agent keys only) for a batch of environments: one
+    environment's spec, as `envs.base.environment_spec` gives it for a single one."""
+    return acme_specs.EnvironmentSpec(
+        observations=base.agent_observation(envs.observation_spec()),
+        actions=envs.action_spec(),
+        rewards=base.Environment.reward_spec(None),
+        discounts=base.Environment.discount_spec(None),
+    )

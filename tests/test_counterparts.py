@@ -14,7 +14,7 @@ import agents
 from agents import dreamer, muzero, nomodel
 from agents.replay import Replay
 from benchmarks import config as config_lib
-from benchmarks import protocols, runner
+from benchmarks import loop, protocols, runner
 from envs import base as env_base
 from envs import registry, vector
 
@@ -54,7 +54,7 @@ def batches():
     timestep = envs.reset()
     for _ in range(40):
         action = rng.integers(5, size=2)
-        replay.add(runner._replay_step(timestep, action))
+        replay.add(loop.replay_step(timestep, action))
         timestep = envs.step(action)
     return [replay.sample(4) for _ in range(2)]
 

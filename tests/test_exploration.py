@@ -10,7 +10,7 @@ import agents
 import exploration
 from agents.replay import Replay
 from benchmarks import config as config_lib
-from benchmarks import runner
+from benchmarks import loop, runner
 from envs import base as env_base
 from envs import registry, vector
 from exploration import ExplorationConfig, Transitions
@@ -131,7 +131,7 @@ def _batches(count=2):
     timestep = envs.reset()
     for _ in range(40):
         action = rng.integers(5, size=2)
-        replay.add({**runner._replay_step(timestep, action)})
+        replay.add({**loop.replay_step(timestep, action)})
         timestep = envs.step(action)
     return [replay.sample(4) for _ in range(count)]
 

@@ -20,7 +20,7 @@ from agents import muzero_targets as targets
 from benchmarks import checkpoint, runner
 from benchmarks import config as config_lib
 from envs import base as env_base
-from envs import registry
+from envs import registry, vector
 
 ROOT = Path(__file__).resolve().parent.parent
 # The shared tiny MuZero (tests/tiny_configs.py) without the exploration module's width.
@@ -336,7 +336,7 @@ def _learn(folder, *overrides):
     """Train; return the final state, the config and the final greedy evaluation's return."""
     config = config_lib.build(config_lib.parse_overrides([*LEARN, *overrides]))
     summary = runner.run(config, folder, progress=False)
-    spec = runner.environment_spec(runner.make_envs(config, 1, 0))
+    spec = vector.environment_spec(runner.make_envs(config, 1, 0))
     agent = agents.make("muzero", spec, config.agent_config)
     state, _ = checkpoint.load(
         checkpoint.latest(folder / "checkpoints"), agent.init(jax.random.PRNGKey(0))
