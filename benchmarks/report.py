@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import math
@@ -145,11 +144,6 @@ def headline_mode(config: dict) -> str:
     return str(modes[0])
 
 
-def _config_hash(config: dict) -> str:
-    text = json.dumps(config, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
 def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
     records = []
     if not path.exists():
@@ -202,7 +196,7 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
                 done = json.loads((folder / "done.json").read_text())
             except json.JSONDecodeError:
                 notes.append(f"{folder / 'done.json'}: unreadable; trial counted as unfinished")
-        record = TrialRecord(folder, _config_hash(config), config, evals, done)
+        record = TrialRecord(folder, config_lib.trial_id_of(config), config, evals, done)
         previous = found.get(record.trial_id)
         if previous is not None:
             keep = max(previous, record, key=lambda r: (r.done is not None, len(r.evals)))

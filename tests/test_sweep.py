@@ -135,7 +135,8 @@ def test_local_sweep_runs_then_skips_finished_trials(tmp_path):
     assert {k: v for k, v in after.items() if k != sweep.INDEX} == {
         k: v for k, v in before.items() if k != sweep.INDEX
     }
-    # The report reads the same folders.
+    # The report reads the same folders, and names each trial by the sweep's trial id.
+    assert {t.trial_id for t in report.load_trials(out)} == {e["trial_id"] for e in index}
     written = report.write(out, tmp_path / "report", command="test", reps=200, curve_reps=50)
     assert "| scratch | random [seed" not in written.read_text()  # Seeds are not variants.
     assert "| scratch | random | 2 | 200 |" in written.read_text()
