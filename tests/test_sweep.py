@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import cli, report, sweep
+from benchmarks import cli, report, results, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = {
@@ -136,7 +136,7 @@ def test_local_sweep_runs_then_skips_finished_trials(tmp_path):
         k: v for k, v in before.items() if k != sweep.INDEX
     }
     # The report reads the same folders, and names each trial by the sweep's trial id.
-    assert {t.trial_id for t in report.load_trials(out)} == {e["trial_id"] for e in index}
+    assert {t.trial_id for t in results.load_trials(out)} == {e["trial_id"] for e in index}
     written = report.write(out, tmp_path / "report", command="test", reps=200, curve_reps=50)
     assert "| scratch | random [seed" not in written.read_text()  # Seeds are not variants.
     assert "| scratch | random | 2 | 200 |" in written.read_text()
