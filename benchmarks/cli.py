@@ -153,10 +153,10 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from benchmarks import sweep
+    from benchmarks import sweep, sweep_spec
 
-    spec = sweep.load_spec(Path(args.spec), args.scale)
-    plan = sweep.expand(spec)
+    spec = sweep_spec.load_spec(Path(args.spec), args.scale)
+    plan = sweep_spec.expand(spec)
     out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
     if args.dry_run:
         rows = sweep.plan(plan, out)
@@ -173,7 +173,7 @@ def _cmd_sweep(args) -> int:
                 leader, index = starts[trial.trial_id]
                 shared = f"  (starts from {leader}/phase{index}.ckpt)"
             print(
-                f"{trial.trial_id:12s}  {status:8s}  {steps:>9,}/{sweep.trial_budget(trial.config):<9,}  "
+                f"{trial.trial_id:12s}  {status:8s}  {steps:>9,}/{sweep_spec.trial_budget(trial.config):<9,}  "
                 f"{labels['agent']} / {labels['env']} / {labels['task']} / "
                 f"{labels['protocol']} / {labels['seed']}  {overrides}".rstrip()
                 + shared
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a sweep spec: a grid of trials, locally or on Ray",
         description=(
             "Expand SPEC.yaml (agents, envs, tasks, protocols, seeds, base, grid, resources; "
-            "see benchmarks/sweep.py) into trials, check them all, then run every unfinished "
+            "see benchmarks/sweep_spec.py) into trials, check them all, then run every unfinished "
             "one in OUT/<trial_id>. Re-running skips finished trials, resumes interrupted "
             "ones from their checkpoints and retries failed ones."
         ),

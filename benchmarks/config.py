@@ -118,8 +118,14 @@ class TrialConfig:
 
     def trial_id(self) -> str:
         """A stable id from the resolved config."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        return trial_id_of(self.to_dict())
+
+
+def trial_id_of(config: Mapping) -> str:
+    """The trial id of a config in plain form (`TrialConfig.to_dict()`, or a trial folder's
+    `config.yaml` as loaded): the one hash that names trial folders and that reports count by."""
+    text = json.dumps(config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _to_plain(value: Any) -> Any:

@@ -183,10 +183,10 @@ def _preset_trials(name):
     """The trials of a preset sweep spec in benchmarks/configs (one source of settings)."""
     from pathlib import Path
 
-    from benchmarks import sweep
+    from benchmarks import sweep_spec
 
     spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
-    return sweep.expand(sweep.load_spec(spec)).trials
+    return sweep_spec.expand(sweep_spec.load_spec(spec)).trials
 
 
 def _coverage(trial, folder):

@@ -305,10 +305,10 @@ def test_agent_without_intrinsic_reward_is_refused_before_running():
 
 
 def _preset_trials(name):
-    from benchmarks import sweep
+    from benchmarks import sweep_spec
 
     spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
-    return sweep.expand(sweep.load_spec(spec)).trials
+    return sweep_spec.expand(sweep_spec.load_spec(spec)).trials
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 from rliable import library, metrics
 
-from benchmarks import cli, report
+from benchmarks import cli, plots, report
+from benchmarks.results import load_trials
 from envs import scoring
 
 REPS = 300
@@ -206,7 +207,7 @@ def test_achievement_plot_draws_the_csvs_percentages(written, tmp_path):
     table = {}
     for row in _rows(out / "crafter_achievements.csv"):
         table.setdefault(row["group"], {})[row["achievement"]] = float(row["success_rate"])
-    figure = report.plot_achievements(table, tmp_path / "a.png")
+    figure = plots.plot_achievements(table, tmp_path / "a.png")
     (ax,) = figure.axes
     heights = sorted(round(bar.get_height(), 6) for bar in ax.patches)
     expected = sorted(round(v, 6) for rates in table.values() for v in rates.values())
@@ -241,7 +242,7 @@ def test_folders_from_two_machines_merge_once(results, tmp_path):
     shutil.copytree(results / "machine_a", merged / "cluster" / "machine_a")  # Same trials.
     shutil.copytree(results / "d0", merged / "cluster" / "extra" / "d0")
     notes = []
-    trials = report.load_trials(merged, notes)
+    trials = load_trials(merged, notes)
     assert len(trials) == 17  # 5 + 5 + 3 + 3 + 1, each counted once.
     assert sum("found twice" in note for note in notes) == 4
 
@@ -253,7 +254,7 @@ def test_grid_variants_are_separate_groups(tmp_path):
             config = yaml.safe_load((folder / "config.yaml").read_text())
             config["agent_config"] = {"model": {"deter": deter}}
             (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    labels = sorted({t.label for t in report.load_trials(tmp_path)})
+    labels = sorted({t.label for t in load_trials(tmp_path)})
     assert labels == ["dreamer [agent.model.deter=16]", "dreamer [agent.model.deter=32]"]
 
 

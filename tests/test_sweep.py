@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import cli, report, sweep
+from benchmarks import cli, executors, report, results, sweep, sweep_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = {
@@ -58,7 +58,7 @@ def test_spec_expands_to_validated_trials():
         "base": {"train": {"steps": 100}},
         "grid": {"env.num_envs": [1, 2]},
     }
-    trials = sweep.expand(spec).trials
+    trials = sweep_spec.expand(spec).trials
     # grid: 2 tasks x 2 seeds x 2 num_envs; point_mass names its own task: 2 seeds x 2.
     assert len(trials) == 12
     assert len({t.trial_id for t in trials}) == 12
@@ -114,9 +114,9 @@ def test_malformed_specs_fail_before_any_trial_starts(tmp_path, capsys, spec, ex
 
 
 def test_local_sweep_runs_then_skips_finished_trials(tmp_path):
-    spec = sweep.load_spec(_spec(tmp_path, seeds=[0, 1]))
+    spec = sweep_spec.load_spec(_spec(tmp_path, seeds=[0, 1]))
     out = tmp_path / "out"
-    outcome = sweep.run(sweep.expand(spec), out, workers=2, stream=None, poll=0.2)
+    outcome = sweep.run(sweep_spec.expand(spec), out, workers=2, stream=None, poll=0.2)
     assert outcome.ok and len(outcome.statuses) == 2
     index = [json.loads(line) for line in (out / sweep.INDEX).read_text().splitlines()]
     assert sorted(e["seed"] for e in index) == [0, 1]
@@ -128,14 +128,15 @@ def test_local_sweep_runs_then_skips_finished_trials(tmp_path):
     before = _snapshot(out)
     log = tmp_path / "log.txt"
     with open(log, "w") as stream:
-        again = sweep.run(sweep.expand(spec), out, workers=2, stream=stream)
+        again = sweep.run(sweep_spec.expand(spec), out, workers=2, stream=stream)
     assert again.ok
     assert "2 done (skipped), 0 partial (resuming), 0 failed (retrying), 0 new" in log.read_text()
     after = _snapshot(out)
     assert {k: v for k, v in after.items() if k != sweep.INDEX} == {
         k: v for k, v in before.items() if k != sweep.INDEX
     }
-    # The report reads the same folders.
+    # The report reads the same folders, and names each trial by the sweep's trial id.
+    assert {t.trial_id for t in results.load_trials(out)} == {e["trial_id"] for e in index}
     written = report.write(out, tmp_path / "report", command="test", reps=200, curve_reps=50)
     assert "| scratch | random [seed" not in written.read_text()  # Seeds are not variants.
     assert "| scratch | random | 2 | 200 |" in written.read_text()
@@ -149,7 +150,7 @@ def test_trials_that_share_their_pretraining_run_it_once(tmp_path, capsys):
     path = _spec(
         tmp_path, base=base, protocols=["task_transfer"], grid={"protocol.carry": ["all", "none"]}
     )
-    plan = sweep.expand(sweep.load_spec(path))
+    plan = sweep_spec.expand(sweep_spec.load_spec(path))
     leader, follower = (t.trial_id for t in plan.trials)
     assert sweep.shared_starts(plan.trials) == {follower: (leader, 0)}
     out = tmp_path / "out"
@@ -195,7 +196,7 @@ def test_dry_run_lists_every_status(tmp_path, capsys):
 
     path = _spec(tmp_path, seeds=[0, 1, 2, 3])
     out = tmp_path / "out"
-    trials = sweep.expand(sweep.load_spec(path)).trials
+    trials = sweep_spec.expand(sweep_spec.load_spec(path)).trials
     runner.run(trials[0].config, out / trials[0].trial_id, progress=False)
     runner.run(trials[1].config, out / trials[1].trial_id, progress=False, stop_after=100)
     (out / trials[2].trial_id).mkdir()
@@ -222,7 +223,7 @@ def test_killed_sweep_reruns_only_the_missing_trials(tmp_path):
     command = [sys.executable, "-m", "benchmarks.cli", "sweep", str(path), "--out", str(out)]
     command += ["--workers", "1", "--no-progress"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    trials = sweep.expand(sweep.load_spec(path)).trials
+    trials = sweep_spec.expand(sweep_spec.load_spec(path)).trials
     folders = [out / t.trial_id for t in trials]
     deadline = time.time() + 300
     interrupted = None
@@ -273,11 +274,11 @@ def test_ray_executor_without_ray_says_how_to_install(tmp_path, capsys, monkeypa
 @pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # Ray starts its processes.
 def test_ray_sweep_runs_each_trial_as_a_ray_task(tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is optional: pip install 'mbxfer[ray]'")
-    spec = sweep.load_spec(_spec(tmp_path, seeds=[0, 1]))
+    spec = sweep_spec.load_spec(_spec(tmp_path, seeds=[0, 1]))
     out = tmp_path / "out"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        outcome = sweep.run(sweep.expand(spec), out, executor="ray", stream=None, poll=0.2)
+        outcome = sweep.run(sweep_spec.expand(spec), out, executor="ray", stream=None, poll=0.2)
         assert ray.is_initialized()  # A cluster the caller started stays up.
     finally:
         ray.shutdown()
@@ -288,10 +289,10 @@ def test_ray_sweep_runs_each_trial_as_a_ray_task(tmp_path):
 
 def test_core_shares_split_the_cores():
     cores = sorted(os.sched_getaffinity(0))
-    shares = sweep.core_shares(len(cores))
+    shares = executors.core_shares(len(cores))
     assert sorted(c for share in shares for c in share) == cores
-    assert all(len(share) == 1 for share in sweep.core_shares(len(cores) + 3))
-    assert sweep.core_shares(1) == [cores]
+    assert all(len(share) == 1 for share in executors.core_shares(len(cores) + 3))
+    assert executors.core_shares(1) == [cores]
 
 
 def test_parts_and_scales_make_one_spec_of_several_grids(tmp_path):
@@ -301,13 +302,13 @@ def test_parts_and_scales_make_one_spec_of_several_grids(tmp_path):
         parts=[{"agents": ["random"]}, {"agents": ["random"], "seeds": [1, 2]}],
         scales={"paper": {"base": {"train": {"steps": 400}}}},
     )
-    plan = sweep.expand(sweep.load_spec(path))
+    plan = sweep_spec.expand(sweep_spec.load_spec(path))
     assert sorted(t.config.seed for t in plan.trials) == [0, 1, 2]
     assert {t.config.train.steps for t in plan.trials} == {200}
-    paper = sweep.expand(sweep.load_spec(path, "paper"))
+    paper = sweep_spec.expand(sweep_spec.load_spec(path, "paper"))
     assert {t.config.train.steps for t in paper.trials} == {400}
-    with pytest.raises(sweep.SpecError, match="no scale 'papr'.*did you mean paper"):
-        sweep.load_spec(path, "papr")
+    with pytest.raises(sweep_spec.SpecError, match="no scale 'papr'.*did you mean paper"):
+        sweep_spec.load_spec(path, "papr")
     bad = _spec(tmp_path, "bad.yaml", parts=[{"agents": ["dremer"]}, {"agents": ["random"]}])
-    with pytest.raises(sweep.SpecError, match=r"parts\[0\].*dremer"):
-        sweep.expand(sweep.load_spec(bad))
+    with pytest.raises(sweep_spec.SpecError, match=r"parts\[0\].*dremer"):
+        sweep_spec.expand(sweep_spec.load_spec(bad))

@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1, help="sweep worker processes")
     args = parser.parse_args(argv)
 
-    from benchmarks import runner, sweep
+    from benchmarks import runner, sweep, sweep_spec
 
-    plan = sweep.expand(_spec(args.trials, args.steps))
+    plan = sweep_spec.expand(_spec(args.trials, args.steps))
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         for trial in plan.trials:

@@ -1,0 +1,216 @@
+"""Trial folders as the report reads them: one `TrialRecord` per trial, evaluations normalized.
+
+Every `config.yaml` below the results folder is a trial (so folders copied from several
+machines merge; a trial found twice, by its trial id, is counted once). Trials are grouped
+by (environment, task, protocol, agent) over seeds; when trials of one group differ in other
+config values (a grid over `agent.model.latent`, say), each variant is its own group.
+
+A trial's score is its last evaluation in its last phase, per evaluation set, by its
+environment family's score key (`envs/scoring.py`). Crafter trials also get the eval set
+`training episodes`: the Crafter score of all the training episodes of the last phase (how
+the Crafter paper scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from benchmarks import config as config_lib
+from envs import scoring
+
+FALLBACK_SCORE = scoring.DEFAULT_KEY
+SCRATCH = "scratch"
+TRAINING_EPISODES = "training episodes"
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    """One trial folder as the report sees it."""
+
+    folder: Path
+    trial_id: str
+    config: dict
+    evals: list[dict]
+    """Evaluations with `phase`, `phase_index`, `eval_set` and `total_env_steps` filled in."""
+    done: Optional[dict]
+    variant: str = ""
+
+    @property
+    def agent(self) -> str:
+        return str(self.config.get("agent"))
+
+    @property
+    def env(self) -> str:
+        return str((self.config.get("env") or {}).get("name"))
+
+    @property
+    def task(self) -> str:
+        return str((self.config.get("env") or {}).get("task"))
+
+    @property
+    def protocol(self) -> str:
+        return str((self.config.get("protocol") or {}).get("name") or SCRATCH)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @property
+    def label(self) -> str:
+        """The agent as shown in tables: its name, and its variant when there are several."""
+        return f"{self.agent} [{self.variant}]" if self.variant else self.agent
+
+    @property
+    def group(self) -> tuple[str, str, str, str]:
+        return (self.env, self.task, self.protocol, self.label)
+
+    @property
+    def score_key(self) -> str:
+        return scoring.score_key(self.env)
+
+    def final_evals(self) -> dict[str, dict]:
+        """Eval set -> the last evaluation of the last phase; for Crafter also the last
+        phase's training episodes (see `training_episodes`)."""
+        out: dict[str, dict] = {}
+        if self.evals:
+            last_phase = max(e["phase_index"] for e in self.evals)
+            for record in self.evals:
+                if record["phase_index"] == last_phase:
+                    out[record["eval_set"]] = record  # Written in order: the last one wins.
+        training = self.training_episodes()
+        if training is not None:
+            out[TRAINING_EPISODES] = training
+        return out
+
+    def training_episodes(self) -> Optional[dict]:
+        """The Crafter score of every training episode of the last phase, as a pseudo
+        evaluation set.
+
+        The Crafter paper (Hafner 2021) scores an agent by the success rates over all the
+        episodes it played during training, not by separate evaluation episodes; reports show
+        that score next to the evaluation's, so numbers can be set beside the published ones.
+        Finished Crafter trials only (the runner writes the summary into `done.json`)."""
+        if self.score_key != "crafter_score" or not self.done or not self.done.get("phases"):
+            return None
+        phase = self.done["phases"][-1]
+        summary = (phase.get("training_episodes") if isinstance(phase, dict) else None) or {}
+        if self.score_key not in summary:
+            return None
+        total = int(self.done.get("env_steps", phase.get("env_steps", 0)))
+        return {
+            **summary,
+            "phase": phase.get("name", ""),
+            "phase_index": phase.get("index", len(self.done["phases"]) - 1),
+            "eval_set": TRAINING_EPISODES,
+            "env_steps": int(phase.get("env_steps", 0)),
+            "total_env_steps": total,
+        }
+
+
+def headline_mode(config: dict) -> str:
+    """The evaluation mode a trial is scored by: the first of its `train.eval_modes`
+    (`greedy` for trials from before evaluation modes, which evaluated greedily)."""
+    modes = (config.get("train") or {}).get("eval_modes") or ["greedy"]
+    return str(modes[0])
+
+
+def _read_jsonl(path: Path, notes: list[str]) -> list[dict]:
+    records = []
+    if not path.exists():
+        return records
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # A line cut by a kill; the runner rewrites it on resume.
+            notes.append(f"{path}:{number}: unreadable line skipped")
+    return records
+
+
+def _normalize_eval(record: dict, headline: str = "sampled") -> dict:
+    """An `eval.jsonl` line as the report groups it: evaluations in a mode other than the
+    trial's headline mode form their own evaluation set, `<set> (<mode>)`."""
+    record = dict(record)
+    mode = record.get("mode")
+    if mode is not None and mode != headline:
+        record["eval_set"] = f"{record.get('eval_set', 'eval')} ({mode})"
+    record.setdefault("phase", "train")
+    record.setdefault("phase_index", 0)
+    record.setdefault("eval_set", "eval")
+    record.setdefault("total_env_steps", record.get("env_steps", 0))
+    return record
+
+
+def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialRecord]:
+    """Every trial folder below `results`, once each, with variants labelled."""
+    notes = notes if notes is not None else []
+    found: dict[str, TrialRecord] = {}
+    for path in sorted(Path(results).rglob("config.yaml")):
+        if "checkpoints" in path.relative_to(results).parts:
+            continue
+        folder = path.parent
+        try:
+            config = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as error:
+            notes.append(f"{path}: unreadable ({error}); skipped")
+            continue
+        if not isinstance(config, dict) or "agent" not in config or "env" not in config:
+            notes.append(f"{path}: not a trial config; skipped")
+            continue
+        headline = headline_mode(config)
+        evals = [_normalize_eval(r, headline) for r in _read_jsonl(folder / "eval.jsonl", notes)]
+        done = None
+        if (folder / "done.json").exists():
+            try:
+                done = json.loads((folder / "done.json").read_text())
+            except json.JSONDecodeError:
+                notes.append(f"{folder / 'done.json'}: unreadable; trial counted as unfinished")
+        record = TrialRecord(folder, config_lib.trial_id_of(config), config, evals, done)
+        previous = found.get(record.trial_id)
+        if previous is not None:
+            keep = max(previous, record, key=lambda r: (r.done is not None, len(r.evals)))
+            notes.append(
+                f"trial {record.trial_id} found twice ({previous.folder}, {folder}); "
+                f"using {keep.folder}"
+            )
+            record = keep
+        found[record.trial_id] = record
+    trials = list(found.values())
+    _label_variants(trials)
+    return trials
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(value, sort_keys=True)}
+
+
+def _label_variants(trials: list[TrialRecord]) -> None:
+    """Trials of one (env, task, protocol, agent) that differ beyond the seed get a label."""
+    by_group: dict[tuple, list[TrialRecord]] = {}
+    for trial in trials:
+        by_group.setdefault((trial.env, trial.task, trial.protocol, trial.agent), []).append(trial)
+    for members in by_group.values():
+        flat = [_flatten(t.config) for t in members]
+        keys = sorted(set().union(*flat))
+        varying = [k for k in keys if k != "seed" and len({f.get(k, "<unset>") for f in flat}) > 1]
+        for trial, values in zip(members, flat):
+            parts = []
+            for key in varying:
+                shown = (
+                    "agent." + key[len("agent_config.") :]
+                    if key.startswith("agent_config.")
+                    else key
+                )
+                parts.append(f"{shown}={json.loads(values[key]) if key in values else '<unset>'}")
+            trial.variant = ", ".join(parts)
