@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import socket
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO
 
+from benchmarks import trial_folder
 from benchmarks.checkpoint import write_atomic
 from benchmarks.executors import (
     Job,
@@ -38,7 +37,6 @@ from benchmarks.sweep_spec import Sweep, Trial, trial_budget
 
 INDEX = "trials.jsonl"
 STATUSES = ("done", "partial", "failed", "new", "running")
-_PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,37 +55,14 @@ class Outcome:
 # Trial folders: status, index, progress
 
 
-def trial_status(folder: Path) -> str:
-    """done / running (locked by a live process) / failed / partial (started) / new."""
-    folder = Path(folder)
-    if (folder / "done.json").exists():
-        return "done"
-    if folder.exists() and _locked_elsewhere(folder):
-        return "running"
-    if (folder / "failed.json").exists():
-        return "failed"
-    if (folder / "config.yaml").exists():
-        return "partial"
-    return "new"
-
-
-def steps_done(folder: Path) -> int:
-    """Environment steps a trial has safely behind it (its latest checkpoint)."""
-    from benchmarks import checkpoint
-
-    found = checkpoint.latest(Path(folder) / "checkpoints")
-    # Named `step-<total steps>` (with `-phase<i>` after it when the trial has phases).
-    return int(found.name.split("-")[1]) if found is not None else 0
-
-
 def plan(sweep: Sweep, out: Path) -> list[tuple[Trial, str, int]]:
     """(trial, status, steps done) for every trial, without running anything."""
     out = Path(out)
     rows = []
     for trial in sweep.trials:
         folder = out / trial.trial_id
-        status = trial_status(folder)
-        steps = trial_budget(trial.config) if status == "done" else steps_done(folder)
+        status = trial_folder.status(folder)
+        steps = trial_budget(trial.config) if status == "done" else trial_folder.steps_done(folder)
         rows.append((trial, status, steps))
     return rows
 
@@ -146,68 +121,6 @@ def write_index(sweep: Sweep, out: Path, spec_path: Optional[str] = None) -> Non
     write_atomic(path, text.encode())
 
 
-class _TrialLock:
-    """An exclusive `flock` on `<trial>/.lock`: one process runs a trial at a time."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-        self.file: Optional[TextIO] = None
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        self.file = open(self.path, "a")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError:
-            self.file.close()
-            self.file = None
-            return False
-
-    def release(self) -> None:
-        if self.file is not None:
-            self.file.close()  # Closing drops the flock; a killed process drops it too.
-            self.file = None
-
-
-def _locked_elsewhere(folder: Path) -> bool:
-    if not (Path(folder) / ".lock").exists():
-        return False
-    lock = _TrialLock(folder)
-    free = lock.acquire()
-    lock.release()
-    return not free
-
-
-class _ProgressWriter:
-    """The runner's `on_step`: writes `<trial>/progress.json` at most every half second."""
-
-    def __init__(self, folder: Path, total: int):
-        self.path = Path(folder) / "progress.json"
-        self.total = total
-        self.last = 0.0
-
-    def __call__(self, env_steps: int, force: bool = False) -> None:
-        now = time.time()
-        if force or now - self.last >= _PROGRESS_INTERVAL:
-            self.last = now
-            record = {"env_steps": int(env_steps), "total": self.total, "time": now}
-            write_atomic(self.path, json.dumps(record).encode())
-
-
-def _record_failure(folder: Path, text: str) -> str:
-    """Append a traceback to `error.txt` and mark the trial failed; returns its last line."""
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    header = f"=== attempt failed at {stamp} on {socket.gethostname()} (pid {os.getpid()}) ===\n"
-    with open(folder / "error.txt", "a") as file:
-        file.write(header + text.rstrip() + "\n\n")
-    summary = text.strip().splitlines()[-1] if text.strip() else "failed"
-    write_atomic(folder / "failed.json", json.dumps({"error": summary, "time": stamp}).encode())
-    return summary
-
-
 def run_trial(job: Job) -> dict:
     """Run (or resume) one trial in its folder; never raises for a failing trial.
 
@@ -218,7 +131,7 @@ def run_trial(job: Job) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     if job.threads is not None:
         limit_threads(job.threads)
-    lock = _TrialLock(folder)
+    lock = trial_folder.TrialLock(folder)
     for _ in range(20):  # A dry run elsewhere may hold the lock for an instant.
         if lock.acquire():
             break
@@ -229,15 +142,18 @@ def run_trial(job: Job) -> dict:
         if (folder / "done.json").exists():
             return {"status": "done"}
         (folder / "failed.json").unlink(missing_ok=True)
-        progress = _ProgressWriter(folder, trial_budget(job.config))
-        progress(steps_done(folder), force=True)
+        progress = trial_folder.ProgressWriter(folder, trial_budget(job.config))
+        progress(trial_folder.steps_done(folder), force=True)
         try:
             from benchmarks import runner
 
             start_from = Path(job.start_from) if job.start_from else None
             runner.run(job.config, folder, progress=False, on_step=progress, start_from=start_from)
         except Exception:
-            return {"status": "failed", "error": _record_failure(folder, traceback.format_exc())}
+            return {
+                "status": "failed",
+                "error": trial_folder.record_failure(folder, traceback.format_exc()),
+            }
         progress(progress.total, force=True)
         return {"status": "done"}
     finally:
@@ -254,7 +170,7 @@ class _Progress:
     def __init__(self, sweep: Sweep, out: Path, stream: Optional[TextIO]):
         self.out, self.stream = out, stream
         self.totals = {t.trial_id: trial_budget(t.config) for t in sweep.trials}
-        self.baseline = {i: steps_done(out / i) for i in self.totals}
+        self.baseline = {i: trial_folder.steps_done(out / i) for i in self.totals}
         self.current = dict(self.baseline)
         self.started = time.time()
         self.tty = bool(stream is not None and stream.isatty())
@@ -428,7 +344,7 @@ class _Dispatch:
             if not _started_since(folder, self.submitted[trial.trial_id]):
                 self.submit(trial, charge=False)  # Queued behind a crash; never ran.
                 return
-            result = {"status": "failed", "error": _record_failure(folder, str(error))}
+            result = {"status": "failed", "error": trial_folder.record_failure(folder, str(error))}
         if result["status"] == "failed" and self.attempts[trial.trial_id] <= self.retries:
             self.submit(trial)
             return

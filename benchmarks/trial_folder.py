@@ -9,6 +9,9 @@
     phaseN.ckpt       the checkpoint at the end of phase N (what `--from` starts after)
     video.gif         open-loop world-model rollout (model-based agents on images)
     done.json         written last: the final summary
+    .lock             held (flock) by the process running the trial
+    progress.json     environment steps so far, for `mbxfer sweep`'s progress line
+    failed.json       the last failure's one-line error (error.txt: every traceback)
 
 A resumed trial cuts its logs back to the checkpoint's offsets, so it writes the same lines
 as an uninterrupted run. `--from <trial>/phaseN.ckpt` starts a trial after phase N of another
@@ -19,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, TextIO
 
 import yaml
 
@@ -28,6 +34,7 @@ from benchmarks import checkpoint, protocols
 from benchmarks import config as config_lib
 
 LOGS = ("metrics", "eval", "episodes")
+PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial
 
 
 class IncompatibleTrialError(config_lib.ConfigError):
@@ -233,3 +240,89 @@ def load_agent_state(resume: Resume, fresh: Any) -> Any:
     except checkpoint.IncompatibleCheckpointError as error:
         raise IncompatibleTrialError(str(error)) from None
     return state
+
+
+# -- a trial's state as a sweep sees it -------------------------------------------------------
+def status(folder: Path) -> str:
+    """done / running (locked by a live process) / failed / partial (started) / new."""
+    folder = Path(folder)
+    if (folder / "done.json").exists():
+        return "done"
+    if folder.exists() and locked_elsewhere(folder):
+        return "running"
+    if (folder / "failed.json").exists():
+        return "failed"
+    if (folder / "config.yaml").exists():
+        return "partial"
+    return "new"
+
+
+def steps_done(folder: Path) -> int:
+    """Environment steps a trial has safely behind it (its latest checkpoint)."""
+    found = checkpoint.latest(Path(folder) / "checkpoints")
+    # Named `step-<total steps>` (with `-phase<i>` after it when the trial has phases).
+    return int(found.name.split("-")[1]) if found is not None else 0
+
+
+class TrialLock:
+    """An exclusive `flock` on `<trial>/.lock`: one process runs a trial at a time."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self.file: Optional[TextIO] = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            self.file.close()
+            self.file = None
+            return False
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # Closing drops the flock; a killed process drops it too.
+            self.file = None
+
+
+def locked_elsewhere(folder: Path) -> bool:
+    if not (Path(folder) / ".lock").exists():
+        return False
+    lock = TrialLock(folder)
+    free = lock.acquire()
+    lock.release()
+    return not free
+
+
+class ProgressWriter:
+    """The runner's `on_step`: writes `<trial>/progress.json` at most every half second."""
+
+    def __init__(self, folder: Path, total: int):
+        self.path = Path(folder) / "progress.json"
+        self.total = total
+        self.last = 0.0
+
+    def __call__(self, env_steps: int, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last >= PROGRESS_INTERVAL:
+            self.last = now
+            record = {"env_steps": int(env_steps), "total": self.total, "time": now}
+            checkpoint.write_atomic(self.path, json.dumps(record).encode())
+
+
+def record_failure(folder: Path, text: str) -> str:
+    """Append a traceback to `error.txt` and mark the trial failed; returns its last line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    header = f"=== attempt failed at {stamp} on {socket.gethostname()} (pid {os.getpid()}) ===\n"
+    with open(folder / "error.txt", "a") as file:
+        file.write(header + text.rstrip() + "\n\n")
+    summary = text.strip().splitlines()[-1] if text.strip() else "failed"
+    checkpoint.write_atomic(
+        folder / "failed.json", json.dumps({"error": summary, "time": stamp}).encode()
+    )
+    return summary

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks import cli, executors, report, results, sweep, sweep_spec
+from benchmarks import cli, executors, report, results, sweep, sweep_spec, trial_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = {
@@ -186,7 +186,7 @@ def test_failed_trial_is_retried_and_reported(tmp_path, capsys):
     assert errors.count("ValueError: size=0 must be at least 3") == 2
     captured = capsys.readouterr()
     assert f"trial {folder.name} not finished: ValueError: size=0" in captured.err
-    assert sweep.trial_status(folder) == "failed"
+    assert trial_folder.status(folder) == "failed"
     assert cli.main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
     assert f"{folder.name}  failed" in capsys.readouterr().out.replace("  failed  ", "  failed")
 
@@ -200,7 +200,7 @@ def test_dry_run_lists_every_status(tmp_path, capsys):
     runner.run(trials[0].config, out / trials[0].trial_id, progress=False)
     runner.run(trials[1].config, out / trials[1].trial_id, progress=False, stop_after=100)
     (out / trials[2].trial_id).mkdir()
-    sweep._record_failure(out / trials[2].trial_id, "Traceback ...\nRuntimeError: boom")
+    trial_folder.record_failure(out / trials[2].trial_id, "Traceback ...\nRuntimeError: boom")
     assert cli.main(["sweep", str(path), "--out", str(out), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     expected = {
@@ -242,9 +242,9 @@ def test_killed_sweep_reruns_only_the_missing_trials(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     # The pool worker dies with the driver (it held the trial's lock while it lived).
-    while time.time() < deadline and sweep.trial_status(interrupted) == "running":
+    while time.time() < deadline and trial_folder.status(interrupted) == "running":
         time.sleep(0.05)
-    assert sweep.trial_status(interrupted) == "partial"
+    assert trial_folder.status(interrupted) == "partial"
     finished = {f: _snapshot(f) for f in folders if (f / "done.json").exists()}
     assert 1 <= len(finished) <= 2
 
