@@ -31,6 +31,7 @@ from benchmarks.results import (
     load_trials,
 )
 from benchmarks.stats import TRANSFER_KEYS, Row
+from envs import scoring
 
 MODEL_BASED = ("dreamer", "muzero")
 MODEL_FREE = ("ppo", "muzero_nomodel", "dreamer_nomodel")
@@ -140,11 +141,10 @@ def _header(
         f"Read {len(trials)} trial folders below `{results}` ({finished} finished, "
         f"{len(trials) - finished} unfinished). Libraries: {_versions()}.",
         "",
-        "Score: the last evaluation of the last phase (`crafter_score` for Crafter, "
-        "`success_rate` for Meta-World and RoboDesk, `normalized_return` for Procgen, "
-        "`return_mean` otherwise), finished trials only. For Crafter the eval set "
-        f"`{TRAINING_EPISODES}` is the Crafter paper's protocol: the score of every training "
-        "episode of the last phase. IQM = interquartile mean over seeds; "
+        "Score: the last evaluation of the last phase, by each environment's score key "
+        f"({_score_keys(trials)}; `envs/scoring.py`), finished trials only. Where shown, the "
+        f"eval set `{TRAINING_EPISODES}` is the family's published protocol (Crafter's): the "
+        "score of every training episode of the last phase. IQM = interquartile mean over seeds; "
         f"brackets are stratified bootstrap 95% CIs (rliable, {reps} resamples, seed {seed}). "
         "Budgets are environment steps per phase.",
         "",
@@ -244,6 +244,11 @@ def _transfer_section(transfer: list[dict], out: Path) -> list[str]:
             f"{r['seeds']} | {r['matched_episodes']} | " + " | ".join(cells) + " |"
         )
     return md + ["", f"![transfer]({_link(path, out)})"]
+
+
+def _score_keys(trials: list[TrialRecord]) -> str:
+    envs = sorted({t.env for t in trials})
+    return ", ".join(f"{env}: `{scoring.score_key(env)}`" for env in envs)
 
 
 def _achievements_section(achievements: dict[str, dict[str, float]], out: Path) -> list[str]:

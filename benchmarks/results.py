@@ -88,14 +88,16 @@ class TrialRecord:
         return out
 
     def training_episodes(self) -> Optional[dict]:
-        """The Crafter score of every training episode of the last phase, as a pseudo
-        evaluation set.
+        """The score of every training episode of the last phase, as a pseudo evaluation set,
+        for families whose published protocol scores those (`envs.scoring.Scorer`).
 
         The Crafter paper (Hafner 2021) scores an agent by the success rates over all the
         episodes it played during training, not by separate evaluation episodes; reports show
         that score next to the evaluation's, so numbers can be set beside the published ones.
-        Finished Crafter trials only (the runner writes the summary into `done.json`)."""
-        if self.score_key != "crafter_score" or not self.done or not self.done.get("phases"):
+        Finished trials only (the runner writes the summary into `done.json`)."""
+        if not scoring.scorer(self.env).training_episodes:
+            return None
+        if not self.done or not self.done.get("phases"):
             return None
         phase = self.done["phases"][-1]
         summary = (phase.get("training_episodes") if isinstance(phase, dict) else None) or {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from typing import Any, Callable
 
@@ -190,13 +189,13 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
     scratch = {}
     for trial in trials:
         if trial.protocol == SCRATCH and trial.done is not None:
-            key = json.dumps(transfer._comparable(trial.config), sort_keys=True, default=str)
+            key = transfer.twin_key(trial.config)
             scratch.setdefault(key, trial)
     out = {}
     for trial in trials:
         if trial.protocol == SCRATCH or trial.done is None:
             continue
-        key = json.dumps(transfer._comparable(trial.config), sort_keys=True, default=str)
+        key = transfer.twin_key(trial.config)
         twin = scratch.get(key)
         if twin is None:
             continue
@@ -253,11 +252,8 @@ def transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dict
 def achievement_table(rows: list[Row]) -> dict[str, dict[str, float]]:
     table = {}
     for row in rows:
-        rates = [
-            t.final_evals()[row.eval_set].get("success_rates")
-            for t in row.trials
-            if row.env == "crafter"
-        ]
+        # Per-achievement success rates, where a family's summaries have them (Crafter).
+        rates = [t.final_evals()[row.eval_set].get("success_rates") for t in row.trials]
         rates = [r for r in rates if isinstance(r, dict)]
         if rates:
             names = sorted(set().union(*rates))

@@ -179,7 +179,7 @@ def matching_scratch(root: Path, config) -> Optional[Path]:
     environment, seed, budget and agent config (the intrinsic module aside), protocol scratch."""
     import yaml
 
-    wanted = _comparable(config.to_dict())
+    wanted = twin_key(config.to_dict())
     for candidate in sorted(Path(root).glob("*/config.yaml")):
         try:
             other = yaml.safe_load(candidate.read_text())
@@ -188,16 +188,18 @@ def matching_scratch(root: Path, config) -> Optional[Path]:
         if (
             isinstance(other, dict)
             and other.get("protocol", {}).get("name", "scratch") == "scratch"
-            and _comparable(other) == wanted
+            and twin_key(other) == wanted
             and (candidate.parent / "done.json").exists()
         ):
             return candidate.parent
     return None
 
 
-def _comparable(plain: dict) -> dict:
+def twin_key(plain: dict) -> str:
+    """What a trial (its config as a plain dict) and its scratch twin share: everything but
+    the protocol and the agent's exploration settings."""
     out = {k: v for k, v in plain.items() if k != "protocol"}
     agent_config = dict(out.get("agent_config") or {})
     agent_config.pop("exploration", None)
     out["agent_config"] = agent_config
-    return out
+    return json.dumps(out, sort_keys=True, default=str)

@@ -247,7 +247,9 @@ register("grid_image", "envs.toy:GridWorld", eval_episodes=32, observation="imag
 register("point_mass", "envs.toy:PointMass", eval_episodes=32)
 register("point_mass_image", "envs.toy:PointMass", eval_episodes=32, observation="image")
 register(
-    "crafter", "envs.crafter:Crafter", scorer=Scorer("crafter_score", "envs.crafter:summarize")
+    "crafter",
+    "envs.crafter:Crafter",
+    scorer=Scorer("crafter_score", "envs.crafter:summarize", training_episodes=True),
 )
 register(
     "cartpole",

@@ -40,6 +40,9 @@ class Scorer:
 
     key: str = DEFAULT_KEY
     summarize: Union[str, Summarizer, None] = None
+    training_episodes: bool = False
+    """The family's published protocol scores the episodes played during training (Crafter:
+    Hafner 2021), so reports also show the score of the last phase's training episodes."""
 
     def extras(self, records: Sequence[Mapping], keywords: Mapping[str, Any]) -> dict:
         if self.summarize is None:
@@ -74,14 +77,19 @@ def summarize(records: Sequence[Mapping], recipe=None, tasks: Optional[Sequence]
     return out
 
 
-def score_key(env_name: str) -> str:
-    """The summary key environment `env_name` is scored by. A name that is not registered
-    (results of a plugin not installed here) is looked up by its family, the part before
-    `-` or `/` (`crafter-64` is scored as `crafter`), else `return_mean`."""
+def scorer(env_name: str) -> Scorer:
+    """The scorer of environment `env_name`. A name that is not registered (results of a
+    plugin not installed here) is looked up by its family, the part before `-` or `/`
+    (`crafter-64` is scored as `crafter`), else the return."""
     from envs import registry
 
     for name in (env_name, env_name.split("/")[0].split("-")[0]):
         found = registry.find(name)
         if found is not None:
-            return found.scorer.key
-    return DEFAULT_KEY
+            return found.scorer
+    return RETURN
+
+
+def score_key(env_name: str) -> str:
+    """The summary key environment `env_name` is scored by (see `scorer`)."""
+    return scorer(env_name).key
