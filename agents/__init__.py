@@ -1,25 +1,40 @@
-"""Agent registry: `make(name, env_spec, config)`, `config_class(name)`, `names()`.
+"""Agent registry: `make(name, env_spec, config)`, `config_class(name)`, `names()`,
+`model_based(name)`.
 
-Entries are `'module:make'` and `'module:ConfigClass'` strings, imported when used. A new agent
-adds one line to `_AGENTS`.
+Entries are `'module:make'` and `'module:ConfigClass'` strings, imported when used, and whether
+the agent learns a model it plans or imagines with (reports compare model-based agents with
+model-free ones). A new agent adds one line to `_AGENTS`.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 from agents.base import ActInput, Agent  # noqa: F401  (the public types)
 
+
+class _Entry(NamedTuple):
+    make: str
+    config: str
+    model_based: Optional[bool]
+    """True: plans or imagines with a learned model; False: learns without one; None:
+    neither (the random baseline is compared with nothing)."""
+
+
 _AGENTS = {
-    "random": ("agents.random_agent:make", "agents.random_agent:RandomConfig"),
-    "dreamer": ("agents.dreamer:make", "agents.dreamer:DreamerConfig"),
-    "muzero": ("agents.muzero:make", "agents.muzero:MuZeroConfig"),
-    "ppo": ("agents.ppo:make", "agents.ppo:PPOConfig"),
+    "random": _Entry("agents.random_agent:make", "agents.random_agent:RandomConfig", None),
+    "dreamer": _Entry("agents.dreamer:make", "agents.dreamer:DreamerConfig", True),
+    "muzero": _Entry("agents.muzero:make", "agents.muzero:MuZeroConfig", True),
+    "ppo": _Entry("agents.ppo:make", "agents.ppo:PPOConfig", False),
     # The model-free counterparts of the model-based agents (agents/nomodel.py).
-    "muzero_nomodel": ("agents.muzero:make_nomodel", "agents.muzero:MuZeroNoModelConfig"),
-    "dreamer_nomodel": ("agents.dreamer:make_nomodel", "agents.dreamer:DreamerNoModelConfig"),
+    "muzero_nomodel": _Entry(
+        "agents.muzero:make_nomodel", "agents.muzero:MuZeroNoModelConfig", False
+    ),
+    "dreamer_nomodel": _Entry(
+        "agents.dreamer:make_nomodel", "agents.dreamer:DreamerNoModelConfig", False
+    ),
 }
 
 
@@ -37,7 +52,7 @@ def _load(path: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def _entry(name: str) -> tuple[str, str]:
+def _entry(name: str) -> _Entry:
     if name not in _AGENTS:
         close = difflib.get_close_matches(name, list(_AGENTS), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -47,12 +62,18 @@ def _entry(name: str) -> tuple[str, str]:
 
 def config_class(name: str) -> type:
     """The frozen dataclass that configures agent `name`."""
-    return _load(_entry(name)[1])
+    return _load(_entry(name).config)
 
 
 def make(name: str, env_spec, config: Any = None) -> Agent:
     """Build agent `name` for `env_spec` (an `acme.specs.EnvironmentSpec`)."""
-    make_fn, config_path = _entry(name)
+    entry = _entry(name)
     if config is None:
-        config = _load(config_path)()
-    return _load(make_fn)(env_spec, config)
+        config = _load(entry.config)()
+    return _load(entry.make)(env_spec, config)
+
+
+def model_based(name: str) -> Optional[bool]:
+    """Whether agent `name` learns a model it plans or imagines with (None: a baseline that
+    learns nothing); reports pair model-based agents with model-free ones by it."""
+    return _entry(name).model_based

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+import agents
 from benchmarks import config as config_lib
 from benchmarks import plots, stats
 from benchmarks.results import (
@@ -32,9 +33,6 @@ from benchmarks.results import (
 )
 from benchmarks.stats import TRANSFER_KEYS, Row
 from envs import scoring
-
-MODEL_BASED = ("dreamer", "muzero")
-MODEL_FREE = ("ppo", "muzero_nomodel", "dreamer_nomodel")
 
 
 class ReportError(config_lib.ConfigError):
@@ -59,6 +57,14 @@ class Findings:
     notes: list[str]
 
 
+def _model_based(agent: str) -> Optional[bool]:
+    """The agent registry's word, or None for an agent not registered here."""
+    try:
+        return agents.model_based(agent)
+    except KeyError:
+        return None
+
+
 def improvement_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     """(X, Y) pairs on one env/task/eval set: model-based vs model-free agents under one
     protocol, and each pretraining protocol vs scratch for one agent."""
@@ -67,8 +73,8 @@ def improvement_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
         for y in rows:
             if (x.env, x.task, x.eval_set) != (y.env, y.task, y.eval_set) or x is y:
                 continue
-            x_agent, y_agent = x.trials[0].agent, y.trials[0].agent
-            if x.protocol == y.protocol and x_agent in MODEL_BASED and y_agent in MODEL_FREE:
+            x_based, y_based = (_model_based(r.trials[0].agent) for r in (x, y))
+            if x.protocol == y.protocol and x_based is True and y_based is False:
                 pairs.append((x, y))
             elif x.agent == y.agent and y.protocol == SCRATCH and x.protocol != SCRATCH:
                 pairs.append((x, y))
