@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, NamedTuple, Optional
 
 import jax
 
@@ -155,91 +155,128 @@ def phases(config) -> list[Phase]:
     return expanded
 
 
-def _expand(config) -> list[Phase]:
-    protocol: ProtocolConfig = config.protocol
-    target = config.env.task
-    budget = config.train.steps
-    pretrain = protocol.pretrain_steps or budget
-    evaluate = {"eval": EvalSet(target)}
+class _Budget(NamedTuple):
+    """What every protocol's phases are made of."""
 
-    def needs_target():
-        if target is None:
+    protocol: ProtocolConfig
+    target: Optional[str]
+    """env.task: the task finetuned on and evaluated."""
+    steps: int
+    """train.steps: the budget of the (last) phase on the target task."""
+    pretrain: int
+    """protocol.pretrain_steps, or train.steps when 0."""
+
+    @property
+    def evaluate(self) -> dict:
+        return {"eval": EvalSet(self.target)}
+
+    def needs_target(self) -> None:
+        if self.target is None:
             raise ProtocolError(
-                f"protocol {protocol.name!r} trains on env.task, which is None; set "
+                f"protocol {self.protocol.name!r} trains on env.task, which is None; set "
                 "env.task (see `mbxfer envs` for the tasks of each environment)"
             )
 
-    def reward_free(name="pretrain"):
+    def reward_free(self) -> Phase:
         return Phase(
-            name,
-            pretrain,
+            "pretrain",
+            self.pretrain,
             task=None,
             extrinsic_scale=0.0,
-            intrinsic_scale=protocol.intrinsic_scale,
-            eval_sets=evaluate,
+            intrinsic_scale=self.protocol.intrinsic_scale,
+            eval_sets=self.evaluate,
         )
 
-    name = protocol.name
-    if name == "scratch":
-        return [Phase("train", budget, target, eval_sets=evaluate)]
-    if name == "pretrain_finetune":
-        needs_target()
-        return [
-            reward_free(),
-            Phase("finetune", budget, target, carry=protocol.carry, eval_sets=evaluate),
-        ]
-    if name == "task_transfer":
-        needs_target()
-        if protocol.pretrain_task is None:
-            raise ProtocolError("task_transfer pretrains on protocol.pretrain_task; set it")
-        source = {"source": EvalSet(protocol.pretrain_task), **evaluate}
-        return [
-            Phase("pretrain", pretrain, protocol.pretrain_task, eval_sets=source),
-            Phase("finetune", budget, target, carry=protocol.carry, eval_sets=source),
-        ]
-    if name == "zero_shot":
-        needs_target()
-        return [
-            reward_free(),
-            Phase(
-                "zero_shot",
-                0,
-                target,
-                carry="all",
-                eval_sets=evaluate,
-                keep_replay=True,
-                offline_updates=protocol.zero_shot_updates,
-            ),
-        ]
-    if name in ("procedural_generalization", "task_generalization"):
-        needs_target()
-        if not protocol.test_kwargs:
-            raise ProtocolError(
-                f"{name} evaluates on protocol.test_kwargs (the held-out levels or tasks, "
-                "e.g. {start_level: 200, num_levels: 0} for Procgen); set it"
-            )
-        splits = {
-            "train": EvalSet(target, dict(protocol.train_kwargs)),
-            "test": EvalSet(target, dict(protocol.test_kwargs)),
-        }
-        first = Phase("train", pretrain if name == "task_generalization" else budget, target,
-                      env_kwargs=dict(protocol.train_kwargs), eval_sets=splits)  # fmt: skip
-        if name == "procedural_generalization":
-            return [first]
-        finetune = Phase(
+    def finetune(self, eval_sets: dict, env_kwargs: Optional[dict] = None) -> Phase:
+        return Phase(
             "finetune",
-            budget,
-            target,
-            env_kwargs=dict(protocol.test_kwargs),
-            carry=protocol.carry,
-            eval_sets=splits,
+            self.steps,
+            self.target,
+            env_kwargs=dict(env_kwargs or {}),
+            carry=self.protocol.carry,
+            eval_sets=eval_sets,
         )
-        return [first, finetune]
-    if name == "custom":
-        if not protocol.phases:
-            raise ProtocolError("protocol.name=custom needs protocol.phases (a list of phases)")
-        return [_phase_from_mapping(i, raw, target) for i, raw in enumerate(protocol.phases)]
-    raise ProtocolError(f"unknown protocol {name!r}")
+
+
+def _scratch(b: _Budget) -> list[Phase]:
+    return [Phase("train", b.steps, b.target, eval_sets=b.evaluate)]
+
+
+def _pretrain_finetune(b: _Budget) -> list[Phase]:
+    b.needs_target()
+    return [b.reward_free(), b.finetune(b.evaluate)]
+
+
+def _task_transfer(b: _Budget) -> list[Phase]:
+    b.needs_target()
+    source_task = b.protocol.pretrain_task
+    if source_task is None:
+        raise ProtocolError("task_transfer pretrains on protocol.pretrain_task; set it")
+    sets = {"source": EvalSet(source_task), **b.evaluate}
+    return [Phase("pretrain", b.pretrain, source_task, eval_sets=sets), b.finetune(sets)]
+
+
+def _zero_shot(b: _Budget) -> list[Phase]:
+    b.needs_target()
+    adapt = Phase(
+        "zero_shot",
+        0,
+        b.target,
+        carry="all",
+        eval_sets=b.evaluate,
+        keep_replay=True,
+        offline_updates=b.protocol.zero_shot_updates,
+    )
+    return [b.reward_free(), adapt]
+
+
+def _generalization(b: _Budget) -> list[Phase]:
+    """Train on protocol.train_kwargs, evaluate on both splits; task_generalization then
+    finetunes on the held-out split."""
+    b.needs_target()
+    name, protocol = b.protocol.name, b.protocol
+    if not protocol.test_kwargs:
+        raise ProtocolError(
+            f"{name} evaluates on protocol.test_kwargs (the held-out levels or tasks, "
+            "e.g. {start_level: 200, num_levels: 0} for Procgen); set it"
+        )
+    splits = {
+        "train": EvalSet(b.target, dict(protocol.train_kwargs)),
+        "test": EvalSet(b.target, dict(protocol.test_kwargs)),
+    }
+    steps = b.pretrain if name == "task_generalization" else b.steps
+    first = Phase(
+        "train", steps, b.target, env_kwargs=dict(protocol.train_kwargs), eval_sets=splits
+    )
+    if name == "procedural_generalization":
+        return [first]
+    return [first, b.finetune(splits, protocol.test_kwargs)]
+
+
+def _custom(b: _Budget) -> list[Phase]:
+    if not b.protocol.phases:
+        raise ProtocolError("protocol.name=custom needs protocol.phases (a list of phases)")
+    return [_phase_from_mapping(i, raw, b.target) for i, raw in enumerate(b.protocol.phases)]
+
+
+_PROTOCOLS = {
+    "scratch": _scratch,
+    "pretrain_finetune": _pretrain_finetune,
+    "task_transfer": _task_transfer,
+    "zero_shot": _zero_shot,
+    "procedural_generalization": _generalization,
+    "task_generalization": _generalization,
+    "custom": _custom,
+}
+
+
+def _expand(config) -> list[Phase]:
+    protocol: ProtocolConfig = config.protocol
+    if protocol.name not in _PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {protocol.name!r}")
+    steps = config.train.steps
+    budget = _Budget(protocol, config.env.task, steps, protocol.pretrain_steps or steps)
+    return _PROTOCOLS[protocol.name](budget)
 
 
 def _phase_from_mapping(index: int, raw: Mapping, target: Optional[str]) -> Phase:
