@@ -285,7 +285,12 @@ class _KeysHelp(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mbxfer", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_sweep, _add_report, _add_listings):
+        add(commands)
+    return parser
 
+
+def _add_run(commands) -> None:
     run = commands.add_parser(
         "run",
         help="train (or resume) one trial",
@@ -325,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--keys", action=_KeysHelp, help="list every config key and exit")
 
+
+def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep",
         help="run a sweep spec: a grid of trials, locally or on Ray",
@@ -374,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge the spec's scales.NAME over it (presets: 'paper' is the published budget)",
     )
 
+
+def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
         help="tables (IQM, bootstrap CIs), CSV files and plots from trial folders",
@@ -396,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
 
+
+def _add_listings(commands) -> None:
+    """`agents`, `envs`, `rollout` and `demo`: look at what is installed."""
     agents_parser = commands.add_parser(
         "agents", help="list registered agents and their config classes"
     )
@@ -420,7 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="results/demo", help="output folder")
     demo.add_argument("--episodes", type=int, default=20, help="episodes to finish")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
