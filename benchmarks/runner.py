@@ -35,8 +35,8 @@ from benchmarks import config as config_lib
 from benchmarks import episodes, loop, protocols, schedule, transfer, video
 from benchmarks.trial_folder import (
     IncompatibleTrialError,
+    PhaseLog,
     Resume,
-    RunnerState,
     TrialFolder,
     load_agent_state,
 )
@@ -193,8 +193,7 @@ class _Phase:
     def __init__(self, trial: _Trial, index: int):
         self.trial, self.index, self.phase = trial, index, trial.phases[index]
         self.config, self.folder = trial.config, trial.folder
-        self.tag = {"phase": self.phase.name, "phase_index": index}
-        self.steps_before = trial.steps_before(index)
+        self.log_to = PhaseLog(trial.folder, self.phase.name, index, trial.steps_before(index))
         self.seed = trial.config.seed + 100_003 * index
         num_envs = self.config.env.num_envs
         self.recipe = env_recipe(self.config, self.phase.task, self.phase.env_kwargs)
@@ -334,16 +333,15 @@ class _Phase:
         adapt = jax.jit(self.agent.adapt)
         state, metrics = loop.offline(adapt, self._sample, state, phase.offline_updates)
         stacked = jax.device_get(metrics)
-        record = {**self.tag, "env_steps": 0, "total_env_steps": self.steps_before,
-                  "offline_updates": phase.offline_updates}  # fmt: skip
+        record = {"offline_updates": phase.offline_updates}
         for key in stacked[-1]:
             record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
-        self.folder.write("metrics", record)
+        self.log_to.metrics(0, record)
         return state
 
     def _end(self, state: loop.LoopState) -> None:
         """The phase's summary into the trial's history, and its checkpoint."""
-        records = [r for r in self.folder.read("episodes") if r["phase_index"] == self.index]
+        records = self.log_to.episodes()
         summary = {
             "name": self.phase.name,
             "index": self.index,
@@ -357,24 +355,10 @@ class _Phase:
         }
         history = self.trial.history
         history["phases"] = history["phases"][: self.index] + [summary]
-        self.folder.mark_phase(self._save(state, phase_done=True), self.index)
+        saved = self.log_to.save(state, self.replay, history, phase_done=True)
+        self.folder.mark_phase(saved, self.index)
         self.image_env = "image" in self.envs.observation_spec()
         self.envs.close()
-
-    def _save(self, state: loop.LoopState, phase_done: bool) -> Path:
-        runner_state = RunnerState(
-            **self.tag,
-            phase_done=phase_done,
-            env_steps=state.env_steps,
-            updates=state.updates,
-            episodes=state.episodes,
-            rng=np.asarray(state.rng).tolist(),
-            offsets=self.folder.offsets(),
-            coverage=state.coverage.state(),
-            history=self.trial.history,
-        )
-        total = self.steps_before + state.env_steps
-        return self.folder.save(runner_state, total, state.agent, self.replay)
 
     def video(self, agent_state, replay) -> Optional[dict]:
         """The open-loop world-model video of the trial's end, when there is one to make."""
@@ -389,14 +373,10 @@ class _Phase:
 
     # -- the loop's hooks ---------------------------------------------------------------
     def episode(self, state: loop.LoopState, record: dict) -> None:
-        total = self.steps_before + state.env_steps
-        self.folder.write("episodes", {**self.tag, "total_env_steps": total, **record})
+        self.log_to.episode(state.env_steps, record)
 
     def log(self, state: loop.LoopState, window: loop.Window) -> None:
-        metrics = loop.window_metrics(state, window, self._summarize)
-        total = self.steps_before + state.env_steps
-        record = {**self.tag, "env_steps": state.env_steps, "total_env_steps": total, **metrics}
-        self.folder.write("metrics", record)
+        self.log_to.metrics(state.env_steps, loop.window_metrics(state, window, self._summarize))
 
     def evaluate(self, state: loop.LoopState) -> None:
         """Every evaluation set in every mode; a set's result is its headline mode's summary
@@ -409,10 +389,7 @@ class _Phase:
             by_mode = {}
             for mode in train.eval_modes:
                 summary = evaluate(self.agent, self.act, state.agent, config, seed, recipe, mode)
-                self.folder.write("eval", {**self.tag, "eval_set": set_name, "mode": mode,
-                                           "env_steps": state.env_steps,
-                                           "total_env_steps": self.steps_before + state.env_steps,
-                                           **summary})  # fmt: skip
+                self.log_to.evaluation(state.env_steps, set_name, mode, summary)
                 by_mode[mode] = summary
             headline = train.eval_modes[0]
             results[set_name] = {**by_mode[headline], "mode": headline, "modes": by_mode}
@@ -422,13 +399,13 @@ class _Phase:
             self.bar.set_postfix(eval_return=f"{first['return_mean']:.2f}")
 
     def checkpoint(self, state: loop.LoopState) -> None:
-        self._save(state, phase_done=False)
+        self.log_to.save(state, self.replay, self.trial.history, phase_done=False)
 
     def step(self, state: loop.LoopState, ended: bool) -> bool:
         watch = self.trial.watch
         if self.bar is not None:
             self.bar.update(self.config.env.num_envs)
-        total = self.steps_before + state.env_steps
+        total = self.log_to.steps_before + state.env_steps
         if watch.on_step is not None:
             watch.on_step(total)
         if watch.stop_after is not None and total >= watch.stop_after and not ended:

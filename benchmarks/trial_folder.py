@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, TextIO
 
+import numpy as np
 import yaml
 
 from benchmarks import checkpoint, protocols
@@ -231,6 +232,51 @@ class TrialFolder:
     def mark_phase(self, folder: Path, index: int) -> None:
         """Keep the checkpoint `folder` that ends phase `index` as `phase<index>.ckpt`."""
         checkpoint.link_copy(folder, self.out / f"phase{index}.ckpt")
+
+
+class PhaseLog:
+    """What one phase writes into its trial's folder: log lines tagged with the phase and
+    both step counts (the phase's and the trial's), and checkpoints of the loop's state."""
+
+    def __init__(self, folder: TrialFolder, phase: str, index: int, steps_before: int):
+        self.folder, self.index, self.steps_before = folder, index, steps_before
+        self.tag = {"phase": phase, "phase_index": index}
+
+    def episode(self, env_steps: int, record: dict) -> None:
+        total = self.steps_before + env_steps
+        self.folder.write("episodes", {**self.tag, "total_env_steps": total, **record})
+
+    def metrics(self, env_steps: int, metrics: dict) -> None:
+        total = self.steps_before + env_steps
+        record = {**self.tag, "env_steps": env_steps, "total_env_steps": total, **metrics}
+        self.folder.write("metrics", record)
+
+    def evaluation(self, env_steps: int, eval_set: str, mode: str, summary: dict) -> None:
+        total = self.steps_before + env_steps
+        self.folder.write("eval", {**self.tag, "eval_set": eval_set, "mode": mode,
+                                   "env_steps": env_steps, "total_env_steps": total,
+                                   **summary})  # fmt: skip
+
+    def episodes(self) -> list[dict]:
+        """This phase's training episodes so far (a resumed phase's include those before)."""
+        return [r for r in self.folder.read("episodes") if r["phase_index"] == self.index]
+
+    def save(self, state, replay, history: dict, phase_done: bool) -> Path:
+        """Checkpoint the loop's `state` (a `benchmarks.loop.LoopState`) and `replay`."""
+        runner_state = RunnerState(
+            **self.tag,
+            phase_done=phase_done,
+            env_steps=state.env_steps,
+            updates=state.updates,
+            episodes=state.episodes,
+            rng=np.asarray(state.rng).tolist(),
+            offsets=self.folder.offsets(),
+            coverage=state.coverage.state(),
+            history=history,
+        )
+        return self.folder.save(
+            runner_state, self.steps_before + state.env_steps, state.agent, replay
+        )
 
 
 def load_agent_state(resume: Resume, fresh: Any) -> Any:
