@@ -308,18 +308,8 @@ def bootstrap_targets(
     """n-step value targets `[B, T]` (and where they exist) over the replayed rewards mixed with
     the replayed `intrinsic` reward, bootstrapped from the target network's values of the batch
     filtered again."""
-    model = nets.model
-    batch_size = batch["reward"].shape[0]
-    embeds = model.encode(target_params.model, batch["observation"])
-    posteriors, _ = model.observe_sequence(
-        target_params.model,
-        model.initial_state(batch_size),
-        batch["action"],
-        embeds,
-        batch["is_first"],
-        rng,
-    )
-    values = value(nets, target_params.prediction, model.features(posteriors))
+    posteriors = nomodel.filter_sequence(nets.model, target_params.model, batch, rng)
+    values = value(nets, target_params.prediction, nets.model.features(posteriors))
     rewards = exploration_lib.mix(
         config.exploration, jnp.asarray(batch["reward"], jnp.float32), intrinsic
     )
