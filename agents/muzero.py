@@ -32,14 +32,15 @@ Training (`update`), on a replay batch `[B, T, ...]`:
   built, and without a reward head there is no `adapt`.
 
 Continuous actions use Sampled MuZero; the prior correction is documented in `muzero_search`.
-Rewards are mixed in ONE place, `mixed_reward`, used by the search and by the value targets.
+Rewards are mixed by `agents.intrinsic` (`mixed_reward` in the search, `replayed_reward` and
+`exploration.mix` in the value targets).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -48,7 +49,8 @@ import optax
 from acme import specs as acme_specs
 
 import exploration as exploration_lib
-from agents import base, networks, nomodel
+from agents import base, networks, nomodel, sequences
+from agents import intrinsic as intrinsic_lib
 from agents import muzero_targets as targets_lib
 from agents.muzero_search import (
     Search,
@@ -61,7 +63,6 @@ from agents.muzero_search import (
 )
 from agents.world_model import (
     FilterCarry,
-    LatentState,
     LossConfig,
     WorldModel,
     WorldModelConfig,
@@ -186,21 +187,22 @@ MuZeroCarry = FilterCarry  # The acting carry is the world model's filter state.
 
 class MuZeroNetworks(NamedTuple):
     """The agent's pure functions: the shared world model, its prediction network, the search
-    over both, and the reward mixing they share."""
+    over both (whose reward is `intrinsic.mixed_reward` of the reward head and the intrinsic
+    module, as in the value targets), the optimizer and the two-hot bins."""
 
     model: WorldModel
     prediction: hk.Transformed
     """`apply(params, features) -> Prediction` (policy and value heads)."""
     search: Search
-    explorer: Optional[exploration_lib.ExplorationModule]
-    reward: Callable[[SearchParams, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
-    """THE reward the agent maximizes, in the search and in the value targets:
-    `reward(params, task_reward, features, action, next_features)` is `exploration.mix` of the
-    task reward and (when the module is on) the intrinsic reward of the transition."""
+    intrinsic: Optional[intrinsic_lib.Intrinsic]
+    """The intrinsic reward module (None without one)."""
+    optimizer: optax.GradientTransformation
+    value_bins: jax.Array
+    reward_bins: jax.Array
 
 
 def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> MuZeroNetworks:
-    """The world model, prediction network and search of the agent for `env_spec`."""
+    """The world model, prediction network, search and optimizer of the agent for `env_spec`."""
     model = make_world_model(config.model, env_spec.observations, env_spec.actions)
     prediction = make_prediction_network(
         config.hidden,
@@ -210,308 +212,333 @@ def make_networks(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) ->
         model.discrete,
         config.policy_unimix,
     )
-
-    explorer = exploration_lib.make(
-        config.exploration, config.model.feature_size, model.action_size
+    wiring = intrinsic_lib.make(
+        config.exploration, config.model.feature_size, model.action_size, model.discrete
     )
-
-    def reward(params: SearchParams, task_reward, features, action, next_features):
-        intrinsic = None
-        if explorer is not None and config.exploration.intrinsic_scale:
-            if model.discrete:
-                action = jax.nn.one_hot(action, model.action_size)
-            intrinsic = explorer.reward(params.exploration, features, action, next_features)
-        return exploration_lib.mix(config.exploration, task_reward, intrinsic)
 
     def search_reward(params: SearchParams, features, action, next_features):
         task_reward = model.reward(params.model, next_features)
-        return reward(params, task_reward, features, action, next_features)
+        return intrinsic_lib.mixed_reward(
+            wiring,
+            config.exploration,
+            params.exploration,
+            task_reward,
+            features,
+            action,
+            next_features,
+        )
 
     value_bins = networks.symlog_bins(config.value_bins)
     search = make_search(
         model, prediction.apply, config.search, config.discount, value_bins, search_reward
     )
-    return MuZeroNetworks(model, prediction, search, explorer, reward)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate, eps=1e-8)
+    )
+    reward_bins = networks.symlog_bins(config.model.reward_bins)
+    return MuZeroNetworks(model, prediction, search, wiring, optimizer, value_bins, reward_bins)
+
+
+def has_heads(config: MuZeroConfig) -> bool:
+    """Whether the world model's reward and continuation heads are built: the search, the
+    unrolled reward loss and the world-model loss terms read them."""
+    return config.planning or config.unroll_steps > 0 or nomodel.has_loss_terms(config.model)
+
+
+def value(nets: MuZeroNetworks, prediction_params, features) -> jax.Array:
+    """The value head's value of `features` `[..., F]` -> `[...]`."""
+    logits = nets.prediction.apply(prediction_params, features).value_logits
+    return networks.two_hot_decode(logits, nets.value_bins)
+
+
+def search_params(state: MuZeroState, params: SearchParams) -> SearchParams:
+    """`params` with the intrinsic module's state, which the search's reward reads."""
+    return params._replace(exploration=state.exploration)
+
+
+def init(nets: MuZeroNetworks, config: MuZeroConfig, rng) -> MuZeroState:
+    """A fresh `MuZeroState` (the target network starts as the network)."""
+    model_key, prediction_key = jax.random.split(rng)
+    features = jnp.zeros((1, config.model.feature_size), jnp.float32)
+    model_params = nets.model.init(model_key)
+    if not has_heads(config):
+        model_params = nomodel.without_heads(model_params)
+    params = SearchParams(model_params, nets.prediction.init(prediction_key, features))
+    state = MuZeroState(params, params, nets.optimizer.init(params), jnp.zeros((), jnp.int32))
+    return intrinsic_lib.attach(state, nets.intrinsic, rng)
+
+
+def act(
+    nets: MuZeroNetworks,
+    config: MuZeroConfig,
+    state: MuZeroState,
+    carry: MuZeroCarry,
+    step: base.ActInput,
+    rng,
+    mode: str,
+):
+    """Filter the new observation, then search (planning) or read the policy head."""
+    if mode not in base.MODES:
+        raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
+    model, discrete = nets.model, nets.model.discrete
+    observe_key, action_key = jax.random.split(rng)
+    params = state.params
+    posterior = filter_step(
+        model, params.model, carry, step.observation, step.is_first, observe_key
+    )
+    if config.planning:
+        action = nets.search.run(search_params(state, params), posterior, action_key, mode).action
+    else:
+        policy = nets.prediction.apply(params.prediction, model.features(posterior)).policy
+        distribution = policy_distribution(policy, discrete)
+        if mode == "explore":
+            action = distribution.sample(seed=action_key)
+        else:
+            action = distribution.mode()
+        if not discrete:
+            action = jnp.clip(action, -1.0, 1.0)
+    if discrete:
+        action = action.astype(jnp.int32)
+    return action, MuZeroCarry(posterior, action)
+
+
+def bootstrap_targets(
+    nets: MuZeroNetworks, config: MuZeroConfig, target_params: SearchParams, batch, intrinsic, rng
+):
+    """n-step value targets `[B, T]` (and where they exist) over the replayed rewards mixed with
+    the replayed `intrinsic` reward, bootstrapped from the target network's values of the batch
+    filtered again."""
+    posteriors = nomodel.filter_sequence(nets.model, target_params.model, batch, rng)
+    values = value(nets, target_params.prediction, nets.model.features(posteriors))
+    rewards = exploration_lib.mix(
+        config.exploration, jnp.asarray(batch["reward"], jnp.float32), intrinsic
+    )
+    return targets_lib.value_targets(
+        rewards,
+        jnp.asarray(batch["discount"], jnp.float32),
+        sequences.episode_ends(batch["is_first"], batch["is_last"]),
+        values,
+        config.n_step,
+        config.discount,
+    )
+
+
+def policy_targets(
+    nets: MuZeroNetworks,
+    config: MuZeroConfig,
+    params: SearchParams,
+    posteriors,
+    batch,
+    returns,
+    returns_valid,
+    root_values,
+    rng,
+):
+    """`(PolicyTargets, metrics)`: reanalysed search targets for the first rows (planning) or
+    advantage weights on the replayed actions of every row (model-free control)."""
+    discrete = nets.model.discrete
+    if not config.planning:
+        weights = targets_lib.advantage_weights(
+            returns - root_values, returns_valid, config.advantage_temperature
+        )
+        actions = jnp.asarray(batch["action"])
+        branches = actions[:, :, None] if discrete else actions[:, :, None, :]
+        return targets_lib.PolicyTargets(branches, weights[..., None], returns_valid), {}
+    batch_size, length = batch["reward"].shape
+    rows = max(1, round(config.reanalyse_fraction * batch_size))
+    roots = jax.tree.map(lambda x: sequences.flatten_time(x[:rows]), posteriors)
+    output = nets.search.run(params, roots, rng, "reanalyse")
+
+    def unflatten(x):  # [R*T, ...] -> [R, T, ...]
+        return x.reshape((rows, length) + x.shape[1:])
+
+    not_last = ~jnp.asarray(batch["is_last"], bool)[:rows]
+    weights = unflatten(output.weights)
+    search_entropy = -jnp.sum(weights * jnp.log(jnp.maximum(weights, 1e-12)), -1)
+    metrics = {
+        "muzero/search_value": jnp.mean(output.value),
+        "muzero/search_policy_entropy": jnp.mean(search_entropy),
+    }
+    return targets_lib.PolicyTargets(unflatten(output.branches), weights, not_last), metrics
+
+
+def unroll(
+    nets: MuZeroNetworks, config: MuZeroConfig, params: SearchParams, posteriors, batch, rng
+):
+    """Predictions `[B, T, K+1, ...]` (and reward logits `[B, T, K, ...]`, None when K=0)
+    unrolled from every posterior with the replayed actions (gradients halved per step)."""
+    model, K = nets.model, config.unroll_steps
+    if K == 0:
+        prediction = nets.prediction.apply(params.prediction, model.features(posteriors))
+        return jax.tree.map(lambda x: x[:, :, None], prediction), None
+    batch_size, length = batch["reward"].shape
+    start = jax.tree.map(sequences.flatten_time, posteriors)
+
+    def step(latent, inputs):
+        action, key = inputs
+        latent = model.imagine(params.model, targets_lib.scale_gradient(latent, 0.5), action, key)
+        return latent, latent
+
+    actions = targets_lib.unroll_actions(jnp.asarray(batch["action"]), K)
+    _, imagined = jax.lax.scan(step, start, (actions, jax.random.split(rng, K)))
+    latents = jax.tree.map(lambda s, x: jnp.concatenate([s[None], x]), start, imagined)
+    features = model.features(latents)  # [K+1, B*T, F]
+    prediction = nets.prediction.apply(params.prediction, features)
+    reward_logits = model.heads(params.model, features[1:]).reward_logits
+
+    def batch_major(x):  # [S, B*T, ...] -> [B, T, S, ...]
+        return jnp.moveaxis(x.reshape((x.shape[0], batch_size, length) + x.shape[2:]), 0, 2)
+
+    return jax.tree.map(batch_major, prediction), batch_major(reward_logits)
+
+
+def representation_loss(
+    nets: MuZeroNetworks, config: MuZeroConfig, params: SearchParams, state, batch, rng
+):
+    """`(loss, metrics, posteriors [B, T, ...])`: the world-model loss terms on the batch
+    (self-predictive targets from the target network), or only the filter without any term."""
+    model = nets.model
+    batch_size = batch["reward"].shape[0]
+    if not nomodel.has_loss_terms(config.model):
+        return 0.0, {}, nomodel.filter_sequence(model, params.model, batch, rng)
+    model_loss, (metrics, posteriors, _) = model.loss(
+        params.model,
+        batch,
+        model.initial_state(batch_size),
+        rng,
+        target_params=state.target_params.model,
+    )
+    metrics = dict(metrics)
+    metrics["loss/world_model"] = metrics.pop("loss/total")
+    return model_loss, metrics, posteriors
+
+
+def value_loss(nets: MuZeroNetworks, K: int, value_logits, returns, returns_valid, valid):
+    """The value head's two-hot loss at every unroll step `[B, T, K+1]` against the n-step
+    target of the step it reached, masked, root weighted 1 and unrolled steps 1/K."""
+    loss = networks.two_hot_loss(value_logits, targets_lib.at_future(returns, K), nets.value_bins)
+    loss_valid = valid & targets_lib.at_future(returns_valid, K)
+    return targets_lib.unroll_weighted(targets_lib.masked_step_means(loss, loss_valid))
+
+
+def reward_loss(nets: MuZeroNetworks, K: int, reward_logits, reward, valid):
+    """The reward head's two-hot loss on the imagined states `[B, T, K]` against the replayed
+    reward of the step each one predicts, masked, averaged over steps."""
+    targets = targets_lib.at_future(jnp.asarray(reward, jnp.float32), K)
+    loss = networks.two_hot_loss(reward_logits, targets[:, :, 1:], nets.reward_bins)
+    return jnp.mean(targets_lib.masked_step_means(loss, valid[:, :, 1:]))
+
+
+def policy_loss(discrete: bool, K: int, policy, targets: targets_lib.PolicyTargets, valid):
+    """Cross-entropy of the policy at every unroll step of the target rows `[R, T, K+1]` to the
+    weighted target branches of the step it reached, masked, weighted as `value_loss`."""
+    rows = targets.weights.shape[0]
+    log_probs = branch_log_probs(
+        policy[:rows], targets_lib.at_future(targets.branches, K), discrete
+    )  # [R, T, K+1, M]
+    loss = -jnp.sum(targets_lib.at_future(targets.weights, K) * log_probs, axis=-1)
+    loss_valid = valid[:rows] & targets_lib.at_future(targets.valid, K)
+    return targets_lib.unroll_weighted(targets_lib.masked_step_means(loss, loss_valid))
+
+
+def loss(nets: MuZeroNetworks, config: MuZeroConfig, params: SearchParams, state, batch, rng):
+    """`(total, (metrics, posteriors))`: world-model, value, unrolled reward and policy losses
+    of `params` on a replay batch (see the module docstring)."""
+    model, K, discrete = nets.model, config.unroll_steps, nets.model.discrete
+    model_key, unroll_key, target_key, search_key = jax.random.split(rng, 4)
+    model_loss, metrics, posteriors = representation_loss(
+        nets, config, params, state, batch, model_key
+    )
+    intrinsic = intrinsic_lib.replayed_reward(
+        nets.intrinsic,
+        config.exploration,
+        state.exploration,
+        jax.lax.stop_gradient(model.features(posteriors)),
+        batch["action"],
+        batch["is_first"],
+    )
+    returns, returns_valid = bootstrap_targets(
+        nets, config, state.target_params, batch, intrinsic, target_key
+    )
+    prediction, reward_logits = unroll(nets, config, params, posteriors, batch, unroll_key)
+    valid = targets_lib.unroll_valid(batch["is_first"], K)  # [B, T, K+1]
+    value_term = value_loss(nets, K, prediction.value_logits, returns, returns_valid, valid)
+    reward_term = 0.0
+    if reward_logits is not None:
+        reward_term = reward_loss(nets, K, reward_logits, batch["reward"], valid)
+        metrics["loss/unroll_reward"] = reward_term
+
+    root_logits = jax.lax.stop_gradient(prediction.value_logits[:, :, 0])
+    root_values = networks.two_hot_decode(root_logits, nets.value_bins)
+    frozen_params, frozen_posteriors = jax.lax.stop_gradient(
+        (search_params(state, params), posteriors)
+    )
+    targets, search_metrics = policy_targets(
+        nets, config, frozen_params, frozen_posteriors, batch, returns, returns_valid,
+        root_values, search_key,
+    )  # fmt: skip
+    metrics.update(search_metrics)
+    policy_term = policy_loss(discrete, K, prediction.policy, targets, valid)
+    total = (
+        model_loss
+        + config.value_scale * value_term
+        + config.policy_scale * policy_term
+        + config.reward_scale * reward_term
+    )
+    entropy = policy_distribution(prediction.policy[:, :, 0], discrete).entropy()
+    metrics.update(
+        {
+            "loss/value": value_term,
+            "loss/policy": policy_term,
+            "loss/total": total,
+            "muzero/value_target": sequences.masked_mean(returns, returns_valid),
+            "muzero/root_value": jnp.mean(root_values),
+            "muzero/policy_entropy": jnp.mean(entropy),
+        }
+    )
+    if intrinsic is not None:
+        metrics["muzero/intrinsic_reward"] = jnp.mean(intrinsic)
+    return total, (metrics, posteriors)
+
+
+def update(nets: MuZeroNetworks, config: MuZeroConfig, state: MuZeroState, batch, rng, adapt=False):
+    """One optimizer step on `loss`, the target network's update, then the intrinsic module's
+    step; `adapt` trains the world model's reward head only (zero-shot)."""
+    (_, (metrics, posteriors)), grads = jax.value_and_grad(
+        functools.partial(loss, nets, config), has_aux=True
+    )(state.params, state, batch, rng)
+    updates, opt_state = nets.optimizer.update(grads, state.opt_state, state.params)
+    if adapt:
+        updates = updates._replace(model=base.only_reward_head(updates.model))
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    if config.target_update_period:
+        target_params = optax.periodic_update(
+            params, state.target_params, step, config.target_update_period
+        )
+    else:
+        target_params = optax.incremental_update(
+            params, state.target_params, config.target_update_rate
+        )
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state._replace(
+        params=params, target_params=target_params, opt_state=opt_state, step=step
+    )
+    new_state, explorer_metrics = intrinsic_lib.train_on_sequences(
+        nets.intrinsic, new_state, nets.model.features(posteriors), batch["action"]
+    )
+    metrics.update(explorer_metrics)
+    return new_state, metrics
 
 
 def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Agent:
     """The MuZero agent for `env_spec` (see `agents.base` for the contract)."""
-    model, prediction_net, search, explorer, mixed_reward = make_networks(env_spec, config)
-    explorer_opt = optax.adam(config.exploration.learning_rate)
-    discrete = model.discrete
-    value_bins = networks.symlog_bins(config.value_bins)
-    reward_bins = networks.symlog_bins(config.model.reward_bins)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate, eps=1e-8)
-    )
-    K = config.unroll_steps
-    model_terms = nomodel.has_loss_terms(config.model)
-    # The reward and continuation heads are read by the search, the unrolled reward loss and
-    # the world-model loss terms; without any of them they are not built.
-    has_heads = config.planning or K > 0 or model_terms
-
-    def value(prediction_params, features) -> jax.Array:
-        logits = prediction_net.apply(prediction_params, features).value_logits
-        return networks.two_hot_decode(logits, value_bins)
-
-    def init(rng) -> MuZeroState:
-        model_key, prediction_key = jax.random.split(rng)
-        features = jnp.zeros((1, config.model.feature_size), jnp.float32)
-        model_params = model.init(model_key)
-        if not has_heads:
-            model_params = nomodel.without_heads(model_params)
-        params = SearchParams(model_params, prediction_net.init(prediction_key, features))
-        state = MuZeroState(params, params, optimizer.init(params), jnp.zeros((), jnp.int32))
-        if explorer is not None:
-            state = exploration_lib.base.attach(state, explorer, explorer_opt, rng)
-        return state
-
-    def search_params(state: MuZeroState, params: SearchParams) -> SearchParams:
-        """`params` with the module's state, which the search's reward reads."""
-        return params._replace(exploration=state.exploration)
-
-    def one_hot(actions):
-        actions = jnp.asarray(actions)
-        if discrete:
-            return jax.nn.one_hot(actions, model.action_size)
-        return actions.astype(jnp.float32)
-
-    def replayed_intrinsic(state: MuZeroState, posteriors: LatentState, batch):
-        """`[B, T]` intrinsic reward of each replayed transition, aligned with
-        `batch["reward"]` (row t: the transition into step t; 0 at sequence and episode
-        starts), or None when the module is off."""
-        if explorer is None or not config.exploration.intrinsic_scale:
-            return None
-        features = jax.lax.stop_gradient(model.features(posteriors))
-        actions = one_hot(batch["action"])
-        intrinsic = explorer.reward(
-            state.exploration, features[:, :-1], actions[:, :-1], features[:, 1:]
-        )
-        intrinsic = jnp.where(jnp.asarray(batch["is_first"])[:, 1:], 0.0, intrinsic)
-        return jnp.concatenate([jnp.zeros_like(intrinsic[:, :1]), intrinsic], axis=1)
+    nets = make_networks(env_spec, config)
+    model = nets.model
+    train = functools.partial(update, nets, config)
 
     def initial_carry(num_envs: int) -> MuZeroCarry:
         return initial_filter_carry(model, num_envs)
-
-    def act(state: MuZeroState, carry: MuZeroCarry, step: base.ActInput, rng, mode: str):
-        if mode not in base.MODES:
-            raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
-        observe_key, action_key = jax.random.split(rng)
-        params = state.params
-        posterior = filter_step(
-            model, params.model, carry, step.observation, step.is_first, observe_key
-        )
-        if config.planning:
-            action = search.run(search_params(state, params), posterior, action_key, mode).action
-        else:
-            policy = prediction_net.apply(params.prediction, model.features(posterior)).policy
-            distribution = policy_distribution(policy, discrete)
-            if mode == "explore":
-                action = distribution.sample(seed=action_key)
-            else:
-                action = distribution.mode()
-            if not discrete:
-                action = jnp.clip(action, -1.0, 1.0)
-        if discrete:
-            action = action.astype(jnp.int32)
-        return action, MuZeroCarry(posterior, action)
-
-    def bootstrap_targets(target_params: SearchParams, batch, intrinsic, rng):
-        """n-step value targets `[B, T]` (and where they exist) from the target network."""
-        batch_size = batch["reward"].shape[0]
-        embeds = model.encode(target_params.model, batch["observation"])
-        posteriors, _ = model.observe_sequence(
-            target_params.model,
-            model.initial_state(batch_size),
-            batch["action"],
-            embeds,
-            batch["is_first"],
-            rng,
-        )
-        values = value(target_params.prediction, model.features(posteriors))
-        rewards = exploration_lib.mix(
-            config.exploration, jnp.asarray(batch["reward"], jnp.float32), intrinsic
-        )
-        return targets_lib.value_targets(
-            rewards,
-            jnp.asarray(batch["discount"], jnp.float32),
-            targets_lib.episode_ends(batch["is_first"], batch["is_last"]),
-            values,
-            config.n_step,
-            config.discount,
-        )
-
-    def policy_targets(params, posteriors, batch, returns, returns_valid, root_values, rng):
-        """`(PolicyTargets, metrics)`: reanalysed search targets for the first rows (planning)
-        or advantage weights on the replayed actions of every row (model-free control)."""
-        if not config.planning:
-            weights = targets_lib.advantage_weights(
-                returns - root_values, returns_valid, config.advantage_temperature
-            )
-            actions = jnp.asarray(batch["action"])
-            branches = actions[:, :, None] if discrete else actions[:, :, None, :]
-            return targets_lib.PolicyTargets(branches, weights[..., None], returns_valid), {}
-        batch_size, length = batch["reward"].shape
-        rows = max(1, round(config.reanalyse_fraction * batch_size))
-        roots = jax.tree.map(lambda x: x[:rows].reshape((rows * length,) + x.shape[2:]), posteriors)
-        output = search.run(params, roots, rng, "reanalyse")
-
-        def unflatten(x):  # [R*T, ...] -> [R, T, ...]
-            return x.reshape((rows, length) + x.shape[1:])
-
-        not_last = ~jnp.asarray(batch["is_last"], bool)[:rows]
-        weights = unflatten(output.weights)
-        search_entropy = -jnp.sum(weights * jnp.log(jnp.maximum(weights, 1e-12)), -1)
-        metrics = {
-            "muzero/search_value": jnp.mean(output.value),
-            "muzero/search_policy_entropy": jnp.mean(search_entropy),
-        }
-        return targets_lib.PolicyTargets(unflatten(output.branches), weights, not_last), metrics
-
-    def unroll(params: SearchParams, posteriors: LatentState, batch, rng):
-        """Predictions `[B, T, K+1, ...]` (and reward logits `[B, T, K, ...]`, None when K=0)
-        unrolled from every posterior with the replayed actions."""
-        if K == 0:
-            prediction = prediction_net.apply(params.prediction, model.features(posteriors))
-            return jax.tree.map(lambda x: x[:, :, None], prediction), None
-        batch_size, length = batch["reward"].shape
-        start = jax.tree.map(lambda x: x.reshape((batch_size * length,) + x.shape[2:]), posteriors)
-
-        def step(latent, inputs):
-            action, key = inputs
-            latent = model.imagine(
-                params.model, targets_lib.scale_gradient(latent, 0.5), action, key
-            )
-            return latent, latent
-
-        actions = targets_lib.unroll_actions(jnp.asarray(batch["action"]), K)
-        _, imagined = jax.lax.scan(step, start, (actions, jax.random.split(rng, K)))
-        latents = jax.tree.map(lambda s, x: jnp.concatenate([s[None], x]), start, imagined)
-        features = model.features(latents)  # [K+1, B*T, F]
-        prediction = prediction_net.apply(params.prediction, features)
-        reward_logits = model.heads(params.model, features[1:]).reward_logits
-
-        def batch_major(x):  # [S, B*T, ...] -> [B, T, S, ...]
-            return jnp.moveaxis(x.reshape((x.shape[0], batch_size, length) + x.shape[2:]), 0, 2)
-
-        return jax.tree.map(batch_major, prediction), batch_major(reward_logits)
-
-    def loss(params: SearchParams, state: MuZeroState, batch, rng):
-        model_key, unroll_key, target_key, search_key = jax.random.split(rng, 4)
-        batch_size = batch["reward"].shape[0]
-        if model_terms:
-            model_loss, (metrics, posteriors, _) = model.loss(
-                params.model,
-                batch,
-                model.initial_state(batch_size),
-                model_key,
-                target_params=state.target_params.model,
-            )
-            metrics = dict(metrics)
-            metrics["loss/world_model"] = metrics.pop("loss/total")
-        else:
-            model_loss, metrics = 0.0, {}
-            posteriors = nomodel.filter_sequence(model, params.model, batch, model_key)
-        intrinsic = replayed_intrinsic(state, posteriors, batch)
-        returns, returns_valid = bootstrap_targets(
-            state.target_params, batch, intrinsic, target_key
-        )
-        prediction, reward_logits = unroll(params, posteriors, batch, unroll_key)
-        valid = targets_lib.unroll_valid(batch["is_first"], K)  # [B, T, K+1]
-
-        value_logits = prediction.value_logits
-        value_loss = networks.two_hot_loss(
-            value_logits, targets_lib.at_future(returns, K), value_bins
-        )
-        value_valid = valid & targets_lib.at_future(returns_valid, K)
-        value_loss = targets_lib.unroll_weighted(
-            targets_lib.masked_step_means(value_loss, value_valid)
-        )
-
-        reward_loss = 0.0
-        if reward_logits is not None:
-            reward_targets = targets_lib.at_future(jnp.asarray(batch["reward"], jnp.float32), K)
-            reward_loss = networks.two_hot_loss(
-                reward_logits, reward_targets[:, :, 1:], reward_bins
-            )
-            reward_loss = jnp.mean(targets_lib.masked_step_means(reward_loss, valid[:, :, 1:]))
-            metrics["loss/unroll_reward"] = reward_loss
-
-        root_values = networks.two_hot_decode(
-            jax.lax.stop_gradient(value_logits[:, :, 0]), value_bins
-        )
-        frozen_params, frozen_posteriors = jax.lax.stop_gradient(
-            (search_params(state, params), posteriors)
-        )
-        targets, search_metrics = policy_targets(
-            frozen_params, frozen_posteriors, batch, returns, returns_valid, root_values, search_key
-        )
-        metrics.update(search_metrics)
-        rows = targets.weights.shape[0]
-        log_probs = branch_log_probs(
-            prediction.policy[:rows], targets_lib.at_future(targets.branches, K), discrete
-        )  # [R, T, K+1, M]
-        policy_loss = -jnp.sum(targets_lib.at_future(targets.weights, K) * log_probs, axis=-1)
-        policy_valid = valid[:rows] & targets_lib.at_future(targets.valid, K)
-        policy_loss = targets_lib.unroll_weighted(
-            targets_lib.masked_step_means(policy_loss, policy_valid)
-        )
-
-        total = (
-            model_loss
-            + config.value_scale * value_loss
-            + config.policy_scale * policy_loss
-            + config.reward_scale * reward_loss
-        )
-        entropy = policy_distribution(prediction.policy[:, :, 0], discrete).entropy()
-        metrics.update(
-            {
-                "loss/value": value_loss,
-                "loss/policy": policy_loss,
-                "loss/total": total,
-                "muzero/value_target": jnp.sum(returns * returns_valid)
-                / jnp.maximum(jnp.sum(returns_valid), 1),
-                "muzero/root_value": jnp.mean(root_values),
-                "muzero/policy_entropy": jnp.mean(entropy),
-            }
-        )
-        if intrinsic is not None:
-            metrics["muzero/intrinsic_reward"] = jnp.mean(intrinsic)
-        return total, (metrics, posteriors)
-
-    def update(state: MuZeroState, batch, rng, adapt: bool = False):
-        (_, (metrics, posteriors)), grads = jax.value_and_grad(loss, has_aux=True)(
-            state.params, state, batch, rng
-        )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        if adapt:
-            updates = updates._replace(model=base.only_reward_head(updates.model))
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        if config.target_update_period:
-            target_params = optax.periodic_update(
-                params, state.target_params, step, config.target_update_period
-            )
-        else:
-            target_params = optax.incremental_update(
-                params, state.target_params, config.target_update_rate
-            )
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        new_state = state._replace(
-            params=params, target_params=target_params, opt_state=opt_state, step=step
-        )
-        if explorer is not None:
-            transitions = exploration_lib.base.sequence_transitions(
-                model.features(posteriors), one_hot(batch["action"])
-            )
-            explorer_state, explorer_opt_state, explorer_metrics = exploration_lib.base.train_step(
-                explorer, explorer_opt, state.exploration, state.exploration_opt, transitions
-            )
-            new_state = new_state._replace(
-                exploration=explorer_state, exploration_opt=explorer_opt_state
-            )
-            metrics.update(explorer_metrics)
-        return new_state, metrics
 
     open_loop = None
     if config.model.decoder:
@@ -522,15 +549,15 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
     return base.Agent(
         "muzero",
         config,
-        init,
+        functools.partial(init, nets, config),
         initial_carry,
-        act,
-        update,
+        functools.partial(act, nets, config),
+        train,
         True,
         open_loop,
         part_of=PARTS,
         # Zero-shot adaptation fits the reward head: there is none to fit without one.
-        adapt=functools.partial(update, adapt=True) if has_heads else None,
+        adapt=functools.partial(train, adapt=True) if has_heads(config) else None,
     )
 
 

@@ -195,6 +195,130 @@ class Search(NamedTuple):
     """M: actions (discrete) or sampled candidates (continuous) per node."""
 
 
+class SearchModel(NamedTuple):
+    """What the search functions below read besides their parameters (see `make_search`)."""
+
+    model: WorldModel
+    predict: Callable[[hk.Params, Array], Prediction]
+    config: SearchConfig
+    discount: float
+    value_bins: Array
+    reward_fn: Callable[[SearchParams, Array, Array, Array], Array]
+    num_branches: int
+
+
+def evaluate(search: SearchModel, params: SearchParams, latent: LatentState, rng, greedy=False):
+    """Prior logits `[B, M]`, value `[B]` and the node's `Embedding` (continuous: the node's
+    `num_branches` candidates sampled from the policy, its mean first when `greedy`)."""
+    model = search.model
+    prediction = search.predict(params.prediction, model.features(latent))
+    value = networks.two_hot_decode(prediction.value_logits, search.value_bins)
+    batch_size = value.shape[0]
+    if model.discrete:
+        return prediction.policy, value, Embedding(latent, jnp.zeros((batch_size, 0)))
+    distribution = policy_distribution(prediction.policy, discrete=False)
+    candidates = distribution.sample(seed=rng, sample_shape=search.num_branches)  # [K, B, A]
+    candidates = jnp.clip(jnp.swapaxes(candidates, 0, 1), -1.0, 1.0)
+    if greedy:
+        candidates = candidates.at[:, 0].set(distribution.mode())
+    # Sampled MuZero prior correction with beta = pi: uniform over the K samples.
+    prior_logits = jnp.zeros((batch_size, search.num_branches), jnp.float32)
+    return prior_logits, value, Embedding(latent, candidates)
+
+
+def root(search: SearchModel, params: SearchParams, latent: LatentState, rng, greedy=False):
+    """The roots `[B]` of a search from the posteriors `latent`."""
+    prior_logits, value, embedding = evaluate(search, params, latent, rng, greedy)
+    return mctx.RootFnOutput(prior_logits=prior_logits, value=value, embedding=embedding)
+
+
+def branch_action(search: SearchModel, embedding: Embedding, index: Array) -> Array:
+    """The environment action of branch `index` `[B]` of each node."""
+    if search.model.discrete:
+        return index
+    return jnp.take_along_axis(embedding.candidates, index[:, None, None], axis=1)[:, 0]
+
+
+def recurrent_fn(
+    search: SearchModel, params: SearchParams, rng_key, action: Array, embedding: Embedding
+):
+    """mctx's `recurrent_fn`: one imagined step of the world model along branch `action`, with
+    the agent's reward, the continuation as discount, and the prediction at the new node."""
+    model = search.model
+    imagine_key, sample_key = jax.random.split(rng_key)
+    env_action = branch_action(search, embedding, action)
+    latent = model.imagine(params.model, embedding.latent, env_action, imagine_key)
+    features = model.features(latent)
+    reward = search.reward_fn(params, model.features(embedding.latent), env_action, features)
+    continuation = model.continuation(params.model, features)
+    prior_logits, value, next_embedding = evaluate(search, params, latent, sample_key)
+    output = mctx.RecurrentFnOutput(
+        reward=reward,
+        discount=search.discount * continuation,
+        prior_logits=prior_logits,
+        value=value,
+    )
+    return output, next_embedding
+
+
+def _policy_output(search: SearchModel, params, rng, roots, mode: str):
+    """`(mctx.PolicyOutput, chosen branch [B])` of `config.policy` (no exploration noise in
+    `eval`; `eval` of the MuZero policy takes the most visited branch)."""
+    config = search.config
+    step = functools.partial(recurrent_fn, search)
+    if config.policy == "muzero":
+        output = mctx.muzero_policy(
+            params,
+            rng,
+            roots,
+            step,
+            config.num_simulations,
+            dirichlet_fraction=0.0 if mode == "eval" else config.dirichlet_fraction,
+            dirichlet_alpha=config.dirichlet_alpha,
+            pb_c_init=config.pb_c_init,
+            pb_c_base=config.pb_c_base,
+            temperature=config.temperature,
+            qtransform=functools.partial(
+                mctx.qtransform_by_parent_and_siblings, epsilon=config.value_range_floor
+            ),
+        )
+        index = output.action if mode == "explore" else jnp.argmax(output.action_weights, -1)
+        return output, index
+    output = mctx.gumbel_muzero_policy(
+        params,
+        rng,
+        roots,
+        step,
+        config.num_simulations,
+        max_num_considered_actions=min(config.max_num_considered_actions, search.num_branches),
+        gumbel_scale=0.0 if mode == "eval" else config.gumbel_scale,
+        qtransform=functools.partial(
+            mctx.qtransform_completed_by_mix_value, epsilon=config.value_range_floor
+        ),
+    )
+    return output, output.action
+
+
+def run(search: SearchModel, params: SearchParams, latent: LatentState, rng, mode: str):
+    """A batch of searches from the posteriors `latent` `[B, ...]` -> `SearchOutput`."""
+    if mode not in SEARCH_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {SEARCH_MODES}")
+    root_key, search_key = jax.random.split(rng)
+    roots = root(search, params, latent, root_key, greedy=mode == "eval")
+    output, index = _policy_output(search, params, search_key, roots, mode)
+    batch_size, num_branches = index.shape[0], search.num_branches
+    if search.model.discrete:
+        branches = jnp.broadcast_to(jnp.arange(num_branches), (batch_size, num_branches))
+    else:
+        branches = roots.embedding.candidates
+    return SearchOutput(
+        action=branch_action(search, roots.embedding, index),
+        branches=branches,
+        weights=output.action_weights,
+        value=output.search_tree.summary().value,
+    )
+
+
 def make_search(
     model: WorldModel,
     predict: Callable[[hk.Params, Array], Prediction],
@@ -209,97 +333,11 @@ def make_search(
     each imagined transition (`action` is the environment action): the agent's reward mix of
     the reward head's prediction and, if it explores, the intrinsic reward.
     """
-    discrete, action_size = model.discrete, model.action_size
-    num_branches = action_size if discrete else config.sampled_actions
-
-    def evaluate(params: SearchParams, latent: LatentState, rng, greedy: bool = False):
-        """Prior logits `[B, M]`, value `[B]` and the node's `Embedding`."""
-        prediction = predict(params.prediction, model.features(latent))
-        value = networks.two_hot_decode(prediction.value_logits, value_bins)
-        batch_size = value.shape[0]
-        if discrete:
-            return prediction.policy, value, Embedding(latent, jnp.zeros((batch_size, 0)))
-        distribution = policy_distribution(prediction.policy, discrete=False)
-        candidates = distribution.sample(seed=rng, sample_shape=num_branches)  # [K, B, A]
-        candidates = jnp.clip(jnp.swapaxes(candidates, 0, 1), -1.0, 1.0)
-        if greedy:
-            candidates = candidates.at[:, 0].set(distribution.mode())
-        # Sampled MuZero prior correction with beta = pi: uniform over the K samples.
-        prior_logits = jnp.zeros((batch_size, num_branches), jnp.float32)
-        return prior_logits, value, Embedding(latent, candidates)
-
-    def root(params: SearchParams, latent: LatentState, rng, greedy: bool = False):
-        prior_logits, value, embedding = evaluate(params, latent, rng, greedy)
-        return mctx.RootFnOutput(prior_logits=prior_logits, value=value, embedding=embedding)
-
-    def branch_action(embedding: Embedding, index: Array) -> Array:
-        """The environment action of branch `index` `[B]` of each node."""
-        if discrete:
-            return index
-        return jnp.take_along_axis(embedding.candidates, index[:, None, None], axis=1)[:, 0]
-
-    def recurrent_fn(params: SearchParams, rng_key, action: Array, embedding: Embedding):
-        imagine_key, sample_key = jax.random.split(rng_key)
-        env_action = branch_action(embedding, action)
-        latent = model.imagine(params.model, embedding.latent, env_action, imagine_key)
-        features = model.features(latent)
-        reward = reward_fn(params, model.features(embedding.latent), env_action, features)
-        continuation = model.continuation(params.model, features)
-        prior_logits, value, next_embedding = evaluate(params, latent, sample_key)
-        output = mctx.RecurrentFnOutput(
-            reward=reward,
-            discount=discount * continuation,
-            prior_logits=prior_logits,
-            value=value,
-        )
-        return output, next_embedding
-
-    def run(params: SearchParams, latent: LatentState, rng, mode: str) -> SearchOutput:
-        if mode not in SEARCH_MODES:
-            raise ValueError(f"mode={mode!r} must be one of {SEARCH_MODES}")
-        root_key, search_key = jax.random.split(rng)
-        roots = root(params, latent, root_key, greedy=mode == "eval")
-        if config.policy == "muzero":
-            output = mctx.muzero_policy(
-                params,
-                search_key,
-                roots,
-                recurrent_fn,
-                config.num_simulations,
-                dirichlet_fraction=0.0 if mode == "eval" else config.dirichlet_fraction,
-                dirichlet_alpha=config.dirichlet_alpha,
-                pb_c_init=config.pb_c_init,
-                pb_c_base=config.pb_c_base,
-                temperature=config.temperature,
-                qtransform=functools.partial(
-                    mctx.qtransform_by_parent_and_siblings, epsilon=config.value_range_floor
-                ),
-            )
-            index = output.action if mode == "explore" else jnp.argmax(output.action_weights, -1)
-        else:
-            output = mctx.gumbel_muzero_policy(
-                params,
-                search_key,
-                roots,
-                recurrent_fn,
-                config.num_simulations,
-                max_num_considered_actions=min(config.max_num_considered_actions, num_branches),
-                gumbel_scale=0.0 if mode == "eval" else config.gumbel_scale,
-                qtransform=functools.partial(
-                    mctx.qtransform_completed_by_mix_value, epsilon=config.value_range_floor
-                ),
-            )
-            index = output.action
-        batch_size = index.shape[0]
-        if discrete:
-            branches = jnp.broadcast_to(jnp.arange(num_branches), (batch_size, num_branches))
-        else:
-            branches = roots.embedding.candidates
-        return SearchOutput(
-            action=branch_action(roots.embedding, index),
-            branches=branches,
-            weights=output.action_weights,
-            value=output.search_tree.summary().value,
-        )
-
-    return Search(recurrent_fn, root, run, num_branches)
+    num_branches = model.action_size if model.discrete else config.sampled_actions
+    search = SearchModel(model, predict, config, discount, value_bins, reward_fn, num_branches)
+    return Search(
+        functools.partial(recurrent_fn, search),
+        functools.partial(root, search),
+        functools.partial(run, search),
+        num_branches,
+    )

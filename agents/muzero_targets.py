@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import rlax
 
+from agents import sequences
+
 Array = chex.Array
 
 
@@ -46,15 +48,6 @@ def n_step_returns(r_t: Array, discount_t: Array, is_last_t: Array, v_t: Array, 
     return rlax.n_step_bootstrapped_returns(
         r_t, discount_t, v_t, n, lambda_t=lambda_t, stop_target_gradients=True
     )
-
-
-def episode_ends(is_first: Array, is_last: Array) -> Array:
-    """`[B, T]` bool: the last step of an episode inside the window: `is_last`, or a step
-    followed by an episode start without one (the runner reseeds environments at checkpoints,
-    which cuts episodes), so that no return crosses into the next episode."""
-    is_first = jnp.asarray(is_first, bool)
-    cut = jnp.concatenate([is_first[:, 1:], jnp.zeros_like(is_first[:, :1])], axis=1)
-    return jnp.asarray(is_last, bool) | cut
 
 
 def value_targets(
@@ -140,8 +133,7 @@ def advantage_weights(advantages: Array, valid: Array, temperature: float) -> Ar
     """Advantage-weighted regression weights `min(exp(A / (temperature * std(A))), 20)` `[B, T]`
     (the model-free control's policy improvement; `std` over valid steps, no gradient)."""
     valid = valid.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(valid), 1.0)
-    mean = jnp.sum(advantages * valid) / count
-    std = jnp.sqrt(jnp.sum(jnp.square(advantages - mean) * valid) / count) + 1e-3
+    mean = sequences.masked_mean(advantages, valid)
+    std = jnp.sqrt(sequences.masked_mean(jnp.square(advantages - mean), valid)) + 1e-3
     weights = jnp.minimum(jnp.exp(advantages / (temperature * std)), 20.0)
     return jax.lax.stop_gradient(weights * valid)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import rlax
 
+from agents import sequences
 from agents.world_model_types import LatentState, LossConfig, WorldModel, WorldModelConfig
 
 Array = chex.Array
@@ -134,7 +135,7 @@ def replay_lambda_returns(
     """
     chex.assert_rank([reward, discount, is_first, is_last, value], 1)
     chex.assert_equal_shape([reward, discount, is_first, is_last, value])
-    valid = jnp.logical_not(is_last[:-1]) & jnp.logical_not(is_first[1:])
+    valid = sequences.valid_transitions(is_first, is_last)
     mask = valid.astype(value.dtype)
     continue_into_next = jnp.concatenate([mask[1:], jnp.ones((1,), value.dtype)])
     returns = rlax.lambda_returns(
@@ -147,19 +148,12 @@ def replay_lambda_returns(
     return jax.lax.stop_gradient(returns), valid
 
 
-def masked_mean(x: Array, valid: Array) -> Array:
-    """The mean of `x` over the entries where `valid` (0 when there is none)."""
-    valid = valid.astype(x.dtype)
-    return jnp.sum(x * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-
-
 __all__ = [
     "DYNAMICS_TERMS",
     "HEADS",
     "check_model_free",
     "filter_sequence",
     "has_loss_terms",
-    "masked_mean",
     "replay_lambda_returns",
     "representation_model",
     "without_heads",

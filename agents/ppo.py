@@ -41,6 +41,7 @@ mixed with the task reward by `exploration.mix`, and its predictor trains on eve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import chex
@@ -54,8 +55,9 @@ from acme import specs as acme_specs
 from dm_env import specs
 
 import exploration
-from agents import base, networks
-from exploration import ExplorationConfig, Transitions
+from agents import base, networks, sequences
+from agents import intrinsic as intrinsic_lib
+from exploration import ExplorationConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +192,7 @@ def rollout_advantages(
     chex.assert_rank([value, reward, discount, is_first, is_last], 1)
     chex.assert_equal_shape([value, reward, discount, is_first, is_last])
     chex.assert_type(value, float)
-    valid = jnp.logical_not(is_first[1:]) & jnp.logical_not(is_last[:-1])
+    valid = sequences.valid_transitions(is_first, is_last)
     mask = valid.astype(value.dtype)
     r_t = reward[1:].astype(value.dtype) * mask
     discount_t = gamma * discount[1:].astype(value.dtype) * mask
@@ -268,11 +270,27 @@ def _actor_critic(config: PPOConfig, discrete: bool, action_size: int):
     return hk.without_apply_rng(hk.multi_transform(build))
 
 
-def make(env_spec: acme_specs.EnvironmentSpec, config: PPOConfig) -> base.Agent:
-    """The PPO agent for `env_spec` (see `agents.base` for the contract)."""
+class PPONetworks(NamedTuple):
+    """PPO's pure functions, built once by `make_networks`; every loss and update below takes
+    them as its first argument."""
+
+    network: hk.MultiTransformed
+    """`init(rng, observation)`; `apply = (policy, both)` (see `_actor_critic`)."""
+    optimizer: optax.GradientTransformation
+    """Clipping and Adam's scaling; the (annealed) learning rate is applied in `update`."""
+    dummy: dict
+    """A `[1, ...]` zero observation of the agent keys (to initialize the networks)."""
+    discrete: bool
+    action_size: int
+    feature_net: hk.Transformed
+    """RND: the fixed random encoder whose embeddings the intrinsic module reads."""
+    intrinsic: Optional[intrinsic_lib.Intrinsic]
+    """The intrinsic reward module (None without one)."""
+
+
+def make_networks(env_spec: acme_specs.EnvironmentSpec, config: PPOConfig) -> PPONetworks:
+    """The actor-critic, optimizer and intrinsic module of PPO for `env_spec`."""
     discrete, action_size = _action_space(env_spec.actions)
-    network = _actor_critic(config, discrete, action_size)
-    policy_apply, both_apply = network.apply
     dummy = {
         key: jnp.zeros((1,) + tuple(spec.shape), spec.dtype)
         for key, spec in env_spec.observations.items()
@@ -281,255 +299,296 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: PPOConfig) -> base.Agent:
     optimizer = optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm), optax.scale_by_adam(eps=config.adam_eps)
     )
-
     feature_net = hk.without_apply_rng(hk.transform(lambda obs: _encoder(config, "features")(obs)))
-    explorer, explorer_opt = None, None
+    wiring = None
     if config.exploration.module != "none":
         feature_size = jax.eval_shape(feature_net.init, jax.random.PRNGKey(0), dummy)
         feature_size = jax.eval_shape(feature_net.apply, feature_size, dummy).shape[-1]
-        explorer = exploration.make(config.exploration, feature_size, action_size)
-        explorer_opt = optax.adam(config.exploration.learning_rate)
+        wiring = intrinsic_lib.make(config.exploration, feature_size, action_size, discrete)
+    network = _actor_critic(config, discrete, action_size)
+    return PPONetworks(network, optimizer, dummy, discrete, action_size, feature_net, wiring)
 
-    def distribution_log_prob(policy_out, action):
-        out, log_std = policy_out
-        if discrete:
-            log_probs = jax.nn.log_softmax(out, axis=-1)
-            return jnp.take_along_axis(log_probs, action[..., None].astype(jnp.int32), -1)[..., 0]
-        return clipped_gaussian_log_prob(out, jnp.exp(log_std) * jnp.ones_like(out), action)
 
-    def entropy(policy_out):
-        out, log_std = policy_out
-        if discrete:
-            log_probs = jax.nn.log_softmax(out, axis=-1)
-            return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-        per_dimension = 0.5 * jnp.log(2.0 * jnp.pi * jnp.e) + log_std
-        return jnp.sum(per_dimension) * jnp.ones(out.shape[:-1])
+def log_prob(nets: PPONetworks, policy_out, action) -> jax.Array:
+    """Log-probability of the executed `action` (the clipped Gaussian's for continuous)."""
+    out, log_std = policy_out
+    if nets.discrete:
+        log_probs = jax.nn.log_softmax(out, axis=-1)
+        return jnp.take_along_axis(log_probs, action[..., None].astype(jnp.int32), -1)[..., 0]
+    return clipped_gaussian_log_prob(out, jnp.exp(log_std) * jnp.ones_like(out), action)
 
-    def init(rng) -> PPOState:
-        params = network.init(rng, dummy)
-        value_stats = rlax.EmaState(mu=jnp.zeros(()), nu=jnp.zeros(()), decay_product=jnp.ones(()))
-        state = PPOState(params, optimizer.init(params), jnp.zeros((), jnp.int32), value_stats)
-        if explorer is not None:
-            # fold_in, not split: the other keys stay those of the agent without exploration.
-            encoder_key, explorer_key = jax.random.split(jax.random.fold_in(rng, 17))
-            explorer_state = explorer.init(explorer_key)
-            state = state._replace(
-                feature_encoder=feature_net.init(encoder_key, dummy),
-                exploration=explorer_state,
-                exploration_opt=explorer_opt.init(explorer_state.params),
-            )
-        return state
+
+def entropy(nets: PPONetworks, policy_out) -> jax.Array:
+    """Entropy of the policy (the unclipped Gaussian's for continuous)."""
+    out, log_std = policy_out
+    if nets.discrete:
+        log_probs = jax.nn.log_softmax(out, axis=-1)
+        return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+    per_dimension = 0.5 * jnp.log(2.0 * jnp.pi * jnp.e) + log_std
+    return jnp.sum(per_dimension) * jnp.ones(out.shape[:-1])
+
+
+def init(nets: PPONetworks, rng) -> PPOState:
+    """A fresh `PPOState` (with RND's random encoder and module when configured)."""
+    params = nets.network.init(rng, nets.dummy)
+    value_stats = rlax.EmaState(mu=jnp.zeros(()), nu=jnp.zeros(()), decay_product=jnp.ones(()))
+    state = PPOState(params, nets.optimizer.init(params), jnp.zeros((), jnp.int32), value_stats)
+    if nets.intrinsic is not None:
+        # fold_in, not split: the other keys stay those of the agent without exploration.
+        encoder_key, explorer_key = jax.random.split(jax.random.fold_in(rng, 17))
+        explorer_state = nets.intrinsic.module.init(explorer_key)
+        state = state._replace(
+            feature_encoder=nets.feature_net.init(encoder_key, nets.dummy),
+            exploration=explorer_state,
+            exploration_opt=nets.intrinsic.optimizer.init(explorer_state.params),
+        )
+    return state
+
+
+def act(nets: PPONetworks, state: PPOState, carry, step: base.ActInput, rng, mode: str):
+    """Sample the policy (`explore`) or take its argmax / clipped mean (`eval`)."""
+    if mode not in base.MODES:
+        raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
+    policy_apply, _ = nets.network.apply
+    out, log_std = policy_apply(state.params, step.observation)
+    if nets.discrete:
+        if mode == "explore":
+            return jax.random.categorical(rng, out, axis=-1), carry
+        return jnp.argmax(out, axis=-1), carry
+    action = out
+    if mode == "explore":
+        action = out + jnp.exp(log_std) * jax.random.normal(rng, out.shape, out.dtype)
+    return jnp.clip(action, -1.0, 1.0), carry
+
+
+def value_scale(config: PPOConfig, stats: rlax.EmaState):
+    """(mean, std) that turn the value head's output into a value."""
+    if not config.value_normalization:
+        return 0.0, 1.0
+    moments = stats.debiased_moments()
+    started = stats.decay_product < 1.0
+    std = jnp.maximum(jnp.sqrt(moments.variance), 1e-3)
+    return jnp.where(started, moments.mean, 0.0), jnp.where(started, std, 1.0)
+
+
+def update_value_stats(config: PPOConfig, stats: rlax.EmaState, target, mask) -> rlax.EmaState:
+    """The running moments of the value targets after this rollout's valid `target`s."""
+    if not config.value_normalization:
+        return stats
+    decay = config.value_norm_decay
+    return rlax.EmaState(
+        mu=decay * stats.mu + (1 - decay) * sequences.masked_mean(target, mask),
+        nu=decay * stats.nu + (1 - decay) * sequences.masked_mean(jnp.square(target), mask),
+        decay_product=stats.decay_product * decay,
+    )
+
+
+def loss(nets: PPONetworks, config: PPOConfig, params, batch: _Minibatch):
+    """`(total, metrics)` of one minibatch: clipped surrogate (advantages normalized within the
+    minibatch), optionally clipped value regression in normalized units, entropy bonus; every
+    term averages the valid transitions only."""
+    _, both_apply = nets.network.apply
+    policy_out, value = both_apply(params, batch.observation)
+    mask = batch.valid.astype(jnp.float32)
+    log_ratio = log_prob(nets, policy_out, batch.action) - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    advantage = batch.advantage
+    if config.normalize_advantages:
+        mean = sequences.masked_mean(advantage, mask)
+        std = jnp.sqrt(sequences.masked_mean(jnp.square(advantage - mean), mask))
+        advantage = (advantage - mean) / (std + 1e-8)
+    # rlax averages over every entry; zero advantages and rescale to average valid ones.
+    coverage = mask.size / jnp.maximum(jnp.sum(mask), 1.0)
+    policy_loss = coverage * rlax.clipped_surrogate_pg_loss(
+        ratio, advantage * mask, config.clip_ratio
+    )
+    value_error = jnp.square(value - batch.value_target)
+    if config.value_clip:
+        clipped = batch.value + jnp.clip(value - batch.value, -config.value_clip, config.value_clip)
+        value_error = jnp.maximum(value_error, jnp.square(clipped - batch.value_target))
+    value_loss = 0.5 * sequences.masked_mean(value_error, mask)
+    entropy_bonus = sequences.masked_mean(entropy(nets, policy_out), mask)
+    total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy_bonus
+    clipped_fraction = (jnp.abs(ratio - 1.0) > config.clip_ratio).astype(jnp.float32)
+    metrics = {
+        "loss/policy": policy_loss,
+        "loss/value": value_loss,
+        "policy/entropy": entropy_bonus,
+        "policy/approx_kl": sequences.masked_mean((ratio - 1.0) - log_ratio, mask),
+        "policy/clip_fraction": sequences.masked_mean(clipped_fraction, mask),
+    }
+    return total, metrics
+
+
+def minibatch_epochs(config: PPOConfig, step, carry, data, key):
+    """`carry, metrics = step(carry, minibatch)` over `epochs` shuffled passes of `data`
+    `[M, ...]` in `minibatches` minibatches each; returns the carry and mean metrics."""
+    size = jax.tree.leaves(data)[0].shape[0]
+    shape = (config.minibatches, size // config.minibatches)
+
+    def epoch(carry, epoch_key):
+        order = jax.random.permutation(epoch_key, size)
+        minibatches = jax.tree.map(lambda x: x[order].reshape(shape + x.shape[1:]), data)
+        return jax.lax.scan(step, carry, minibatches)
+
+    carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(key, config.epochs))
+    return carry, jax.tree.map(jnp.mean, metrics)
+
+
+def rollout_intrinsic_reward(
+    nets: PPONetworks, config: PPOConfig, state: PPOState, observation, action, rng
+):
+    """RND novelty `[N, T]` of rows 1..T, the state with the module after this rollout, metrics.
+
+    Unlike the replay agents (`intrinsic.train_on_sequences`), the statistics include this
+    rollout before its rewards are read (from the predictor as it was while acting), and the
+    predictor trains on the rollout as PPO does: `epochs` passes of `minibatches`."""
+    module, optimizer = nets.intrinsic.module, nets.intrinsic.optimizer
+    features = jax.lax.stop_gradient(nets.feature_net.apply(state.feature_encoder, observation))
+    transitions = exploration.base.sequence_transitions(features, nets.intrinsic.actions(action))
+    explorer_state = module.update_stats(state.exploration, transitions)
+    reward = module.reward(explorer_state, *transitions)
+
+    def step(carry, minibatch):
+        params, opt_state = carry
+        (_, metrics), grads = jax.value_and_grad(module.loss, has_aux=True)(params, minibatch)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    (params, opt_state), metrics = minibatch_epochs(
+        config, step, (explorer_state.params, state.exploration_opt), transitions, rng
+    )
+    explorer_state = explorer_state._replace(params=params)
+    metrics.update(exploration.base.reward_statistics(module.name, reward))
+    state = state._replace(exploration=explorer_state, exploration_opt=opt_state)
+    return reward.reshape(features.shape[0], -1), state, metrics
+
+
+class _Rollout(NamedTuple):
+    """What `update` learns from and reports on: rows `[N, T + 1]`, transitions `[N, T]`."""
+
+    transitions: _Minibatch
+    value: jax.Array
+    reward: jax.Array
+    advantage: jax.Array
+    value_target: jax.Array
+    mask: jax.Array
+
+
+def prepare_rollout(nets: PPONetworks, config: PPOConfig, state: PPOState, batch, rng):
+    """`(rollout, state, explorer_metrics)`: behaviour log-probabilities and values of the
+    current params, rewards mixed with RND's (the module trained on the rollout), GAE per
+    environment, and the value moments including this rollout (in `state`)."""
+    _, both_apply = nets.network.apply
+    observation = {k: batch["observation"][k] for k in networks.agent_keys(batch["observation"])}
+    num_envs, rows = batch["reward"].shape
+    length = rows - 1
+    size = num_envs * length
+    if size % config.minibatches:
+        raise ValueError(
+            f"num_envs * rollout_length = {num_envs} * {length} is not divisible by "
+            f"minibatches={config.minibatches}"
+        )
+    action = batch["action"]
+    policy_out, normalized_value = both_apply(state.params, observation)  # [N, T + 1]
+    value_mean, value_std = value_scale(config, state.value_stats)
+    value = normalized_value * value_std + value_mean
+    behaviour_log_prob = log_prob(nets, policy_out, action)
+    reward = exploration.mix(config.exploration, batch["reward"][:, 1:], None)
+    explorer_metrics = {}
+    if nets.intrinsic is not None:
+        intrinsic, state, explorer_metrics = rollout_intrinsic_reward(
+            nets, config, state, observation, action, rng
+        )
+        reward = exploration.mix(config.exploration, batch["reward"][:, 1:], intrinsic)
+    reward = sequences.to_rows(reward)
+    advantage, valid = jax.vmap(rollout_advantages, in_axes=(0, 0, 0, 0, 0, None, None))(
+        value, reward, batch["discount"], batch["is_first"], batch["is_last"],
+        config.discount, config.lambda_,
+    )  # fmt: skip
+    value_target = advantage + value[:, :-1]
+    mask = valid.astype(jnp.float32)
+    # The value loss lives in the space normalized with the moments including this rollout.
+    state = state._replace(
+        value_stats=update_value_stats(config, state.value_stats, value_target, mask)
+    )
+    value_mean, value_std = value_scale(config, state.value_stats)
+    normalize = lambda x: (x - value_mean) / value_std  # noqa: E731
+    flat = lambda x: x[:, :length].reshape((size,) + x.shape[2:])  # noqa: E731
+    transitions = _Minibatch(
+        jax.tree.map(flat, observation),
+        flat(action),
+        flat(behaviour_log_prob),
+        flat(normalize(value)),
+        advantage.reshape(size),
+        normalize(value_target).reshape(size),
+        valid.reshape(size),
+    )
+    rollout = _Rollout(transitions, value, reward, advantage, value_target, mask)
+    return rollout, state, explorer_metrics
+
+
+def rollout_metrics(rollout: _Rollout) -> dict:
+    """Value-fit and rollout statistics over the valid transitions."""
+    value_target, mask, masked_mean = rollout.value_target, rollout.mask, sequences.masked_mean
+    returns_variance = masked_mean(jnp.square(value_target - masked_mean(value_target, mask)), mask)
+    residual = value_target - rollout.value[:, :-1]
+    residual_variance = masked_mean(jnp.square(residual - masked_mean(residual, mask)), mask)
+    return {
+        "value/explained_variance": 1.0 - residual_variance / (returns_variance + 1e-8),
+        "value/mean": masked_mean(rollout.value[:, :-1], mask),
+        "value/target_std": jnp.sqrt(returns_variance),
+        "advantage/mean": masked_mean(rollout.advantage, mask),
+        "reward/mean": masked_mean(rollout.reward[:, 1:], mask),
+        "rollout/valid_fraction": jnp.mean(mask),
+    }
+
+
+def update(nets: PPONetworks, config: PPOConfig, state: PPOState, batch, rng):
+    """One PPO update on the newest rollout `[N, T + 1]` (see the module docstring)."""
+    batch = jax.tree.map(jnp.asarray, batch)
+    ppo_key, explorer_key = jax.random.split(rng)
+    rollout, state, explorer_metrics = prepare_rollout(nets, config, state, batch, explorer_key)
+    size = rollout.advantage.size
+    learning_rate = config.learning_rate
+    if config.anneal_steps:
+        done = state.updates.astype(jnp.float32) * size
+        learning_rate *= jnp.maximum(0.0, 1.0 - done / config.anneal_steps)
+
+    def minibatch_step(carry, minibatch):
+        params, opt_state = carry
+        (_, metrics), grads = jax.value_and_grad(
+            functools.partial(loss, nets, config), has_aux=True
+        )(params, minibatch)
+        updates, opt_state = nets.optimizer.update(grads, opt_state)
+        updates = jax.tree.map(lambda u: -learning_rate * u, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return (optax.apply_updates(params, updates), opt_state), metrics
+
+    (params, opt_state), metrics = minibatch_epochs(
+        config, minibatch_step, (state.params, state.opt_state), rollout.transitions, ppo_key
+    )
+    metrics.update(explorer_metrics)
+    metrics.update(rollout_metrics(rollout))
+    metrics["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+    new_state = state._replace(params=params, opt_state=opt_state, updates=state.updates + 1)
+    return new_state, metrics
+
+
+def make(env_spec: acme_specs.EnvironmentSpec, config: PPOConfig) -> base.Agent:
+    """The PPO agent for `env_spec` (see `agents.base` for the contract)."""
+    nets = make_networks(env_spec, config)
 
     def initial_carry(num_envs: int):
         return jnp.zeros((num_envs,), jnp.int32)  # PPO is feed-forward.
 
-    def act(state: PPOState, carry, step: base.ActInput, rng, mode: str):
-        if mode not in base.MODES:
-            raise ValueError(f"mode={mode!r} must be one of {base.MODES}")
-        out, log_std = policy_apply(state.params, step.observation)
-        if discrete:
-            if mode == "explore":
-                return jax.random.categorical(rng, out, axis=-1), carry
-            return jnp.argmax(out, axis=-1), carry
-        action = out
-        if mode == "explore":
-            action = out + jnp.exp(log_std) * jax.random.normal(rng, out.shape, out.dtype)
-        return jnp.clip(action, -1.0, 1.0), carry
-
-    def masked_mean(x, mask):
-        return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    def value_scale(stats: rlax.EmaState):
-        """(mean, std) that turn the value head's output into a value."""
-        if not config.value_normalization:
-            return 0.0, 1.0
-        moments = stats.debiased_moments()
-        started = stats.decay_product < 1.0
-        std = jnp.maximum(jnp.sqrt(moments.variance), 1e-3)
-        return jnp.where(started, moments.mean, 0.0), jnp.where(started, std, 1.0)
-
-    def update_value_stats(stats: rlax.EmaState, target, mask) -> rlax.EmaState:
-        if not config.value_normalization:
-            return stats
-        decay = config.value_norm_decay
-        return rlax.EmaState(
-            mu=decay * stats.mu + (1 - decay) * masked_mean(target, mask),
-            nu=decay * stats.nu + (1 - decay) * masked_mean(jnp.square(target), mask),
-            decay_product=stats.decay_product * decay,
-        )
-
-    def loss(params, batch: _Minibatch):
-        policy_out, value = both_apply(params, batch.observation)
-        mask = batch.valid.astype(jnp.float32)
-        log_ratio = distribution_log_prob(policy_out, batch.action) - batch.log_prob
-        ratio = jnp.exp(log_ratio)
-        advantage = batch.advantage
-        if config.normalize_advantages:
-            mean = masked_mean(advantage, mask)
-            std = jnp.sqrt(masked_mean(jnp.square(advantage - mean), mask))
-            advantage = (advantage - mean) / (std + 1e-8)
-        # rlax averages over every entry; zero advantages and rescale to average valid ones.
-        coverage = mask.size / jnp.maximum(jnp.sum(mask), 1.0)
-        policy_loss = coverage * rlax.clipped_surrogate_pg_loss(
-            ratio, advantage * mask, config.clip_ratio
-        )
-        value_error = jnp.square(value - batch.value_target)
-        if config.value_clip:
-            clipped = batch.value + jnp.clip(
-                value - batch.value, -config.value_clip, config.value_clip
-            )
-            value_error = jnp.maximum(value_error, jnp.square(clipped - batch.value_target))
-        value_loss = 0.5 * masked_mean(value_error, mask)
-        entropy_bonus = masked_mean(entropy(policy_out), mask)
-        total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy_bonus
-        metrics = {
-            "loss/policy": policy_loss,
-            "loss/value": value_loss,
-            "policy/entropy": entropy_bonus,
-            "policy/approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
-            "policy/clip_fraction": masked_mean(
-                (jnp.abs(ratio - 1.0) > config.clip_ratio).astype(jnp.float32), mask
-            ),
-        }
-        return total, metrics
-
-    def minibatch_epochs(step, carry, data, key):
-        """`carry, metrics = step(carry, minibatch)` over `epochs` shuffled passes of `data`
-        `[M, ...]` in `minibatches` minibatches each; returns the carry and mean metrics."""
-        size = jax.tree.leaves(data)[0].shape[0]
-        shape = (config.minibatches, size // config.minibatches)
-
-        def epoch(carry, epoch_key):
-            order = jax.random.permutation(epoch_key, size)
-            minibatches = jax.tree.map(lambda x: x[order].reshape(shape + x.shape[1:]), data)
-            return jax.lax.scan(step, carry, minibatches)
-
-        carry, metrics = jax.lax.scan(epoch, carry, jax.random.split(key, config.epochs))
-        return carry, jax.tree.map(jnp.mean, metrics)
-
-    def intrinsic_reward(state: PPOState, observation, action, rng):
-        """RND novelty `[N, T]` of rows 1..T, and the module's state after this rollout.
-
-        The predictor trains on the rollout as PPO does: `epochs` passes of `minibatches`."""
-        features = jax.lax.stop_gradient(feature_net.apply(state.feature_encoder, observation))
-        flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
-        action_input = jax.nn.one_hot(action, action_size) if discrete else action
-        transitions = Transitions(
-            flat(features[:, :-1]),
-            flat(action_input[:, :-1].astype(jnp.float32)),
-            flat(features[:, 1:]),
-        )
-        # Rewards from the predictor as it was while acting; the statistics include this rollout.
-        explorer_state = explorer.update_stats(state.exploration, transitions)
-        reward = explorer.reward(explorer_state, *transitions)
-
-        def step(carry, minibatch):
-            params, opt_state = carry
-            (_, metrics), grads = jax.value_and_grad(explorer.loss, has_aux=True)(params, minibatch)
-            updates, opt_state = explorer_opt.update(grads, opt_state)
-            return (optax.apply_updates(params, updates), opt_state), metrics
-
-        (params, opt_state), metrics = minibatch_epochs(
-            step, (explorer_state.params, state.exploration_opt), transitions, rng
-        )
-        explorer_state = explorer_state._replace(params=params)
-        metrics.update(exploration.base.reward_statistics(explorer.name, reward))
-        state = state._replace(exploration=explorer_state, exploration_opt=opt_state)
-        return reward.reshape(features.shape[0], -1), state, metrics
-
-    def update(state: PPOState, batch, rng):
-        batch = jax.tree.map(jnp.asarray, batch)
-        observation = {
-            k: batch["observation"][k] for k in networks.agent_keys(batch["observation"])
-        }
-        num_envs, rows = batch["reward"].shape
-        length = rows - 1
-        size = num_envs * length
-        if size % config.minibatches:
-            raise ValueError(
-                f"num_envs * rollout_length = {num_envs} * {length} is not divisible by "
-                f"minibatches={config.minibatches}"
-            )
-        action = batch["action"]
-        ppo_key, explorer_key = jax.random.split(rng)
-        policy_out, normalized_value = both_apply(state.params, observation)  # [N, T + 1]
-        value_mean, value_std = value_scale(state.value_stats)
-        value = normalized_value * value_std + value_mean
-        log_prob = distribution_log_prob(policy_out, action)
-        reward = exploration.mix(config.exploration, batch["reward"][:, 1:], None)
-        explorer_metrics = {}
-        if explorer is not None:
-            intrinsic, state, explorer_metrics = intrinsic_reward(
-                state, observation, action, explorer_key
-            )
-            reward = exploration.mix(config.exploration, batch["reward"][:, 1:], intrinsic)
-        reward = jnp.concatenate([jnp.zeros_like(reward[:, :1]), reward], axis=1)
-        advantage, valid = jax.vmap(rollout_advantages, in_axes=(0, 0, 0, 0, 0, None, None))(
-            value, reward, batch["discount"], batch["is_first"], batch["is_last"],
-            config.discount, config.lambda_,
-        )  # fmt: skip
-        value_target = advantage + value[:, :-1]
-        mask = valid.astype(jnp.float32)
-        # The value loss lives in the space normalized with the moments including this rollout.
-        value_stats = update_value_stats(state.value_stats, value_target, mask)
-        value_mean, value_std = value_scale(value_stats)
-        normalize = lambda x: (x - value_mean) / value_std  # noqa: E731
-
-        flat = lambda x: x[:, :length].reshape((size,) + x.shape[2:])  # noqa: E731
-        transitions = _Minibatch(
-            jax.tree.map(flat, observation),
-            flat(action),
-            flat(log_prob),
-            flat(normalize(value)),
-            advantage.reshape(size),
-            normalize(value_target).reshape(size),
-            valid.reshape(size),
-        )
-        learning_rate = config.learning_rate
-        if config.anneal_steps:
-            done = state.updates.astype(jnp.float32) * size
-            learning_rate *= jnp.maximum(0.0, 1.0 - done / config.anneal_steps)
-
-        def minibatch_step(carry, minibatch):
-            params, opt_state = carry
-            (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, minibatch)
-            updates, opt_state = optimizer.update(grads, opt_state)
-            updates = jax.tree.map(lambda u: -learning_rate * u, updates)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            return (optax.apply_updates(params, updates), opt_state), metrics
-
-        (params, opt_state), metrics = minibatch_epochs(
-            minibatch_step, (state.params, state.opt_state), transitions, ppo_key
-        )
-        returns_variance = masked_mean(
-            jnp.square(value_target - masked_mean(value_target, mask)), mask
-        )
-        residual = value_target - value[:, :-1]
-        residual_variance = masked_mean(jnp.square(residual - masked_mean(residual, mask)), mask)
-        metrics.update(explorer_metrics)
-        metrics.update(
-            {
-                "value/explained_variance": 1.0 - residual_variance / (returns_variance + 1e-8),
-                "value/mean": masked_mean(value[:, :-1], mask),
-                "value/target_std": jnp.sqrt(returns_variance),
-                "advantage/mean": masked_mean(advantage, mask),
-                "reward/mean": masked_mean(reward[:, 1:], mask),
-                "rollout/valid_fraction": jnp.mean(mask),
-                "learning_rate": jnp.asarray(learning_rate, jnp.float32),
-            }
-        )
-        new_state = state._replace(
-            params=params, opt_state=opt_state, updates=state.updates + 1, value_stats=value_stats
-        )
-        return new_state, metrics
-
     return base.Agent(
         "ppo",
         config,
-        init,
+        functools.partial(init, nets),
         initial_carry,
-        act,
-        update,
+        functools.partial(act, nets),
+        functools.partial(update, nets, config),
         rollout_length=config.rollout_length,
         part_of=PARTS,
     )

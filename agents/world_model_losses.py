@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from agents import latent, networks
+from agents import latent, networks, sequences
 from agents.world_model_types import Array, LossContext, LossTerm
 
 
@@ -117,9 +117,7 @@ def imagined_futures(context: LossContext, horizon: int = 0) -> tuple[Array, Arr
     # The action taken at t + k - 1 leads to t + k.
     actions = jnp.moveaxis(batch["action"][:, jnp.minimum(steps - 1, length - 1)], 2, 0)
     actions = actions.reshape((horizon, batch_size * length) + actions.shape[3:])  # [H, B*T, ...]
-    start = jax.tree.map(
-        lambda x: x.reshape((batch_size * length,) + x.shape[2:]), context.posteriors
-    )
+    start = jax.tree.map(sequences.flatten_time, context.posteriors)
 
     def step(state, inputs):
         action, key = inputs

@@ -15,7 +15,7 @@ import pytest
 import tiny_configs
 
 import agents
-from agents import base, muzero, muzero_search
+from agents import base, muzero, muzero_search, sequences
 from agents import muzero_targets as targets
 from benchmarks import checkpoint, runner
 from benchmarks import config as config_lib
@@ -78,7 +78,7 @@ def test_a_cut_episode_ends_its_returns_like_a_truncation():
     # step 2 being last. Its returns bootstrap from step 2 and nothing leaks across.
     is_first = jnp.array([[True, False, False, True, False, False]])
     is_last = jnp.zeros((1, 6), bool)
-    ends = targets.episode_ends(is_first, is_last)
+    ends = sequences.episode_ends(is_first, is_last)
     np.testing.assert_array_equal(ends, [[False, False, True, False, False, False]])
     rewards = jnp.array([[0.0, 1, 2, 100, 4, 5]])
     values = jnp.array([[10.0, 20, 30, 40, 50, 60]])
@@ -118,7 +118,8 @@ def _search_setup(env_name, policy="muzero"):
         discount=0.9,
         exploration=dataclasses.replace(agent.config.exploration, extrinsic_scale=2.0),
     )
-    model, prediction, search, _, _ = muzero.make_networks(spec, config)
+    nets = muzero.make_networks(spec, config)
+    model, prediction, search = nets.model, nets.prediction, nets.search
     observation = env_base.agent_observation(env.reset().observation)
     embed = model.encode(
         state.params.model, {k: v[None].repeat(3, 0) for k, v in observation.items()}
