@@ -17,7 +17,7 @@ from dm_env import specs
 import agents
 from agents import base
 from agents.replay import Replay
-from benchmarks import checkpoint, protocols, runner
+from benchmarks import checkpoint, loop, protocols
 from benchmarks import config as config_lib
 from envs import base as env_base
 from envs import registry, vector
@@ -58,7 +58,7 @@ def _play(agent_name: str, env_spec, steps: int = 16):
     timestep = envs.reset()
     for _ in range(steps):
         action = rng.integers(env_spec.actions.num_values, size=NUM_ENVS).astype(np.int32)
-        replay.add(runner._replay_step(timestep, action))
+        replay.add(loop.replay_step(timestep, action))
         timestep = envs.step(action)
     envs.close()
     if agent_name != "random":
