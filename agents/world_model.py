@@ -2,7 +2,10 @@
 
 Both agents build it with `make_world_model(config, observation_spec, action_spec)`, which
 returns a `WorldModel` of pure, jittable functions over one Haiku parameter tree (types in
-`world_model_types.py`, dynamics in `latent.py`, loss terms in `world_model_losses.py`).
+`world_model_types.py`, dynamics in `latent.py`, loss terms in `world_model_losses.py`). Those
+functions are the module-level functions below with their `WorldModelNetworks` (the Haiku
+networks and static facts, built once by `make_networks`) bound first, so each step and the
+loss can also be called and tested on its own.
 
 Batch format (what `agents.replay.Replay.sample` returns; batch-major `[B, T, ...]`):
   observation: dict of `[B, T, ...]`: `image` uint8 `[B, T, H, W, 3]` and/or `vector` float32
@@ -21,7 +24,7 @@ Sequences in and out of `observe_sequence`, `loss` and `open_loop` are batch-maj
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import chex
 import haiku as hk
@@ -55,6 +58,16 @@ __all__ = [
     "WorldModel",
     "WorldModelConfig",
     "make_world_model",
+    "ModelFunctions",
+    "WorldModelNetworks",
+    "make_networks",
+    "as_world_model",
+    "action_input",
+    "observe",
+    "observe_sequence",
+    "sum_loss_terms",
+    "loss",
+    "open_loop",
     "open_loop_error",
     "FilterCarry",
     "initial_filter_carry",
@@ -71,6 +84,22 @@ def _action_info(action_spec: specs.Array) -> tuple[bool, int]:
             raise ValueError(f"continuous actions must be bounded in [-1, 1], got {action_spec}")
         return False, int(action_spec.shape[0])
     raise ValueError(f"unsupported action spec {action_spec!r}: need DiscreteArray or 1-D [-1, 1]")
+
+
+class ModelFunctions(NamedTuple):
+    """The Haiku functions of the world model, sharing one set of modules; in
+    `WorldModelNetworks.transformed.apply` each takes `params` first."""
+
+    encoder: Callable[..., Array]
+    """`(observation) -> embed [..., E]` (agent keys only)."""
+    observe: Callable[..., "tuple[LatentState, LatentState]"]
+    """`(state, action_input, embed, rng) -> (posterior, prior)`, no reset at `is_first`."""
+    imagine: Callable[..., LatentState]
+    """`(state, action_input, rng) -> prior`."""
+    heads: Callable[[Array], HeadOutputs]
+    """`(features) -> HeadOutputs`."""
+    project: Callable[[str, Array], Array]
+    """`(head, inputs) -> [..., P]` (see `PROJECTION_HEADS`)."""
 
 
 def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int, ...]]):
@@ -126,7 +155,7 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
             project("predictive_predictor", project("predictive_projection", features))
         return heads(features)
 
-    return init, (encoder, core.observe, core.imagine, heads, project)
+    return init, ModelFunctions(encoder, core.observe, core.imagine, heads, project)
 
 
 def _mask_first(tree: Any, is_first: Array) -> Any:
@@ -139,13 +168,31 @@ def _time_major(tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), tree)
 
 
-def make_world_model(
+class WorldModelNetworks(NamedTuple):
+    """The world model's Haiku networks and static facts, built once by `make_networks`; every
+    function below takes them as its first argument."""
+
+    config: WorldModelConfig
+    transformed: hk.MultiTransformed
+    """`init(rng, observation, state, action, rng)`; `apply` is a `ModelFunctions`."""
+    observation_shapes: Mapping[str, tuple[int, ...]]
+    """Shape of each observation key the model reads (no `log_*` keys), without batch axes."""
+    observation_dtypes: Mapping[str, Any]
+    discrete: bool
+    action_size: int
+    reward_bins: jax.Array
+    """`[K]` two-hot bins of the reward head (symlog space)."""
+    loss_terms: Mapping[str, "tuple[float, LossTerm]"]
+    """Every term with a non-zero scale: name -> (scale, term), in `LossConfig` order."""
+
+
+def make_networks(
     config: WorldModelConfig,
     observation_spec: Mapping[str, specs.Array],
     action_spec: specs.Array,
     loss_terms: Mapping[str, LossTerm] = LOSS_TERMS,
-) -> WorldModel:
-    """Builds the world model's pure functions (see `WorldModel` for each signature).
+) -> WorldModelNetworks:
+    """The Haiku networks for these specs and the loss terms whose scale is non-zero.
 
     `observation_spec` may contain `log_*` keys (ignored). `loss_terms` maps every loss name
     with a non-zero scale in `config.losses` to its term (`world_model_losses.LOSS_TERMS`).
@@ -162,191 +209,263 @@ def make_world_model(
     transformed = hk.without_apply_rng(
         hk.multi_transform(functools.partial(_build, config, observation_shapes))
     )
-    encode_fn, observe_fn, imagine_fn, heads_fn, project_fn = transformed.apply
-    bins = networks.symlog_bins(config.reward_bins)
-
-    def action_input(action: Array) -> jax.Array:
-        """int `[...]` -> one-hot `[..., A]` for discrete actions; float passes through."""
-        action = jnp.asarray(action)
-        if discrete and jnp.issubdtype(action.dtype, jnp.integer):
-            return jax.nn.one_hot(action, action_size, dtype=jnp.float32)
-        chex.assert_axis_dimension(action, action.ndim - 1, action_size)
-        return action.astype(jnp.float32)
-
-    def initial_state(batch_size: int) -> LatentState:
-        return latent.initial_state(config, batch_size)
-
-    def init(rng: chex.PRNGKey) -> Params:
-        observation = {
-            key: jnp.zeros((1,) + shape, observation_dtypes[key])
-            for key, shape in observation_shapes.items()
-        }
-        action = jnp.zeros((1, action_size), jnp.float32)
-        return transformed.init(rng, observation, initial_state(1), action, rng)
-
-    def encode(params: Params, observation: Observation) -> jax.Array:
-        return encode_fn(params, {key: observation[key] for key in observation_shapes})
-
-    def observe(
-        params: Params,
-        state: LatentState,
-        prev_action: Array,
-        embed: Array,
-        is_first: Array,
-        rng: chex.PRNGKey,
-    ) -> tuple[LatentState, LatentState]:
-        chex.assert_rank(is_first, 1)
-        chex.assert_rank(embed, 2)
-        state = _mask_first(state, is_first)
-        prev_action = _mask_first(action_input(prev_action), is_first)
-        return observe_fn(params, state, prev_action, embed, rng)
-
-    def observe_sequence(
-        params: Params,
-        state: LatentState,
-        actions: Array,
-        embeds: Array,
-        is_first: Array,
-        rng: chex.PRNGKey,
-        prev_action: Array | None = None,
-    ) -> tuple[LatentState, LatentState]:
-        chex.assert_rank(is_first, 2)
-        chex.assert_rank(embeds, 3)
-        actions = action_input(actions)
-        batch_size, length = is_first.shape
-        if prev_action is None:
-            first_action = jnp.zeros((batch_size, action_size), jnp.float32)
-        else:
-            first_action = action_input(prev_action)
-        prev_actions = jnp.concatenate([first_action[:, None], actions[:, :-1]], axis=1)
-
-        def step(state, inputs):
-            prev_action, embed, first, key = inputs
-            posterior, prior = observe(params, state, prev_action, embed, first, key)
-            return posterior, (posterior, prior)
-
-        inputs = (*_time_major((prev_actions, embeds, is_first)), jax.random.split(rng, length))
-        _, (posteriors, priors) = jax.lax.scan(step, state, inputs)
-        return _time_major(posteriors), _time_major(priors)
-
-    def imagine(
-        params: Params, state: LatentState, action: Array, rng: chex.PRNGKey
-    ) -> LatentState:
-        return imagine_fn(params, state, action_input(action), rng)
-
-    def reward(params: Params, features: Array) -> jax.Array:
-        return networks.two_hot_decode(heads_fn(params, features).reward_logits, bins)
-
-    def continuation(params: Params, features: Array) -> jax.Array:
-        return jax.nn.sigmoid(heads_fn(params, features).continuation_logit)
-
-    def decode(params: Params, features: Array) -> dict[str, jax.Array]:
-        if not config.decoder:
-            raise ValueError("decode needs a decoder (config.decoder=True)")
-        predicted = dict(heads_fn(params, features).observation)
-        if networks.IMAGE_KEY in predicted:
-            predicted[networks.IMAGE_KEY] = jnp.clip(predicted[networks.IMAGE_KEY], 0.0, 1.0)
-        if networks.VECTOR_KEY in predicted:
-            predicted[networks.VECTOR_KEY] = networks.symexp(predicted[networks.VECTOR_KEY])
-        return predicted
-
-    def loss(
-        params: Params,
-        batch: Batch,
-        state: LatentState,
-        rng: chex.PRNGKey,
-        target_params: Params | None = None,
-    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], LatentState, LatentState]]:
-        """`(total, (metrics, posteriors [B, T, ...], last_state [B, ...]))`.
-
-        `state` is the latent before the batch's first step: `initial_state(B)` for windows
-        sampled at random (step 0 then starts afresh), or a previous call's `last_state` for
-        consecutive chunks. Differentiate with `jax.value_and_grad(loss, has_aux=True)`.
-        """
-        chex.assert_rank(batch["reward"], 2)
-        chex.assert_equal_shape([batch["reward"], batch["is_first"], batch["is_terminal"]])
-        observe_rng, terms_rng = jax.random.split(rng)
-        embeds = encode(params, batch["observation"])
-        posteriors, priors = observe_sequence(
-            params, state, batch["action"], embeds, batch["is_first"], observe_rng
-        )
-        features = latent.features(posteriors)
-        context = LossContext(
-            model=model,
-            config=config,
-            params=params,
-            target_params=jax.lax.stop_gradient(params) if target_params is None else target_params,
-            batch=batch,
-            embeds=embeds,
-            posteriors=posteriors,
-            priors=priors,
-            features=features,
-            heads=heads_fn(params, features),
-            rng=terms_rng,
-            initial_state=state,
-        )
-        total = jnp.zeros((), jnp.float32)
-        metrics = {}
-        for name, scale in scales.items():
-            per_step, extra_metrics = loss_terms[name](context)
-            value = jnp.mean(per_step)
-            total = total + scale * value
-            metrics[f"loss/{name}"] = value
-            metrics.update(extra_metrics)
-        metrics["loss/total"] = total
-        last_state = jax.lax.stop_gradient(jax.tree.map(lambda x: x[:, -1], posteriors))
-        return total, (metrics, posteriors, last_state)
-
-    def open_loop(
-        params: Params, batch: Batch, context: int, horizon: int, rng: chex.PRNGKey
-    ) -> dict[str, jax.Array]:
-        """Decoded observations `[B, horizon, ...]` for steps `context .. context+horizon-1`,
-        imagined from the posterior after the first `context` real steps using the batch's
-        actions. `context` and `horizon` are Python ints (static under `jax.jit`). Episode
-        boundaries inside the horizon are not reset."""
-        length = batch["reward"].shape[1]
-        if context < 1 or horizon < 1 or context + horizon > length:
-            raise ValueError(f"need 1 <= context, 1 <= horizon, context + horizon <= {length}")
-        observe_rng, imagine_rng = jax.random.split(rng)
-        observation = {key: value[:, :context] for key, value in batch["observation"].items()}
-        posteriors, _ = observe_sequence(
-            params,
-            initial_state(batch["reward"].shape[0]),
-            batch["action"][:, :context],
-            encode(params, observation),
-            batch["is_first"][:, :context],
-            observe_rng,
-        )
-        start = jax.tree.map(lambda x: x[:, -1], posteriors)
-        actions = _time_major(batch["action"][:, context - 1 : context - 1 + horizon])
-
-        def step(state, inputs):
-            prior = imagine(params, state, *inputs)
-            return prior, prior
-
-        _, priors = jax.lax.scan(step, start, (actions, jax.random.split(imagine_rng, horizon)))
-        return decode(params, latent.features(_time_major(priors)))
-
-    model = WorldModel(
-        init=init,
-        initial_state=initial_state,
-        encode=encode,
-        observe=observe,
-        observe_sequence=observe_sequence,
-        imagine=imagine,
-        features=latent.features,
-        heads=heads_fn,
-        reward=reward,
-        continuation=continuation,
-        decode=decode,
-        project=project_fn,
-        loss=loss,
-        open_loop=open_loop,
+    return WorldModelNetworks(
         config=config,
-        action_size=action_size,
+        transformed=transformed,
+        observation_shapes=observation_shapes,
+        observation_dtypes=observation_dtypes,
         discrete=discrete,
+        action_size=action_size,
+        reward_bins=networks.symlog_bins(config.reward_bins),
+        loss_terms={name: (scale, loss_terms[name]) for name, scale in scales.items()},
     )
-    return model
+
+
+def action_input(nets: WorldModelNetworks, action: Array) -> jax.Array:
+    """int `[...]` -> one-hot `[..., A]` for discrete actions; float `[..., A]` passes through."""
+    action = jnp.asarray(action)
+    if nets.discrete and jnp.issubdtype(action.dtype, jnp.integer):
+        return jax.nn.one_hot(action, nets.action_size, dtype=jnp.float32)
+    chex.assert_axis_dimension(action, action.ndim - 1, nets.action_size)
+    return action.astype(jnp.float32)
+
+
+def initial_state(nets: WorldModelNetworks, batch_size: int) -> LatentState:
+    """The all-zero state `[batch_size, ...]` that `is_first` resets to."""
+    return latent.initial_state(nets.config, batch_size)
+
+
+def init(nets: WorldModelNetworks, rng: chex.PRNGKey) -> Params:
+    """Every parameter of the model (projection heads only for the terms that are on)."""
+    observation = {
+        key: jnp.zeros((1,) + shape, nets.observation_dtypes[key])
+        for key, shape in nets.observation_shapes.items()
+    }
+    action = jnp.zeros((1, nets.action_size), jnp.float32)
+    return nets.transformed.init(rng, observation, initial_state(nets, 1), action, rng)
+
+
+def encode(nets: WorldModelNetworks, params: Params, observation: Observation) -> jax.Array:
+    """`embed [..., E]` of the observation keys the model reads (others are dropped)."""
+    observation = {key: observation[key] for key in nets.observation_shapes}
+    return nets.transformed.apply.encoder(params, observation)
+
+
+def observe(
+    nets: WorldModelNetworks,
+    params: Params,
+    state: LatentState,
+    prev_action: Array,
+    embed: Array,
+    is_first: Array,
+    rng: chex.PRNGKey,
+) -> tuple[LatentState, LatentState]:
+    """One filtering step `[B, ...]` -> `(posterior, prior)`; where `is_first` the state and
+    the previous action are zeroed first."""
+    chex.assert_rank(is_first, 1)
+    chex.assert_rank(embed, 2)
+    state = _mask_first(state, is_first)
+    prev_action = _mask_first(action_input(nets, prev_action), is_first)
+    return nets.transformed.apply.observe(params, state, prev_action, embed, rng)
+
+
+def observe_sequence(
+    nets: WorldModelNetworks,
+    params: Params,
+    state: LatentState,
+    actions: Array,
+    embeds: Array,
+    is_first: Array,
+    rng: chex.PRNGKey,
+    prev_action: Array | None = None,
+) -> tuple[LatentState, LatentState]:
+    """`observe` scanned over `[B, T, ...]`: step t is filtered with `actions[:, t-1]` (and
+    `prev_action`, default zeros, at t=0); one key of `split(rng, T)` per step."""
+    chex.assert_rank(is_first, 2)
+    chex.assert_rank(embeds, 3)
+    actions = action_input(nets, actions)
+    batch_size, length = is_first.shape
+    if prev_action is None:
+        first_action = jnp.zeros((batch_size, nets.action_size), jnp.float32)
+    else:
+        first_action = action_input(nets, prev_action)
+    prev_actions = jnp.concatenate([first_action[:, None], actions[:, :-1]], axis=1)
+
+    def step(state, inputs):
+        prev_action, embed, first, key = inputs
+        posterior, prior = observe(nets, params, state, prev_action, embed, first, key)
+        return posterior, (posterior, prior)
+
+    inputs = (*_time_major((prev_actions, embeds, is_first)), jax.random.split(rng, length))
+    _, (posteriors, priors) = jax.lax.scan(step, state, inputs)
+    return _time_major(posteriors), _time_major(priors)
+
+
+def imagine(
+    nets: WorldModelNetworks, params: Params, state: LatentState, action: Array, rng: chex.PRNGKey
+) -> LatentState:
+    """One step of the prior dynamics from `state` `[B, ...]` taking `action`."""
+    return nets.transformed.apply.imagine(params, state, action_input(nets, action), rng)
+
+
+def reward(nets: WorldModelNetworks, params: Params, features: Array) -> jax.Array:
+    """The reward head's two-hot prediction decoded to a reward `[...]`."""
+    reward_logits = nets.transformed.apply.heads(params, features).reward_logits
+    return networks.two_hot_decode(reward_logits, nets.reward_bins)
+
+
+def continuation(nets: WorldModelNetworks, params: Params, features: Array) -> jax.Array:
+    """P(episode continues) `[...]` from the continuation head."""
+    return jax.nn.sigmoid(nets.transformed.apply.heads(params, features).continuation_logit)
+
+
+def decode(nets: WorldModelNetworks, params: Params, features: Array) -> dict[str, jax.Array]:
+    """The decoded observation: `image` clipped to [0, 1], `vector` back from symlog space."""
+    if not nets.config.decoder:
+        raise ValueError("decode needs a decoder (config.decoder=True)")
+    predicted = dict(nets.transformed.apply.heads(params, features).observation)
+    if networks.IMAGE_KEY in predicted:
+        predicted[networks.IMAGE_KEY] = jnp.clip(predicted[networks.IMAGE_KEY], 0.0, 1.0)
+    if networks.VECTOR_KEY in predicted:
+        predicted[networks.VECTOR_KEY] = networks.symexp(predicted[networks.VECTOR_KEY])
+    return predicted
+
+
+def sum_loss_terms(
+    loss_terms: Mapping[str, "tuple[float, LossTerm]"], context: LossContext
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`(total, metrics)`: `total = sum(scale * mean(term(context)))` over `loss_terms`
+    (name -> (scale, term)), in their order; metrics hold `loss/<name>` (the unscaled mean),
+    each term's extra metrics and `loss/total`."""
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for name, (scale, term) in loss_terms.items():
+        per_step, extra_metrics = term(context)
+        value = jnp.mean(per_step)
+        total = total + scale * value
+        metrics[f"loss/{name}"] = value
+        metrics.update(extra_metrics)
+    metrics["loss/total"] = total
+    return total, metrics
+
+
+def loss(
+    nets: WorldModelNetworks,
+    params: Params,
+    batch: Batch,
+    state: LatentState,
+    rng: chex.PRNGKey,
+    target_params: Params | None = None,
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], LatentState, LatentState]]:
+    """`(total, (metrics, posteriors [B, T, ...], last_state [B, ...]))`.
+
+    `state` is the latent before the batch's first step: `initial_state(B)` for windows
+    sampled at random (step 0 then starts afresh), or a previous call's `last_state` for
+    consecutive chunks. Differentiate with `jax.value_and_grad(loss, has_aux=True)`.
+    """
+    chex.assert_rank(batch["reward"], 2)
+    chex.assert_equal_shape([batch["reward"], batch["is_first"], batch["is_terminal"]])
+    observe_rng, terms_rng = jax.random.split(rng)
+    embeds = encode(nets, params, batch["observation"])
+    posteriors, priors = observe_sequence(
+        nets, params, state, batch["action"], embeds, batch["is_first"], observe_rng
+    )
+    features = latent.features(posteriors)
+    context = LossContext(
+        model=as_world_model(nets),
+        config=nets.config,
+        params=params,
+        target_params=jax.lax.stop_gradient(params) if target_params is None else target_params,
+        batch=batch,
+        embeds=embeds,
+        posteriors=posteriors,
+        priors=priors,
+        features=features,
+        heads=nets.transformed.apply.heads(params, features),
+        rng=terms_rng,
+        initial_state=state,
+    )
+    total, metrics = sum_loss_terms(nets.loss_terms, context)
+    last_state = jax.lax.stop_gradient(jax.tree.map(lambda x: x[:, -1], posteriors))
+    return total, (metrics, posteriors, last_state)
+
+
+def open_loop(
+    nets: WorldModelNetworks,
+    params: Params,
+    batch: Batch,
+    context: int,
+    horizon: int,
+    rng: chex.PRNGKey,
+) -> dict[str, jax.Array]:
+    """Decoded observations `[B, horizon, ...]` for steps `context .. context+horizon-1`,
+    imagined from the posterior after the first `context` real steps using the batch's
+    actions. `context` and `horizon` are Python ints (static under `jax.jit`). Episode
+    boundaries inside the horizon are not reset."""
+    length = batch["reward"].shape[1]
+    if context < 1 or horizon < 1 or context + horizon > length:
+        raise ValueError(f"need 1 <= context, 1 <= horizon, context + horizon <= {length}")
+    observe_rng, imagine_rng = jax.random.split(rng)
+    observation = {key: value[:, :context] for key, value in batch["observation"].items()}
+    posteriors, _ = observe_sequence(
+        nets,
+        params,
+        initial_state(nets, batch["reward"].shape[0]),
+        batch["action"][:, :context],
+        encode(nets, params, observation),
+        batch["is_first"][:, :context],
+        observe_rng,
+    )
+    start = jax.tree.map(lambda x: x[:, -1], posteriors)
+    actions = _time_major(batch["action"][:, context - 1 : context - 1 + horizon])
+
+    def step(state, inputs):
+        prior = imagine(nets, params, state, *inputs)
+        return prior, prior
+
+    _, priors = jax.lax.scan(step, start, (actions, jax.random.split(imagine_rng, horizon)))
+    return decode(nets, params, latent.features(_time_major(priors)))
+
+
+def as_world_model(nets: WorldModelNetworks) -> WorldModel:
+    """The `WorldModel` table of the functions above with `nets` bound."""
+
+    def bind(function):
+        return functools.partial(function, nets)
+
+    return WorldModel(
+        init=bind(init),
+        initial_state=bind(initial_state),
+        encode=bind(encode),
+        observe=bind(observe),
+        observe_sequence=bind(observe_sequence),
+        imagine=bind(imagine),
+        features=latent.features,
+        heads=nets.transformed.apply.heads,
+        reward=bind(reward),
+        continuation=bind(continuation),
+        decode=bind(decode),
+        project=nets.transformed.apply.project,
+        loss=bind(loss),
+        open_loop=bind(open_loop),
+        config=nets.config,
+        action_size=nets.action_size,
+        discrete=nets.discrete,
+    )
+
+
+def make_world_model(
+    config: WorldModelConfig,
+    observation_spec: Mapping[str, specs.Array],
+    action_spec: specs.Array,
+    loss_terms: Mapping[str, LossTerm] = LOSS_TERMS,
+) -> WorldModel:
+    """Builds the world model's pure functions (see `WorldModel` for each signature).
+
+    `observation_spec` may contain `log_*` keys (ignored). `loss_terms` maps every loss name
+    with a non-zero scale in `config.losses` to its term (`world_model_losses.LOSS_TERMS`).
+    """
+    return as_world_model(make_networks(config, observation_spec, action_spec, loss_terms))
 
 
 def open_loop_error(

@@ -278,3 +278,36 @@ def test_config_validation():
         model.decode(None, jnp.zeros((1, config.feature_size)))
     with pytest.raises(ValueError, match="no loss term"):
         wm.make_world_model(SMALL, env.observation_spec(), env.action_spec(), loss_terms={})
+
+
+def test_action_input_one_hots_indices_and_checks_the_width():
+    env = gridworld(0, observation="vector")
+    nets = wm.make_networks(SMALL, env.observation_spec(), env.action_spec())
+    size = nets.action_size
+    one_hot = wm.action_input(nets, jnp.asarray([[0, 2], [1, size - 1]]))
+    assert one_hot.dtype == jnp.float32
+    np.testing.assert_array_equal(one_hot, np.eye(size)[[[0, 2], [1, size - 1]]])
+    # A float action (e.g. a straight-through policy sample) is already the model's input.
+    soft = jnp.full((3, size), 1.0 / size)
+    np.testing.assert_array_equal(wm.action_input(nets, soft), soft)
+    with pytest.raises(AssertionError):
+        wm.action_input(nets, jnp.zeros((3, size + 1)))
+
+
+def test_loss_terms_are_scaled_means_in_config_order():
+    env = gridworld(0, observation="vector")
+    losses = wm.LossConfig(reconstruction=0.0, reward=2.0, continuation=0.0, kl_dynamics=0.5)
+    config = dataclasses.replace(SMALL, losses=losses)
+    terms = {
+        "kl_dynamics": lambda context: (jnp.full((2, 2), 2.0), {}),
+        "reward": lambda context: (jnp.asarray([[1.0, 3.0], [5.0, 7.0]]), {"reward/extra": 1.0}),
+        "kl_representation": lambda context: (context.features, {}),
+        "continuation": None,  # scale 0: never looked up or run
+    }
+    nets = wm.make_networks(config, env.observation_spec(), env.action_spec(), terms)
+    assert list(nets.loss_terms) == ["reward", "kl_dynamics", "kl_representation"]
+    hand_made = {name: nets.loss_terms[name] for name in ("reward", "kl_dynamics")}
+    total, metrics = wm.sum_loss_terms(hand_made, context=None)
+    assert float(total) == 2.0 * 4.0 + 0.5 * 2.0
+    assert list(metrics) == ["loss/reward", "reward/extra", "loss/kl_dynamics", "loss/total"]
+    assert float(metrics["loss/reward"]) == 4.0 and metrics["loss/total"] is total
