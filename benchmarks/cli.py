@@ -103,19 +103,9 @@ def _run_updates(args) -> dict:
 
     updates: dict = {}
     if args.config:
-        updates = yaml.safe_load(Path(args.config).read_text()) or {}
-
-    def merge(into: dict, more: dict) -> None:
-        for key, value in more.items():
-            if key == "agent" and isinstance(into.get(key), str) and isinstance(value, dict):
-                into[key] = {"name": into[key]}  # `--agent X --set agent.y=...`
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
+        updates = config_lib.with_agent_mapping(yaml.safe_load(Path(args.config).read_text()) or {})
     shortcuts = {
-        "agent": args.agent,
+        "agent": {"name": args.agent} if args.agent is not None else {},
         "seed": args.seed,
         "env": {
             k: v
@@ -125,10 +115,10 @@ def _run_updates(args) -> dict:
         "train": {"steps": args.steps} if args.steps is not None else {},
         "protocol": {"name": args.protocol} if args.protocol is not None else {},
     }
-    merge(updates, {k: v for k, v in shortcuts.items() if v not in (None, {})})
+    config_lib.merge(updates, {k: v for k, v in shortcuts.items() if v not in (None, {})})
     if args.task == "none":
         updates["env"]["task"] = None
-    merge(updates, config_lib.parse_overrides(args.set))
+    config_lib.merge(updates, config_lib.parse_overrides(args.set))
     return updates
 
 

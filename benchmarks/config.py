@@ -114,11 +114,48 @@ class TrialConfig:
             object.__setattr__(self, "agent_config", agents.config_class(self.agent)())
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        """Plain data, with the agent spelled as everywhere a user writes it:
+        `agent: {name: dreamer, model: {...}, ...}` (the name and the agent's own config)."""
+        plain = _to_plain(self)
+        agent = {"name": plain.pop("agent"), **plain.pop("agent_config")}
+        return {"agent": agent, **plain}
 
     def trial_id(self) -> str:
         """A stable id from the resolved config."""
         return trial_id_of(self.to_dict())
+
+
+def with_agent_mapping(plain: Mapping) -> dict:
+    """A plain config with the agent as one mapping (`to_dict`'s spelling): `agent: NAME`
+    becomes `agent: {name: NAME}`, and the `agent_config: {...}` of trial folders written
+    before mbxfer had one spelling is merged under it (`agent`'s own keys win)."""
+    out = dict(plain)
+    if "agent" not in out and "agent_config" not in out:
+        return out
+    agent = out.pop("agent", None)
+    mapping = dict(agent) if isinstance(agent, Mapping) else {}
+    if agent is not None and not isinstance(agent, Mapping):
+        mapping["name"] = agent
+    legacy = out.pop("agent_config", None) or {}
+    if not isinstance(legacy, Mapping):
+        raise ConfigError(f"agent_config: {legacy!r} must be a mapping")
+    return {"agent": {**legacy, **mapping}, **out}
+
+
+def merge(into: dict, more: Mapping) -> dict:
+    """Deep-merge the nested updates `more` into `into` (mappings merge, values replace)."""
+    for key, value in more.items():
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+    return into
+
+
+def agent_name(plain: Mapping) -> str:
+    """The agent name of a plain config, either spelling."""
+    agent = with_agent_mapping(plain).get("agent")
+    return str(agent.get("name") if isinstance(agent, Mapping) else agent)
 
 
 def trial_id_of(config: Mapping) -> str:
@@ -250,25 +287,16 @@ def parse_overrides(items: list[str]) -> dict:
 
 def build(updates: Mapping[str, Any] | None = None) -> TrialConfig:
     """A validated `TrialConfig` from nested updates (YAML or parsed overrides)."""
-    updates = dict(updates or {})
+    updates = with_agent_mapping(updates or {})
     problems: list[str] = []
-    agent_updates = dict(updates.pop("agent_config", None) or {})
-    if isinstance(updates.get("agent"), Mapping):
-        # `agent.model.latent=...` is shorthand for `agent_config.model.latent=...`.
-        shorthand = dict(updates.pop("agent"))
-        if "name" in shorthand:
-            updates["agent"] = shorthand.pop("name")
-        agent_updates.update(shorthand)
-    agent = updates.get("agent", TrialConfig.agent)
+    agent_updates = dict(updates.pop("agent", None) or {})
+    agent = agent_updates.pop("name", TrialConfig.agent)
     try:
         agent_class = agents.config_class(agent)
     except KeyError as error:
         raise ConfigError(str(error)) from None
     defaults = TrialConfig(agent=agent, agent_config=agent_class())
     config = _apply(TrialConfig, defaults, updates, "", problems)
-    if not isinstance(agent_updates, Mapping):
-        problems.append("agent_config must be a mapping")
-        agent_updates = {}
     agent_config = _apply(agent_class, defaults.agent_config, agent_updates, "agent.", problems)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -292,10 +320,7 @@ def differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
         if isinstance(left, Mapping) and isinstance(right, Mapping):
             out += differences(left, right, f"{prefix}{key}.")
         elif left != right:
-            path = f"{prefix}{key}"
-            if path.startswith("agent_config."):  # Shown as on the command line.
-                path = "agent." + path[len("agent_config.") :]
-            out.append(f"{path}: {left!r} -> {right!r}")
+            out.append(f"{prefix}{key}: {left!r} -> {right!r}")
     return out
 
 

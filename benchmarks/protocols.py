@@ -369,7 +369,7 @@ def prefix_key(config, count: int) -> str:
     data["env"] = {key: value for key, value in data["env"].items() if key != "task"}
     data["train"] = {key: value for key, value in data["train"].items() if key != "steps"}
     agent_config = with_module(config.agent_config, expanded, config.protocol)
-    data["agent_config"] = dataclasses.asdict(agent_config)
+    data["agent"] = {"name": config.agent, **dataclasses.asdict(agent_config)}
     prefix = [dataclasses.replace(expanded[0], carry="all"), *expanded[1:count]]
     data["phases"] = [dataclasses.asdict(phase) for phase in prefix]
     text = json.dumps(data, sort_keys=True, default=repr)

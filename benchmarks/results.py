@@ -42,7 +42,7 @@ class TrialRecord:
 
     @property
     def agent(self) -> str:
-        return str(self.config.get("agent"))
+        return config_lib.agent_name(self.config)
 
     @property
     def env(self) -> str:
@@ -173,7 +173,14 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
                 done = json.loads((folder / "done.json").read_text())
             except json.JSONDecodeError:
                 notes.append(f"{folder / 'done.json'}: unreadable; trial counted as unfinished")
-        record = TrialRecord(folder, config_lib.trial_id_of(config), config, evals, done)
+        # The id of the folder as written (either spelling); the agent as one mapping after.
+        trial_id = config_lib.trial_id_of(config)
+        try:
+            config = config_lib.with_agent_mapping(config)
+        except config_lib.ConfigError as error:
+            notes.append(f"{path}: {error}; skipped")
+            continue
+        record = TrialRecord(folder, trial_id, config, evals, done)
         previous = found.get(record.trial_id)
         if previous is not None:
             keep = max(previous, record, key=lambda r: (r.done is not None, len(r.evals)))
@@ -209,10 +216,5 @@ def _label_variants(trials: list[TrialRecord]) -> None:
         for trial, values in zip(members, flat):
             parts = []
             for key in varying:
-                shown = (
-                    "agent." + key[len("agent_config.") :]
-                    if key.startswith("agent_config.")
-                    else key
-                )
-                parts.append(f"{shown}={json.loads(values[key]) if key in values else '<unset>'}")
+                parts.append(f"{key}={json.loads(values[key]) if key in values else '<unset>'}")
             trial.variant = ", ".join(parts)

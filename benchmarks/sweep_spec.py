@@ -80,7 +80,7 @@ def load_spec(path: Path, scale: Optional[str] = None) -> dict:
             raise SpecError(
                 f"sweep spec {path} has no scale {scale!r}{_close(scale, list(scales) or ['-'])}"
             )
-        spec = _merge(spec, scales[scale])
+        spec = config_lib.merge(spec, scales[scale])
     return spec
 
 
@@ -88,15 +88,6 @@ def _close(name: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(name), valid, n=3, cutoff=0.5)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return f"{hint}; valid: {', '.join(valid)}"
-
-
-def _merge(into: dict, more: Mapping) -> dict:
-    for key, value in more.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
-    return into
 
 
 def _nest(dotted: str, value: Any) -> dict:
@@ -157,19 +148,19 @@ def _grid(spec: Mapping, problems: list[str]) -> dict[str, list]:
 
 def _updates(base: Mapping, axes: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
     """Nested config updates of one trial: the base, then its axis values, then the grid's."""
-    updates = _merge({}, base)
+    updates = config_lib.merge({}, base)
     if axes["agent"] is not None:
-        _merge(updates, {"agent": axes["agent"]})
+        config_lib.merge(updates, {"agent": axes["agent"]})
     if axes["env"] is not None:
-        _merge(updates, {"env": axes["env"]})
+        config_lib.merge(updates, {"env": axes["env"]})
     if axes["task"] is not None:
-        _merge(updates, {"env": {"task": axes["task"][0]}})
+        config_lib.merge(updates, {"env": {"task": axes["task"][0]}})
     if axes["protocol"] is not None:
-        _merge(updates, {"protocol": {"name": axes["protocol"]}})
+        config_lib.merge(updates, {"protocol": {"name": axes["protocol"]}})
     if axes["seed"] is not None:
         updates["seed"] = axes["seed"]
     for key, value in overrides.items():
-        _merge(updates, _nest(key, value))
+        config_lib.merge(updates, _nest(key, value))
     return updates
 
 
@@ -194,8 +185,7 @@ def expand(spec: Mapping) -> Sweep:
         problems.append(f"base: must be a mapping of config values (got {base!r})")
         base = {}
     base = dict(base)
-    if isinstance(base.get("agent"), str):
-        base["agent"] = {"name": base["agent"]}
+    base = config_lib.with_agent_mapping(base)
     grid = _grid(spec, problems)
     resources = _resources(spec.get("resources") or {}, problems)
     agent_axis = _named_axis(spec, "agents", agents.names(), problems)
@@ -267,7 +257,7 @@ def _expand_parts(spec: Mapping) -> Sweep:
             problems.append(f"parts[{index}]: must be a spec mapping without parts")
             continue
         try:
-            sweep = expand(_merge(json.loads(json.dumps(shared)), part))
+            sweep = expand(config_lib.merge(json.loads(json.dumps(shared)), part))
         except SpecError as error:
             problems += [f"parts[{index}]: {line}" for line in _problem_lines(error)[1:]]
             continue

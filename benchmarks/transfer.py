@@ -185,21 +185,24 @@ def matching_scratch(root: Path, config) -> Optional[Path]:
             other = yaml.safe_load(candidate.read_text())
         except yaml.YAMLError:
             continue
-        if (
-            isinstance(other, dict)
-            and other.get("protocol", {}).get("name", "scratch") == "scratch"
-            and twin_key(other) == wanted
-            and (candidate.parent / "done.json").exists()
-        ):
-            return candidate.parent
+        if not isinstance(other, dict) or not (candidate.parent / "done.json").exists():
+            continue
+        if other.get("protocol", {}).get("name", "scratch") != "scratch":
+            continue
+        try:
+            if twin_key(other) == wanted:
+                return candidate.parent
+        except ValueError:  # A config.yaml this version cannot read is nobody's twin.
+            continue
     return None
 
 
 def twin_key(plain: dict) -> str:
-    """What a trial (its config as a plain dict) and its scratch twin share: everything but
-    the protocol and the agent's exploration settings."""
-    out = {k: v for k, v in plain.items() if k != "protocol"}
-    agent_config = dict(out.get("agent_config") or {})
-    agent_config.pop("exploration", None)
-    out["agent_config"] = agent_config
+    """What a trial (its config as a plain dict, either spelling of the agent) and its
+    scratch twin share: everything but the protocol and the agent's exploration settings."""
+    from benchmarks import config as config_lib
+
+    out = config_lib.with_agent_mapping(plain)
+    out.pop("protocol", None)
+    out["agent"] = {k: v for k, v in out["agent"].items() if k != "exploration"}
     return json.dumps(out, sort_keys=True, default=str)

@@ -120,7 +120,7 @@ class TrialFolder:
         folder.out.mkdir(parents=True, exist_ok=True)
         config_path = folder.out / "config.yaml"
         if config_path.exists():
-            saved = yaml.safe_load(config_path.read_text())
+            saved = config_lib.with_agent_mapping(yaml.safe_load(config_path.read_text()))
             changed = config_lib.differences(saved, config.to_dict())
             if changed:
                 raise IncompatibleTrialError(

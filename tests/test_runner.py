@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny_configs
+import yaml
 
 from benchmarks import checkpoint, cli, runner
 from benchmarks import config as config_lib
@@ -202,5 +203,27 @@ def test_crafter_smoke_run_writes_metrics_checkpoint_and_video(tmp_path):
 
 def test_agent_flag_and_agent_overrides_combine(capsys):
     code = cli.main(["run", "--agent", "muzero", "--set", "agent.hidden=16", "--print-config"])
-    printed = capsys.readouterr().out
-    assert code == 0 and "agent: muzero" in printed and "hidden: 16" in printed
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0 and printed["agent"]["name"] == "muzero" and printed["agent"]["hidden"] == 16
+
+
+def test_the_agent_is_spelled_one_way_and_old_trial_folders_still_open(tmp_path):
+    """config.yaml writes the agent as users do (`agent: {name, ...}`); folders written with
+    the old `agent` + `agent_config` spelling still build the same config and resume."""
+
+    from benchmarks import trial_folder
+
+    config = _config()
+    plain = config.to_dict()
+    assert plain["agent"]["name"] == "dreamer" and "agent_config" not in plain
+    assert plain["agent"]["model"]["deter"] == 32
+    assert config_lib.build(plain) == config
+    legacy = {k: v for k, v in plain.items() if k != "agent"}
+    legacy["agent"] = "dreamer"
+    legacy["agent_config"] = {k: v for k, v in plain["agent"].items() if k != "name"}
+    assert config_lib.build(legacy) == config
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(legacy))
+    trial_folder.TrialFolder.open(tmp_path, config)  # Same trial: no error.
+    other = _config("agent.model.deter=64")
+    with pytest.raises(runner.IncompatibleTrialError, match=r"agent\.model\.deter: 32 -> 64"):
+        trial_folder.TrialFolder.open(tmp_path, other)
