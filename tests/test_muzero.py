@@ -17,7 +17,7 @@ import tiny_configs
 import agents
 from agents import base, muzero, muzero_search, sequences
 from agents import muzero_targets as targets
-from benchmarks import checkpoint, runner
+from benchmarks import checkpoint, phase, runner
 from benchmarks import config as config_lib
 from envs import base as env_base
 from envs import registry, vector
@@ -337,7 +337,7 @@ def _learn(folder, *overrides):
     """Train; return the final state, the config and the final greedy evaluation's return."""
     config = config_lib.build(config_lib.parse_overrides([*LEARN, *overrides]))
     summary = runner.run(config, folder, progress=False)
-    spec = vector.environment_spec(runner.make_envs(config, 1, 0))
+    spec = vector.environment_spec(phase.make_envs(config, 1, 0))
     agent = agents.make("muzero", spec, config.agent_config)
     state, _ = checkpoint.load(
         checkpoint.latest(folder / "checkpoints"), agent.init(jax.random.PRNGKey(0))
@@ -352,7 +352,7 @@ def _evaluate(config, spec, state, planning: bool, episodes: int = 16) -> float:
         config, train=dataclasses.replace(config.train, eval_episodes=episodes)
     )
     act = jax.jit(agent.act, static_argnums=4)
-    return runner.evaluate(agent, act, state, config, 99, mode="greedy")["return_mean"]
+    return phase.evaluate(agent, act, state, config, 99, mode="greedy")["return_mean"]
 
 
 @pytest.mark.slow
