@@ -1,7 +1,7 @@
 """Any mbxfer agent as an `acme.core.Actor`, so it runs inside `acme.EnvironmentLoop`.
 
 The adapter acts with the agent's jitted `act` on a batch of one and keeps its carry; it does
-not learn (learning is `benchmarks/runner.py`'s job), so `update` does nothing.
+not learn (learning is `benchmarks/loop.py`'s job), so `update` does nothing.
 
     actor = ActorAdapter(agent, state, seed=0, mode="eval")
     acme.EnvironmentLoop(env, actor).run(num_episodes=2)

@@ -1,6 +1,6 @@
 """The agent contract: a set of pure functions over explicit state. Read this first.
 
-An agent never owns a loop, a logger, an environment or a file: `benchmarks/runner.py` drives
+An agent never owns a loop, a logger, an environment or a file: `benchmarks/loop.py` drives
 every agent the same way.
 
     agent = agents.make("dreamer", env_spec, config)

@@ -5,7 +5,7 @@ schedule says are due, track episodes.
 
 It knows no files and no trial configuration. What it carries from step to step is the
 explicit `LoopState`; what happens at a due log, evaluation or checkpoint is the caller's,
-through `Hooks` (benchmarks/runner.py writes files there). Resume is exact because everything
+through `Hooks` (benchmarks/phase.py writes the trial folder there). Resume is exact because everything
 random is in `LoopState.rng` and every checkpoint restarts the environments from seeds derived
 from the step count (`restart`), in the resumed run and the uninterrupted one alike.
 """

@@ -12,7 +12,7 @@ random batch of 16 sequences x 64 steps of 64x64x3 uint8 images with Crafter's 1
 actions, reused every step (no host-to-device copy is timed). The same batch shapes and model
 sizes run on both sides:
 
-* ours: `jax.jit(agents.make("dreamer", spec, config).update)`, as `benchmarks/runner.py` jits it;
+* ours: `jax.jit(agents.make("dreamer", spec, config).update)`, as `benchmarks/phase.py` jits it;
 * reference: PyPI `dreamerv3==1.5.0` (`Agent.train`, its own jit), driven by
   `dreamerv3_reference.py` in a separate venv at float32 with jax's optimizations on
   (its `debug` block turns them off on CPU; we turn them back on, which is only fairer to it).
