@@ -32,7 +32,7 @@ from benchmarks.results import (
     load_trials,
 )
 from benchmarks.stats import TRANSFER_KEYS, Row
-from envs import scoring
+from envs import registry
 
 
 class ReportError(config_lib.ConfigError):
@@ -254,7 +254,7 @@ def _transfer_section(transfer: list[dict], out: Path) -> list[str]:
 
 def _score_keys(trials: list[TrialRecord]) -> str:
     envs = sorted({t.env for t in trials})
-    return ", ".join(f"{env}: `{scoring.score_key(env)}`" for env in envs)
+    return ", ".join(f"{env}: `{registry.score_key(env)}`" for env in envs)
 
 
 def _achievements_section(achievements: dict[str, dict[str, float]], out: Path) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from benchmarks import config as config_lib
-from envs import scoring
+from envs import registry, scoring
 
 FALLBACK_SCORE = scoring.DEFAULT_KEY
 SCRATCH = "scratch"
@@ -71,7 +71,7 @@ class TrialRecord:
 
     @property
     def score_key(self) -> str:
-        return scoring.score_key(self.env)
+        return registry.score_key(self.env)
 
     def final_evals(self) -> dict[str, dict]:
         """Eval set -> the last evaluation of the last phase; for Crafter also the last
@@ -95,7 +95,7 @@ class TrialRecord:
         episodes it played during training, not by separate evaluation episodes; reports show
         that score next to the evaluation's, so numbers can be set beside the published ones.
         Finished trials only (the runner writes the summary into `done.json`)."""
-        if not scoring.scorer(self.env).training_episodes:
+        if not registry.scorer(self.env).training_episodes:
             return None
         if not self.done or not self.done.get("phases"):
             return None

@@ -29,7 +29,7 @@ from benchmarks import config as config_lib
 from benchmarks import protocols, transfer
 from benchmarks.phase import Phase, Watch
 from benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
-from envs import scoring
+from envs import registry
 
 __all__ = ["IncompatibleTrialError", "run"]
 
@@ -122,7 +122,7 @@ class _Trial:
         last = summaries[-1]["final_eval"] if summaries else {}
         if last:
             summary["final_eval"] = last.get("eval", next(iter(last.values())))
-        score_key = scoring.score_key(config.env.name)
+        score_key = registry.score_key(config.env.name)
         gap = transfer.generalization_gap(last, score_key)
         if gap is not None:
             summary["generalization_gap"] = gap

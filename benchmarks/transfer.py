@@ -12,7 +12,7 @@ the scratch curve:
     steps_to_threshold  first evaluated step where the score reaches the threshold (None if
                         never), for both curves
 
-The score each environment family is judged by is `envs.scoring.score_key(env_name)`.
+The score each environment family is judged by is `envs.registry.score_key(env_name)`.
 """
 
 from __future__ import annotations

@@ -135,6 +135,22 @@ def find(name: str) -> EnvEntry | None:
     return _REGISTRY.get(name)
 
 
+def scorer(env_name: str) -> Scorer:
+    """The scorer of environment `env_name`. A name that is not registered (results of a
+    plugin not installed here) is looked up by its family, the part before `-` or `/`
+    (`crafter-64` is scored as `crafter`), else the return."""
+    for name in (env_name, env_name.split("/")[0].split("-")[0]):
+        found = find(name)
+        if found is not None:
+            return found.scorer
+    return RETURN
+
+
+def score_key(env_name: str) -> str:
+    """The summary key environment `env_name` is scored by (see `scorer`)."""
+    return scorer(env_name).key
+
+
 def entry(name: str) -> EnvEntry:
     _load_plugins()
     if name not in _REGISTRY:

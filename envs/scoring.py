@@ -15,9 +15,10 @@ A family with its own score declares a `Scorer` when it registers:
                       scorer=Scorer("crafter_score", "envs.crafter:summarize"))
 
 `key` is the summary key that reports, transfer metrics and generalization gaps compare
-(`return_mean` unless declared); `summarize` is a `'module:function'` (imported when first
-used, like entry points) called as `summarize(records, keywords)` with the factory's resolved
-keywords, returning the family's extra summary keys.
+(`return_mean` unless declared; `envs.registry.score_key(name)` looks it up); `summarize` is
+a `'module:function'` (imported when first used, like entry points) called as
+`summarize(records, keywords)` with the factory's resolved keywords, returning the family's
+extra summary keys.
 """
 
 from __future__ import annotations
@@ -75,21 +76,3 @@ def summarize(records: Sequence[Mapping], recipe=None, tasks: Optional[Sequence]
         names = tasks if tasks is not None and len(tasks) == len(rates) else range(len(rates))
         out["task_success_rates"] = {str(name): float(v) for name, v in zip(names, rates)}
     return out
-
-
-def scorer(env_name: str) -> Scorer:
-    """The scorer of environment `env_name`. A name that is not registered (results of a
-    plugin not installed here) is looked up by its family, the part before `-` or `/`
-    (`crafter-64` is scored as `crafter`), else the return."""
-    from envs import registry
-
-    for name in (env_name, env_name.split("/")[0].split("-")[0]):
-        found = registry.find(name)
-        if found is not None:
-            return found.scorer
-    return RETURN
-
-
-def score_key(env_name: str) -> str:
-    """The summary key environment `env_name` is scored by (see `scorer`)."""
-    return scorer(env_name).key

@@ -12,7 +12,7 @@ import agents
 from benchmarks import cli, protocols, runner, transfer
 from benchmarks import config as config_lib
 from envs import base as env_base
-from envs import registry, scoring
+from envs import registry
 
 PROTOCOL_STEPS = ["train.steps=80", "protocol.pretrain_steps=80"]
 # Each protocol once by default, the agents alternating (scratch with dreamer and
@@ -281,11 +281,11 @@ def test_transfer_metrics_on_hand_made_curves():
     # Grid 0, 100, 200: pretrained 800; scratch 100 + 200 = 300.
     assert metrics["auc_ratio"] == pytest.approx(800 / 300)
     assert transfer.compare([0], [1], [0, 10], [0, 0])["auc_ratio"] is None
-    assert scoring.score_key("crafter") == "crafter_score"
-    assert scoring.score_key("procgen") == "normalized_return"
-    assert scoring.score_key("crafter-64") == "crafter_score"  # a variant: scored by family
-    assert scoring.score_key("robodesk") == "success_rate"
-    assert scoring.score_key("my_plugin_env") == "return_mean"
+    assert registry.score_key("crafter") == "crafter_score"
+    assert registry.score_key("procgen") == "normalized_return"
+    assert registry.score_key("crafter-64") == "crafter_score"  # a variant: scored by family
+    assert registry.score_key("robodesk") == "success_rate"
+    assert registry.score_key("my_plugin_env") == "return_mean"
 
 
 def test_agent_without_intrinsic_reward_is_refused_before_running():

@@ -12,7 +12,7 @@ from rliable import library, metrics
 
 from benchmarks import cli, plots, report
 from benchmarks.results import load_trials
-from envs import scoring
+from envs import registry
 
 REPS = 300
 DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]
@@ -35,7 +35,7 @@ def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **ext
         "agent_config": {},
     }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    score_key = scoring.score_key(env)
+    score_key = registry.score_key(env)
     phases = extra.get("phases", ["train"])
     lines = []
     for index, (phase, final) in enumerate(zip(phases, finals)):
