@@ -216,7 +216,8 @@ def transfer_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dict
     values: dict[tuple, dict[str, list[float]]] = {}
     matched: dict[tuple, list] = {}
     computed = transfer_metrics(trials)
-    for trial in trials:
+    # In seed order, as final_rows: the bootstrap must not depend on folder names.
+    for trial in sorted(trials, key=lambda t: (t.seed, t.trial_id)):
         for phase, numbers in computed.get(trial.trial_id, {}).items():
             key = (trial.env, trial.task, trial.protocol, trial.label, phase)
             for metric in TRANSFER_KEYS:
