@@ -315,7 +315,7 @@ def _preset_trials(name):
 def test_carrying_muzeros_pretrained_policy_hurts_finetuning_on_the_grid(tmp_path):
     """The README's transfer claim, re-measured as the preset measures it: MuZero finetuned
     after reward-free pretraining with carry=all ends below its scratch twin on the same
-    evaluation episodes (toy_transfer.yaml, 5 seeds, sampled: final gain -18.7 [-28.6, -8.7];
+    evaluation episodes (toy_transfer.yaml, 5 seeds, sampled: final gain -18.7 [-28.6, -8.2];
     carry=world_model -3.1 [-19.9, 14.4] is indistinguishable from scratch). When pretraining
     starts to help, this test fails and the README's claim must change with it."""
     trials = [
