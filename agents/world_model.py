@@ -460,11 +460,7 @@ def make_world_model(
     action_spec: specs.Array,
     loss_terms: Mapping[str, LossTerm] = LOSS_TERMS,
 ) -> WorldModel:
-    """Builds the world model's pure functions (see `WorldModel` for each signature).
-
-    `observation_spec` may contain `log_*` keys (ignored). `loss_terms` maps every loss name
-    with a non-zero scale in `config.losses` to its term (`world_model_losses.LOSS_TERMS`).
-    """
+    """The world model's pure functions (`WorldModel`) over `make_networks(...)`'s networks."""
     return as_world_model(make_networks(config, observation_spec, action_spec, loss_terms))
 
 
