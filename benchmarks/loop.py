@@ -123,16 +123,21 @@ def offline(update_fn, sample, state: LoopState, count: int) -> tuple[LoopState,
     return state._replace(agent=agent_state, rng=rng), metrics
 
 
+def mean_metrics(metrics: list) -> dict:
+    """`train/<key>`: the mean of each update metric over `metrics` (one dict per update)."""
+    if not metrics:
+        return {}
+    stacked = jax.device_get(metrics)
+    return {f"train/{key}": float(np.mean([m[key] for m in stacked])) for key in stacked[0]}
+
+
 def window_metrics(state: LoopState, window: Window, summarize) -> dict:
     """The training metrics of `window`: counts, coverage, `episode/` summaries (by
     `summarize`), `train/` means of the update metrics, and steps per second."""
     record = {"updates": state.updates, "episodes": state.episodes, **state.coverage.metrics()}
     summary = summarize(window.episodes)
     record.update({f"episode/{k}": v for k, v in summary.items() if not isinstance(v, dict)})
-    if window.updates:
-        stacked = jax.device_get(window.updates)
-        for key in stacked[0]:
-            record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
+    record.update(mean_metrics(window.updates))
     elapsed = max(time.time() - window.start_time, 1e-9)
     record["env_steps_per_second"] = (state.env_steps - window.start_steps) / elapsed
     return record

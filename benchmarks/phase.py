@@ -17,7 +17,6 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import agents
 from agents.replay import Replay
@@ -210,10 +209,7 @@ class Phase:
             )
         adapt = jax.jit(self.agent.adapt)
         state, metrics = loop.offline(adapt, self._sample, state, phase.offline_updates)
-        stacked = jax.device_get(metrics)
-        record = {"offline_updates": phase.offline_updates}
-        for key in stacked[-1]:
-            record[f"train/{key}"] = float(np.mean([m[key] for m in stacked]))
+        record = {"offline_updates": phase.offline_updates, **loop.mean_metrics(metrics)}
         self.log_to.metrics(0, record)
         return state
 
