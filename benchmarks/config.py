@@ -152,12 +152,6 @@ def merge(into: dict, more: Mapping) -> dict:
     return into
 
 
-def agent_name(plain: Mapping) -> str:
-    """The agent name of a plain config, either spelling."""
-    agent = with_agent_mapping(plain).get("agent")
-    return str(agent.get("name") if isinstance(agent, Mapping) else agent)
-
-
 def trial_id_of(config: Mapping) -> str:
     """The trial id of a config in plain form (`TrialConfig.to_dict()`, or a trial folder's
     `config.yaml` as loaded): the one hash that names trial folders and that reports count by."""

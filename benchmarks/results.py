@@ -42,7 +42,7 @@ class TrialRecord:
 
     @property
     def agent(self) -> str:
-        return config_lib.agent_name(self.config)
+        return str(self.config["agent"].get("name"))  # Loaded with the agent as one mapping.
 
     @property
     def env(self) -> str:

@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from benchmarks.trial_folder import TrialFolder
+
 
 def _area(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> float:
     interpolated = np.interp(grid, steps, values)
@@ -147,7 +149,7 @@ def against_scratch(
     scratch = matching_scratch(Path(trial).parent, config)
     if scratch is None:
         return {"status": "no finished scratch trial with the same settings next to this one"}
-    theirs = [json.loads(line) for line in (scratch / "eval.jsonl").read_text().splitlines()]
+    theirs = TrialFolder(scratch).read("eval")
     mode = config.train.eval_modes[0]
     by_score = against_twin(records, phase_index, theirs, score, mode, config.protocol.threshold)
     if score not in by_score:
