@@ -60,6 +60,11 @@ class TrainConfig:
     """Replayed steps trained on per environment step (as in DreamerV3)."""
     learning_starts: int = 1000
     """Environment steps collected before the first update."""
+    ratio_clock: str = "zero"
+    """Which steps `train_ratio` counts: `zero` (every step of the phase, so the first update
+    step runs a burst of `learning_starts * train_ratio / (batch_size * sequence_length)`
+    updates on the prefill) or `learning_starts` (one update when training starts, then only
+    the steps after it, as DreamerV3's `when.Ratio`)."""
     replay_capacity: int = 100000
     """Steps the replay buffer holds (over all environments)."""
     eval_every: int = 5000
@@ -86,6 +91,11 @@ class TrainConfig:
             raise ValueError(
                 f"train.eval_modes={list(modes)} must list distinct modes of "
                 f"{list(EVAL_MODES)}, the headline first"
+            )
+        if self.ratio_clock not in ("zero", "learning_starts"):
+            raise ValueError(
+                f"train.ratio_clock={self.ratio_clock!r} must be one of "
+                "['zero', 'learning_starts']"
             )
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(

@@ -27,23 +27,35 @@ class Every(NamedTuple):
         return self.interval > 0 and env_steps % self.interval < stride
 
 
+RATIO_CLOCKS = ("zero", "learning_starts")
+"""Where `ReplayRatio` starts counting owed updates (`train.ratio_clock`)."""
+
+
 class ReplayRatio(NamedTuple):
     """Off-policy updates: after `learning_starts` environment steps, as many updates as keep
-    `updates * replayed_per_update <= env_steps * train_ratio` (DreamerV3's `train_ratio`).
+    `updates * replayed_per_update <= counted_steps * train_ratio` (DreamerV3's `train_ratio`).
 
-    The count is owed from step 0, so the first step past `learning_starts` runs a burst of
-    `learning_starts * train_ratio / replayed_per_update` updates at once (DreamerV3's
-    `when.Ratio` instead starts counting at its first call, when training starts).
+    `clock` says which steps count. `zero`: every step since the phase began, so the first
+    step past `learning_starts` runs a burst of `learning_starts * train_ratio /
+    replayed_per_update` updates on the prefill. `learning_starts`: one update when training
+    starts, then only the steps after it (DreamerV3's `when.Ratio`, which starts its clock at
+    its first call, after the prefill).
     """
 
     train_ratio: float
     replayed_per_update: int
     learning_starts: int
+    clock: str = "zero"
 
     def owed(self, env_steps: int, updates: int) -> int:
         if env_steps < self.learning_starts:
             return 0
-        return max(int(env_steps * self.train_ratio / self.replayed_per_update) - updates, 0)
+        rate = self.train_ratio / self.replayed_per_update
+        if self.clock == "zero":
+            due = int(env_steps * rate)
+        else:
+            due = 1 + int((env_steps - self.learning_starts) * rate)
+        return max(due - updates, 0)
 
 
 class OnPolicy(NamedTuple):
@@ -68,4 +80,4 @@ def updates_for(agent, train, num_envs: int) -> Updates:
     if agent.rollout_length:
         return OnPolicy(agent.rollout_length, num_envs)
     replayed = train.batch_size * train.sequence_length
-    return ReplayRatio(train.train_ratio, replayed, train.learning_starts)
+    return ReplayRatio(train.train_ratio, replayed, train.learning_starts, train.ratio_clock)

@@ -227,3 +227,23 @@ def test_the_agent_is_spelled_one_way_and_old_trial_folders_still_open(tmp_path)
     other = _config("agent.model.deter=64")
     with pytest.raises(runner.IncompatibleTrialError, match=r"agent\.model\.deter: 32 -> 64"):
         trial_folder.TrialFolder.open(tmp_path, other)
+
+
+@pytest.mark.parametrize("clock", ["zero", "learning_starts"])
+def test_replay_ratio_counts_from_its_clock(clock):
+    """`zero` owes updates for the prefill at the first training step (a burst);
+    `learning_starts` (DreamerV3's `when.Ratio`) runs one update there, then keeps the ratio
+    over the steps after it. Both hold `train_ratio` replayed steps per env step from then on."""
+    from benchmarks import schedule
+
+    ratio = schedule.ReplayRatio(64.0, 256, learning_starts=500, clock=clock)
+    updates, per_step = 0, []
+    for env_steps in range(4, 2001, 4):
+        owed = ratio.owed(env_steps, updates)
+        updates += owed
+        per_step.append(owed)
+    first = per_step[500 // 4 - 1]
+    assert sum(per_step[: 500 // 4 - 1]) == 0  # nothing before learning_starts
+    assert first == (125 if clock == "zero" else 1)
+    assert updates == (500 if clock == "zero" else 1 + 375)
+    assert max(per_step[500 // 4 :]) == 1  # then one update per 4 steps (64 * 4 / 256)
