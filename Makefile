@@ -47,11 +47,11 @@ demo: $(STAMP)
 	$(VENV)/bin/mbxfer report results/quickstart
 
 lint: $(STAMP)
-	$(PY) -m ruff check agents envs exploration benchmarks tests
-	$(PY) -m ruff format --check agents envs exploration benchmarks tests
+	$(PY) -m ruff check mbxfer agents envs exploration benchmarks tests
+	$(PY) -m ruff format --check mbxfer agents envs exploration benchmarks tests
 
 format: $(STAMP)
-	$(PY) -m ruff format agents envs exploration benchmarks tests
+	$(PY) -m ruff format mbxfer agents envs exploration benchmarks tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

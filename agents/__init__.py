@@ -12,7 +12,7 @@ import difflib
 import importlib
 from typing import Any, NamedTuple, Optional
 
-from agents.base import ActInput, Agent  # noqa: F401  (the public types)
+from mbxfer.agents.base import ActInput, Agent  # noqa: F401  (the public types)
 
 
 class _Entry(NamedTuple):
@@ -24,16 +24,18 @@ class _Entry(NamedTuple):
 
 
 _AGENTS = {
-    "random": _Entry("agents.random_agent:make", "agents.random_agent:RandomConfig", None),
-    "dreamer": _Entry("agents.dreamer:make", "agents.dreamer:DreamerConfig", True),
-    "muzero": _Entry("agents.muzero:make", "agents.muzero:MuZeroConfig", True),
-    "ppo": _Entry("agents.ppo:make", "agents.ppo:PPOConfig", False),
+    "random": _Entry(
+        "mbxfer.agents.random_agent:make", "mbxfer.agents.random_agent:RandomConfig", None
+    ),
+    "dreamer": _Entry("mbxfer.agents.dreamer:make", "mbxfer.agents.dreamer:DreamerConfig", True),
+    "muzero": _Entry("mbxfer.agents.muzero:make", "mbxfer.agents.muzero:MuZeroConfig", True),
+    "ppo": _Entry("mbxfer.agents.ppo:make", "mbxfer.agents.ppo:PPOConfig", False),
     # The model-free counterparts of the model-based agents (agents/nomodel.py).
     "muzero_nomodel": _Entry(
-        "agents.muzero:make_nomodel", "agents.muzero:MuZeroNoModelConfig", False
+        "mbxfer.agents.muzero:make_nomodel", "mbxfer.agents.muzero:MuZeroNoModelConfig", False
     ),
     "dreamer_nomodel": _Entry(
-        "agents.dreamer:make_nomodel", "agents.dreamer:DreamerNoModelConfig", False
+        "mbxfer.agents.dreamer:make_nomodel", "mbxfer.agents.dreamer:DreamerNoModelConfig", False
     ),
 }
 

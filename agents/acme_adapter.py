@@ -13,8 +13,7 @@ import dm_env
 import jax
 import numpy as np
 from acme import core
-
-from agents import base
+from mbxfer.agents import base
 
 _LOG_PREFIX = "log_"
 

@@ -34,11 +34,9 @@ import jax.numpy as jnp
 import optax
 import rlax
 from acme import specs as acme_specs
-
-import exploration
-from agents import base, networks, nomodel, sequences
-from agents import intrinsic as intrinsic_lib
-from agents.world_model import (
+from mbxfer.agents import base, networks, nomodel, sequences
+from mbxfer.agents import intrinsic as intrinsic_lib
+from mbxfer.agents.world_model import (
     FilterCarry,
     LatentState,
     WorldModel,
@@ -47,7 +45,9 @@ from agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
-from exploration import ExplorationConfig
+from mbxfer.exploration import ExplorationConfig
+
+from mbxfer import exploration
 
 
 @dataclasses.dataclass(frozen=True)

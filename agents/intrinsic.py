@@ -19,10 +19,10 @@ from typing import Any, NamedTuple, Optional
 
 import chex
 import optax
+from mbxfer.agents import sequences
+from mbxfer.exploration import ExplorationConfig, ExplorationModule, ExplorationState
 
-import exploration
-from agents import sequences
-from exploration import ExplorationConfig, ExplorationModule, ExplorationState
+from mbxfer import exploration
 
 Array = chex.Array
 

@@ -20,9 +20,8 @@ import distrax
 import haiku as hk
 import jax
 import jax.numpy as jnp
-
-from agents import networks
-from agents.world_model_types import LatentState, WorldModelConfig
+from mbxfer.agents import networks
+from mbxfer.agents.world_model_types import LatentState, WorldModelConfig
 
 
 def initial_state(config: WorldModelConfig, batch_size: int) -> LatentState:

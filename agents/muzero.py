@@ -47,12 +47,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from acme import specs as acme_specs
-
-import exploration as exploration_lib
-from agents import base, networks, nomodel, sequences
-from agents import intrinsic as intrinsic_lib
-from agents import muzero_targets as targets_lib
-from agents.muzero_search import (
+from mbxfer.agents import base, networks, nomodel, sequences
+from mbxfer.agents import intrinsic as intrinsic_lib
+from mbxfer.agents import muzero_targets as targets_lib
+from mbxfer.agents.muzero_search import (
     Search,
     SearchConfig,
     SearchParams,
@@ -61,7 +59,7 @@ from agents.muzero_search import (
     make_search,
     policy_distribution,
 )
-from agents.world_model import (
+from mbxfer.agents.world_model import (
     FilterCarry,
     LossConfig,
     WorldModel,
@@ -70,7 +68,9 @@ from agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
-from exploration import ExplorationConfig
+from mbxfer.exploration import ExplorationConfig
+
+from mbxfer import exploration as exploration_lib
 
 __all__ = [
     "MuZeroCarry",

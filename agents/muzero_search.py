@@ -33,9 +33,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import mctx
-
-from agents import networks
-from agents.world_model import LatentState, WorldModel
+from mbxfer.agents import networks
+from mbxfer.agents.world_model import LatentState, WorldModel
 
 Array = chex.Array
 SEARCH_POLICIES = ("muzero", "gumbel")

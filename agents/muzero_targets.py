@@ -17,8 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import rlax
-
-from agents import sequences
+from mbxfer.agents import sequences
 
 Array = chex.Array
 

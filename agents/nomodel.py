@@ -41,9 +41,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import rlax
-
-from agents import sequences
-from agents.world_model_types import LatentState, LossConfig, WorldModel, WorldModelConfig
+from mbxfer.agents import sequences
+from mbxfer.agents.world_model_types import LatentState, LossConfig, WorldModel, WorldModelConfig
 
 Array = chex.Array
 

@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from dm_env import specs
-
-from agents import latent, networks
-from agents.world_model_losses import LOSS_TERMS
-from agents.world_model_types import (
+from mbxfer.agents import latent, networks
+from mbxfer.agents.world_model_losses import LOSS_TERMS
+from mbxfer.agents.world_model_types import (
     PROJECTION_HEADS,
     Array,
     Batch,

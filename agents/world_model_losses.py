@@ -34,9 +34,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
-
-from agents import latent, networks, sequences
-from agents.world_model_types import Array, LossContext, LossTerm
+from mbxfer.agents import latent, networks, sequences
+from mbxfer.agents.world_model_types import Array, LossContext, LossTerm
 
 
 def _per_step(loss: Array, context: LossContext) -> Array:

@@ -25,8 +25,8 @@ def random_rollout(
 ) -> dict:
     """Play a uniform random policy until `episodes` episodes end; their summary
     (`envs.scoring`), written with each episode's record to `out` when given."""
-    from benchmarks import episodes as episodes_lib
-    from envs import registry, scoring, vector
+    from mbxfer.benchmarks import episodes as episodes_lib
+    from mbxfer.envs import registry, scoring, vector
 
     recipe = registry.factory(env, task=task)
     mode = "process" if workers > 1 else "inline"
@@ -49,14 +49,14 @@ def random_rollout(
         **scoring.summarize(records, recipe, tasks),
     }
     if out is not None:
-        from benchmarks.checkpoint import write_atomic
+        from mbxfer.benchmarks.checkpoint import write_atomic
 
         write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
 def _cmd_envs(args) -> int:
-    from envs import registry
+    from mbxfer.envs import registry
 
     for name in registry.names():
         try:
@@ -98,8 +98,7 @@ def _cmd_demo(args) -> int:
 def _run_updates(args) -> dict:
     """Nested config updates from a YAML file, the shortcut flags, then `--set` overrides."""
     import yaml
-
-    from benchmarks import config as config_lib
+    from mbxfer.benchmarks import config as config_lib
 
     updates: dict = {}
     if args.config:
@@ -123,8 +122,8 @@ def _run_updates(args) -> dict:
 
 
 def _cmd_run(args) -> int:
-    from benchmarks import config as config_lib
-    from benchmarks import runner
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import runner
 
     config = config_lib.build(_run_updates(args))
     out = Path(args.out) if args.out else Path("results") / "runs" / config.trial_id()
@@ -143,7 +142,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from benchmarks import sweep, sweep_spec
+    from mbxfer.benchmarks import sweep, sweep_spec
 
     spec = sweep_spec.load_spec(Path(args.spec), args.scale)
     plan = sweep_spec.expand(spec)
@@ -206,7 +205,7 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from benchmarks import report
+    from mbxfer.benchmarks import report
 
     argv = ["mbxfer", "report", args.results] + (["--out", args.out] if args.out else [])
     path = report.write(
@@ -222,8 +221,9 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_agents(args) -> int:
-    import agents
-    from benchmarks import config as config_lib
+    from mbxfer.benchmarks import config as config_lib
+
+    from mbxfer import agents
 
     for name in agents.names():
         config_class = agents.config_class(name)
@@ -263,7 +263,7 @@ class _KeysHelp(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from benchmarks import config as config_lib
+        from mbxfer.benchmarks import config as config_lib
 
         agent = namespace.agent or "dreamer"
         print(f"config keys for --agent {agent} (set with --set key=value):")
@@ -273,7 +273,10 @@ class _KeysHelp(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import mbxfer
+
     parser = argparse.ArgumentParser(prog="mbxfer", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"mbxfer {mbxfer.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in (_add_run, _add_sweep, _add_report, _add_listings):
         add(commands)
@@ -425,11 +428,11 @@ def _add_listings(commands) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agents import UnknownAgentError
-    from benchmarks.checkpoint import IncompatibleCheckpointError
-    from benchmarks.config import ConfigError
-    from benchmarks.protocols import ProtocolError
-    from envs.base import ConfigurationError
+    from mbxfer.agents import UnknownAgentError
+    from mbxfer.benchmarks.checkpoint import IncompatibleCheckpointError
+    from mbxfer.benchmarks.config import ConfigError
+    from mbxfer.benchmarks.protocols import ProtocolError
+    from mbxfer.envs.base import ConfigurationError
 
     args = build_parser().parse_args(argv)
     handlers = {

@@ -17,9 +17,9 @@ import typing
 from typing import Any, Mapping, Optional
 
 import yaml
+from mbxfer.benchmarks.protocols import ProtocolConfig
 
-import agents
-from benchmarks.protocols import ProtocolConfig
+from mbxfer import agents
 
 
 class ConfigError(ValueError):
@@ -94,8 +94,7 @@ class TrainConfig:
             )
         if self.ratio_clock not in ("zero", "learning_starts"):
             raise ValueError(
-                f"train.ratio_clock={self.ratio_clock!r} must be one of "
-                "['zero', 'learning_starts']"
+                f"train.ratio_clock={self.ratio_clock!r} must be one of ['zero', 'learning_starts']"
             )
         if self.eval_episodes is not None and self.eval_episodes < 1:
             raise ValueError(

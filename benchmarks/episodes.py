@@ -20,10 +20,9 @@ from typing import Any, Callable, Optional, Protocol
 import jax
 import numpy as np
 from dm_env import specs
-
-from agents.base import ActInput
-from envs import base as env_base
-from envs import scoring
+from mbxfer.agents.base import ActInput
+from mbxfer.envs import base as env_base
+from mbxfer.envs import scoring
 
 _EVAL_SEED_OFFSET = 1_000_003
 

@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Callable, Optional
 
-from benchmarks import config as config_lib
-from benchmarks.sweep_spec import Resources, SpecError
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks.sweep_spec import Resources, SpecError
 
 
 class MissingRayError(config_lib.ConfigError):

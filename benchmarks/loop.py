@@ -17,11 +17,10 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import numpy as np
-
-from agents.base import ActInput
-from benchmarks import episodes as episodes_lib
-from benchmarks import schedule
-from envs import base as env_base
+from mbxfer.agents.base import ActInput
+from mbxfer.benchmarks import episodes as episodes_lib
+from mbxfer.benchmarks import schedule
+from mbxfer.envs import base as env_base
 
 _RESEED_OFFSET = 7_919
 

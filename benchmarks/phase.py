@@ -17,13 +17,13 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from mbxfer.agents.replay import Replay
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks import episodes, loop, protocols, schedule, video
+from mbxfer.benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
+from mbxfer.envs import registry, scoring, vector
 
-import agents
-from agents.replay import Replay
-from benchmarks import config as config_lib
-from benchmarks import episodes, loop, protocols, schedule, video
-from benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
-from envs import registry, scoring, vector
+from mbxfer import agents
 
 
 def env_recipe(config: config_lib.TrialConfig, task, *kwargs) -> registry.EnvFactory:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
-from benchmarks.stats import TRANSFER_BARS, Row, seeded
+from mbxfer.benchmarks.stats import TRANSFER_BARS, Row, seeded
 
 
 def _figure(width: float, height: float):

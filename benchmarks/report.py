@@ -21,18 +21,19 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import agents
-from benchmarks import config as config_lib
-from benchmarks import plots, stats
-from benchmarks.results import (
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks import plots, stats
+from mbxfer.benchmarks.results import (
     FALLBACK_SCORE,
     SCRATCH,
     TRAINING_EPISODES,
     TrialRecord,
     load_trials,
 )
-from benchmarks.stats import TRANSFER_KEYS, Row
-from envs import registry
+from mbxfer.benchmarks.stats import TRANSFER_KEYS, Row
+from mbxfer.envs import registry
+
+from mbxfer import agents
 
 
 class ReportError(config_lib.ConfigError):

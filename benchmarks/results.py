@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-
-from benchmarks import config as config_lib
-from envs import registry, scoring
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.envs import registry, scoring
 
 FALLBACK_SCORE = scoring.DEFAULT_KEY
 SCRATCH = "scratch"

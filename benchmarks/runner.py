@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-
-from benchmarks import config as config_lib
-from benchmarks import protocols, transfer
-from benchmarks.phase import Phase, Watch
-from benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
-from envs import registry
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks import protocols, transfer
+from mbxfer.benchmarks.phase import Phase, Watch
+from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
+from mbxfer.envs import registry
 
 __all__ = ["IncompatibleTrialError", "run"]
 

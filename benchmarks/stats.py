@@ -16,8 +16,7 @@ import math
 from typing import Any, Callable
 
 import numpy as np
-
-from benchmarks.results import FALLBACK_SCORE, SCRATCH, TrialRecord, headline_mode
+from mbxfer.benchmarks.results import FALLBACK_SCORE, SCRATCH, TrialRecord, headline_mode
 
 TRANSFER_BARS = ("jumpstart", "auc_ratio", "final_gain")
 TRANSFER_KEYS = (*TRANSFER_BARS, "steps_to_threshold", "scratch_steps_to_threshold")
@@ -184,7 +183,7 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
     """`{trial_id: metrics}`: each finished pretrained trial's last phase against its scratch
     twin found among `trials` (`benchmarks/transfer.py`), recomputed from the folders, so it
     does not matter which of the two finished first."""
-    from benchmarks import transfer
+    from mbxfer.benchmarks import transfer
 
     scratch = {}
     for trial in trials:

@@ -23,9 +23,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, TextIO
 
-from benchmarks import trial_folder
-from benchmarks.checkpoint import write_atomic
-from benchmarks.executors import (
+from mbxfer.benchmarks import trial_folder
+from mbxfer.benchmarks.checkpoint import write_atomic
+from mbxfer.benchmarks.executors import (
     Job,
     WorkerLost,
     check_executor,
@@ -33,7 +33,7 @@ from benchmarks.executors import (
     limit_threads,
     make_executor,
 )
-from benchmarks.sweep_spec import Sweep, Trial, trial_budget
+from mbxfer.benchmarks.sweep_spec import Sweep, Trial, trial_budget
 
 INDEX = "trials.jsonl"
 STATUSES = ("done", "partial", "failed", "new", "running")
@@ -76,7 +76,7 @@ def shared_starts(trials: Sequence[Trial]) -> dict[str, tuple[str, int]]:
     bit-identical to running them (tests/test_protocols.py checks `--from` equals a
     continuous run). The longest shared prefix wins; the leader is the first trial in sweep
     order that has it."""
-    from benchmarks import protocols
+    from mbxfer.benchmarks import protocols
 
     # keys[trial id][k] fingerprints the trial's first k + 1 phases.
     keys = {
@@ -145,7 +145,7 @@ def run_trial(job: Job) -> dict:
         progress = trial_folder.ProgressWriter(folder, trial_budget(job.config))
         progress(trial_folder.steps_done(folder), force=True)
         try:
-            from benchmarks import runner
+            from mbxfer.benchmarks import runner
 
             start_from = Path(job.start_from) if job.start_from else None
             runner.run(job.config, folder, progress=False, on_step=progress, start_from=start_from)

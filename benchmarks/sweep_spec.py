@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
-
-from benchmarks import config as config_lib
+from mbxfer.benchmarks import config as config_lib
 
 AXES = ("agents", "envs", "tasks", "protocols", "seeds")
 SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description", "scales", "parts")
@@ -172,9 +171,10 @@ def expand(spec: Mapping) -> Sweep:
     """
     if spec.get("parts") is not None:
         return _expand_parts(spec)
-    import agents
-    from envs import base as env_base
-    from envs import registry
+    from mbxfer.envs import base as env_base
+    from mbxfer.envs import registry
+
+    from mbxfer import agents
 
     problems: list[str] = []
     for key in spec:
@@ -296,7 +296,7 @@ def trial_budget(config: config_lib.TrialConfig) -> int:
     """Environment steps over all the trial's phases; raises ValueError for a bad protocol."""
     if not hasattr(config, "protocol"):  # Before protocols: one phase of train.steps.
         return config.train.steps
-    from benchmarks import protocols
+    from mbxfer.benchmarks import protocols
 
     return sum(phase.steps for phase in protocols.phases(config))
 

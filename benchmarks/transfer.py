@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-
-from benchmarks.trial_folder import TrialFolder
+from mbxfer.benchmarks.trial_folder import TrialFolder
 
 
 def _area(steps: np.ndarray, values: np.ndarray, grid: np.ndarray) -> float:
@@ -202,7 +201,7 @@ def matching_scratch(root: Path, config) -> Optional[Path]:
 def twin_key(plain: dict) -> str:
     """What a trial (its config as a plain dict, either spelling of the agent) and its
     scratch twin share: everything but the protocol and the agent's exploration settings."""
-    from benchmarks import config as config_lib
+    from mbxfer.benchmarks import config as config_lib
 
     out = config_lib.with_agent_mapping(plain)
     out.pop("protocol", None)

@@ -30,9 +30,8 @@ from typing import Any, NamedTuple, Optional, TextIO
 
 import numpy as np
 import yaml
-
-from benchmarks import checkpoint, protocols
-from benchmarks import config as config_lib
+from mbxfer.benchmarks import checkpoint, protocols
+from mbxfer.benchmarks import config as config_lib
 
 LOGS = ("metrics", "eval", "episodes")
 PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial

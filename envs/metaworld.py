@@ -41,8 +41,7 @@ from __future__ import annotations
 import dm_env
 import numpy as np
 from dm_env import specs
-
-from envs import base, mujoco_render
+from mbxfer.envs import base, mujoco_render
 
 VERSION_SUFFIX = "-v3"
 SCENES = (
@@ -126,7 +125,7 @@ class MetaWorld(base.Environment):
         render: str = "fast",
         seed: int = 0,
     ):
-        from envs import optional
+        from mbxfer.envs import optional
 
         self.scene = scene_id(scene)
         self._observation = _choice("observation", observation, OBSERVATIONS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from envs import registry
+from mbxfer.envs import registry
 
 
 def require(module: str, extra: str, env_name: str, system_hint: str = "") -> ModuleType:

@@ -37,8 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import dm_env
 import numpy as np
 from dm_env import specs
-
-from envs import base
+from mbxfer.envs import base
 
 GAMES = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
@@ -135,7 +134,7 @@ def _task_id(game: str, distribution_mode: str) -> str:
 
 
 def _make_pool(game, distribution_mode, num_levels, start_level, num_envs, seed):
-    from envs import optional
+    from mbxfer.envs import optional
 
     task_id = _task_id(game, distribution_mode)
     if not 0 <= start_level <= _MAX_SEED or not 0 <= num_levels <= _MAX_SEED:
@@ -184,7 +183,7 @@ class ProcgenBatch:
         if num_envs < 1:
             raise ValueError(f"num_envs={num_envs} must be >= 1")
         if task is not None and task not in TASKS:
-            from envs.wrappers import UnknownTaskError
+            from mbxfer.envs.wrappers import UnknownTaskError
 
             raise UnknownTaskError(
                 f"unknown task {task!r}. This environment's tasks: {', '.join(TASKS)} "

@@ -10,7 +10,7 @@ accepts it; the generic keywords `task`, `action_repeat`, `time_limit` and `imag
 otherwise applied as wrappers (see `envs.wrappers`). The task wrapper is always applied, so
 `task=None` (the default unless registered otherwise) is reward-free.
 
-    from envs import registry
+    from mbxfer.envs import registry
     registry.register("my_env", "my_package.envs:make_env", difficulty=2)
     env = registry.make("my_env", task="reward", seed=3)
 """
@@ -27,9 +27,8 @@ import warnings
 from typing import Any, Callable, Mapping, Union
 
 import dm_env
-
-from envs import base
-from envs.scoring import RETURN, Scorer
+from mbxfer.envs import base
+from mbxfer.envs.scoring import RETURN, Scorer
 
 EntryPoint = Union[str, Callable[..., dm_env.Environment]]
 PLUGIN_GROUP = "mbxfer.envs"
@@ -176,7 +175,9 @@ def make(name: str, **overrides: Any) -> dm_env.Environment:
 
 
 def _build(found: EnvEntry, overrides: Mapping[str, Any]) -> dm_env.Environment:
-    from envs import wrappers  # Local: wrappers import nothing heavy, but keep the cycle out.
+    from mbxfer.envs import (
+        wrappers,  # Local: wrappers import nothing heavy, but keep the cycle out.
+    )
 
     keywords = {**found.defaults, **overrides}
     own, generic = _check_keywords(found, keywords)
@@ -258,29 +259,31 @@ def _load_plugins() -> None:
 
 
 # Built-in environments. The table is the only place that names them.
-register("grid", "envs.toy:GridWorld", eval_episodes=32)
-register("grid_image", "envs.toy:GridWorld", eval_episodes=32, observation="image")
-register("point_mass", "envs.toy:PointMass", eval_episodes=32)
-register("point_mass_image", "envs.toy:PointMass", eval_episodes=32, observation="image")
+register("grid", "mbxfer.envs.toy:GridWorld", eval_episodes=32)
+register("grid_image", "mbxfer.envs.toy:GridWorld", eval_episodes=32, observation="image")
+register("point_mass", "mbxfer.envs.toy:PointMass", eval_episodes=32)
+register("point_mass_image", "mbxfer.envs.toy:PointMass", eval_episodes=32, observation="image")
 register(
     "crafter",
-    "envs.crafter:Crafter",
-    scorer=Scorer("crafter_score", "envs.crafter:summarize", training_episodes=True),
+    "mbxfer.envs.crafter:Crafter",
+    scorer=Scorer("crafter_score", "mbxfer.envs.crafter:summarize", training_episodes=True),
 )
 register(
     "cartpole",
-    "envs.wrappers:from_gymnasium",
+    "mbxfer.envs.wrappers:from_gymnasium",
     eval_episodes=16,
     gym_id="CartPole-v1",
     task="reward",
 )
-register("pendulum", "envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
+register("pendulum", "mbxfer.envs.wrappers:from_gymnasium", gym_id="Pendulum-v1", task="reward")
 register(
     "procgen",
-    "envs.procgen:Procgen",
-    scorer=Scorer("normalized_return", "envs.procgen:summarize"),
+    "mbxfer.envs.procgen:Procgen",
+    scorer=Scorer("normalized_return", "mbxfer.envs.procgen:summarize"),
     task="reward",
 )
 # Success of the selected task (`log_success`, see envs/base.py) is what they are scored by.
-register("metaworld", "envs.metaworld:MetaWorld", scorer=Scorer("success_rate"), task="reward")
-register("robodesk", "envs.robodesk:RoboDesk", scorer=Scorer("success_rate"))
+register(
+    "metaworld", "mbxfer.envs.metaworld:MetaWorld", scorer=Scorer("success_rate"), task="reward"
+)
+register("robodesk", "mbxfer.envs.robodesk:RoboDesk", scorer=Scorer("success_rate"))

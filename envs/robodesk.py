@@ -41,8 +41,7 @@ import io
 import dm_env
 import numpy as np
 from dm_env import specs
-
-from envs import base, mujoco_render
+from mbxfer.envs import base, mujoco_render
 
 TASKS = (
     "open_slide", "open_drawer", "push_green", "stack", "upright_block_off_table",
@@ -61,8 +60,7 @@ _CROP_BOX = (17, 25, 105, 89)  # PIL rounds RoboDesk's (16.75, 25.0, 105.0, 88.7
 def _desk_class():
     """The raw RoboDesk class, minus the per-step render of its observation."""
     import PIL.Image
-
-    from envs import optional
+    from mbxfer.envs import optional
 
     mujoco_render.configure_headless()
     if not hasattr(PIL.Image, "ANTIALIAS"):  # Removed in Pillow 10; RoboDesk 1.0.0 uses it.

@@ -11,8 +11,8 @@ summary every evaluation, phase and report reads:
 
 A family with its own score declares a `Scorer` when it registers:
 
-    registry.register("crafter", "envs.crafter:Crafter",
-                      scorer=Scorer("crafter_score", "envs.crafter:summarize"))
+    registry.register("crafter", "mbxfer.envs.crafter:Crafter",
+                      scorer=Scorer("crafter_score", "mbxfer.envs.crafter:summarize"))
 
 `key` is the summary key that reports, transfer metrics and generalization gaps compare
 (`return_mean` unless declared; `envs.registry.score_key(name)` looks it up); `summarize` is
@@ -28,8 +28,7 @@ import importlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-
-from envs import base
+from mbxfer.envs import base
 
 DEFAULT_KEY = "return_mean"
 Summarizer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], dict]

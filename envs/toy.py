@@ -19,8 +19,7 @@ from __future__ import annotations
 import dm_env
 import numpy as np
 from dm_env import specs
-
-from envs import base
+from mbxfer.envs import base
 
 _MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # noop, up, down, left, right
 _CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right")

@@ -43,8 +43,7 @@ import dm_env
 import numpy as np
 from acme import specs as acme_specs
 from dm_env import specs
-
-from envs import base
+from mbxfer.envs import base
 
 _STEP_TYPE_DTYPE = np.int8
 _LAST = int(dm_env.StepType.LAST)  # Enum attribute lookups are slow in the per-step path.
@@ -488,7 +487,7 @@ def make(
 
 
 def _native_batch(factory, num_envs: int, seed: int):
-    from envs import registry  # Local: registry must not import the vector machinery.
+    from mbxfer.envs import registry  # Local: registry must not import the vector machinery.
 
     if not isinstance(factory, registry.EnvFactory):
         return None

@@ -5,7 +5,7 @@
 task's, and truncation keeps discount 1.
 
 `from_gymnasium(gym_id)` turns any gymnasium environment into an mbxfer environment (register
-one in a line: `register("cartpole", "envs.wrappers:from_gymnasium", gym_id="CartPole-v1")`);
+one in a line: `register("cartpole", "mbxfer.envs.wrappers:from_gymnasium", gym_id="CartPole-v1")`);
 `ToGymnasium(env)` turns an mbxfer environment into a `gymnasium.Env`.
 """
 
@@ -17,8 +17,7 @@ import dm_env
 import gymnasium
 import numpy as np
 from dm_env import specs
-
-from envs import base
+from mbxfer.envs import base
 
 _FLOAT32 = np.float32
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from exploration.base import (  # noqa: F401  (the public types)
+from mbxfer.exploration.base import (  # noqa: F401  (the public types)
     ExplorationConfig,
     ExplorationModule,
     ExplorationState,
@@ -18,11 +18,11 @@ def make(
 ) -> Optional[ExplorationModule]:
     """The configured module, or None for `module="none"`."""
     if config.module == "disagreement":
-        from exploration import disagreement
+        from mbxfer.exploration import disagreement
 
         return disagreement.make(config, feature_size, action_size)
     if config.module == "rnd":
-        from exploration import rnd
+        from mbxfer.exploration import rnd
 
         return rnd.make(config, feature_size, action_size)
     return None

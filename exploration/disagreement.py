@@ -12,8 +12,7 @@ from __future__ import annotations
 import haiku as hk
 import jax.numpy as jnp
 import rlax
-
-from exploration import base
+from mbxfer.exploration import base
 
 
 def make(config: base.ExplorationConfig, feature_size: int, action_size: int):

@@ -11,8 +11,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import rlax
-
-from exploration import base
+from mbxfer.exploration import base
 
 
 def make(config: base.ExplorationConfig, feature_size: int, action_size: int):

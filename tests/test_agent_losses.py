@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from agents import dreamer, muzero, ppo, sequences
-from agents import muzero_targets as targets
-from benchmarks import config as config_lib
-from envs import base as env_base
-from envs import registry
+from mbxfer.agents import dreamer, muzero, ppo, sequences
+from mbxfer.agents import muzero_targets as targets
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.envs import base as env_base
+from mbxfer.envs import registry
 
 # Two sequences of 5 rows: sequence 0 ends an episode at row 1 (is_last) and starts one at
 # row 2; sequence 1 is cut by the runner between rows 2 and 3 (row 3 starts an episode, row 2

@@ -7,9 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
-from benchmarks.cli import random_rollout
-from envs import crafter, registry
+from mbxfer.benchmarks.cli import random_rollout
+from mbxfer.envs import crafter, registry
 
 
 def test_score_on_hand_computed_inputs():
@@ -60,7 +59,7 @@ def test_achievement_tasks_and_logging():
 _WORLDS = textwrap.dedent(
     """
     import hashlib, sys
-    from envs import crafter
+    from mbxfer.envs import crafter
     env = crafter.Crafter(seed=int(sys.argv[1]))
     for _ in range(2):
         env.reset()

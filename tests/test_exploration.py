@@ -5,15 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from mbxfer.agents.replay import Replay
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks import loop, runner
+from mbxfer.envs import base as env_base
+from mbxfer.envs import registry, vector
+from mbxfer.exploration import ExplorationConfig, Transitions
 
-import agents
-import exploration
-from agents.replay import Replay
-from benchmarks import config as config_lib
-from benchmarks import loop, runner
-from envs import base as env_base
-from envs import registry, vector
-from exploration import ExplorationConfig, Transitions
+from mbxfer import agents, exploration
 
 
 def _grid_transitions(steps=3000, seed=0):
@@ -183,7 +182,7 @@ def _preset_trials(name):
     """The trials of a preset sweep spec in benchmarks/configs (one source of settings)."""
     from pathlib import Path
 
-    from benchmarks import sweep_spec
+    from mbxfer.benchmarks import sweep_spec
 
     spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
     return sweep_spec.expand(sweep_spec.load_spec(spec)).trials

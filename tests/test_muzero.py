@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
+from mbxfer.agents import base, muzero, muzero_search, sequences
+from mbxfer.agents import muzero_targets as targets
+from mbxfer.benchmarks import checkpoint, phase, runner
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.envs import base as env_base
+from mbxfer.envs import registry, vector
 
-import agents
-from agents import base, muzero, muzero_search, sequences
-from agents import muzero_targets as targets
-from benchmarks import checkpoint, phase, runner
-from benchmarks import config as config_lib
-from envs import base as env_base
-from envs import registry, vector
+from mbxfer import agents
 
 ROOT = Path(__file__).resolve().parent.parent
 # The shared tiny MuZero (tests/tiny_configs.py) without the exploration module's width.
@@ -255,7 +255,15 @@ def test_trial_with_reanalyse_writes_metrics_and_checkpoints(finished_trial):
 def test_killed_trial_with_reanalyse_resumes_to_the_same_result(tmp_path, finished_trial):
     """Kill a real `mbxfer run --agent muzero` after a checkpoint, resume, compare."""
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "benchmarks.cli", "run", "--out", str(killed), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "mbxfer.benchmarks.cli",
+        "run",
+        "--out",
+        str(killed),
+        "--no-progress",
+    ]
     command += [a for item in TINY for a in ("--set", item)]
     process = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True

@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 import tiny_configs
+from mbxfer.benchmarks import cli, protocols, runner, transfer
+from mbxfer.benchmarks import config as config_lib
+from mbxfer.envs import base as env_base
+from mbxfer.envs import registry
 
-import agents
-from benchmarks import cli, protocols, runner, transfer
-from benchmarks import config as config_lib
-from envs import base as env_base
-from envs import registry
+from mbxfer import agents
 
 PROTOCOL_STEPS = ["train.steps=80", "protocol.pretrain_steps=80"]
 # Each protocol once by default, the agents alternating (scratch with dreamer and
@@ -305,7 +305,7 @@ def test_agent_without_intrinsic_reward_is_refused_before_running():
 
 
 def _preset_trials(name):
-    from benchmarks import sweep_spec
+    from mbxfer.benchmarks import sweep_spec
 
     spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
     return sweep_spec.expand(sweep_spec.load_spec(spec)).trials

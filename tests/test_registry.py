@@ -4,9 +4,8 @@ import sys
 import textwrap
 
 import pytest
-
-from envs import registry
-from envs.base import ConfigurationError
+from mbxfer.envs import registry
+from mbxfer.envs.base import ConfigurationError
 
 
 def test_unknown_name_lists_close_names():
@@ -27,7 +26,7 @@ def test_bad_keyword_names_accepted_ones():
 
 
 def test_defaults_and_overrides_reach_the_factory():
-    registry.register("test_grid_small", "envs.toy:GridWorld", size=4, num_items=2)
+    registry.register("test_grid_small", "mbxfer.envs.toy:GridWorld", size=4, num_items=2)
     env = registry.make("test_grid_small", num_items=1)
     assert env.observation_spec()["vector"].shape == (2 * 4 * 4,)
     assert "test_grid_small" in registry.names()
@@ -77,10 +76,10 @@ def test_plugin_entry_point_group(tmp_path, monkeypatch):
         tmp_path,
         "mbxfer_test_plugin",
         """
-        from envs import registry
+        from mbxfer.envs import registry
 
         def register_all():
-            registry.register("plugin_grid", "envs.toy:GridWorld", size=5)
+            registry.register("plugin_grid", "mbxfer.envs.toy:GridWorld", size=5)
         """,
     )
     dist = tmp_path / "mbxfer_test_plugin-1.0.dist-info"

@@ -7,9 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from mbxfer.envs import mujoco_render, registry
 from PIL import Image
-
-from envs import mujoco_render, registry
 
 pytest.importorskip("mujoco", reason="pip install 'mbxfer[metaworld]'")
 
@@ -59,7 +58,7 @@ def test_fast_and_faithful_look_alike_and_fast_is_faster(name, keywords, min_cor
 
 def test_cropped_frustum_equals_render_then_crop():
     pytest.importorskip("robodesk")
-    from envs.robodesk import _CROP_BOX, _RAW_SIZE
+    from mbxfer.envs.robodesk import _CROP_BOX, _RAW_SIZE
 
     env = registry.make("robodesk", seed=0)
     env.reset()

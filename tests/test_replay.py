@@ -5,9 +5,8 @@ import os
 import numpy as np
 import pytest
 from dm_env import specs
-
-from agents.replay import Replay
-from envs import base, toy
+from mbxfer.agents.replay import Replay
+from mbxfer.envs import base, toy
 
 OBSERVATION_SPEC = {
     "vector": base.vector_spec(2),

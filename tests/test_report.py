@@ -7,12 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from mbxfer.benchmarks import cli, plots, report
+from mbxfer.benchmarks.results import load_trials
+from mbxfer.envs import registry
 from PIL import Image
 from rliable import library, metrics
-
-from benchmarks import cli, plots, report
-from benchmarks.results import load_trials
-from envs import registry
 
 REPS = 300
 DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]

@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-
-from envs import base, registry, robodesk, scoring, wrappers
+from mbxfer.envs import base, registry, robodesk, scoring, wrappers
 
 raw_robodesk = pytest.importorskip("robodesk", reason="pip install 'mbxfer[robodesk]'")
 STEPS = 25
@@ -120,7 +119,7 @@ def test_each_task_selects_its_reward(task):
 def test_runner_scores_the_selected_task():
     """The runner's episode summary scores the trained task's success, not the mean of all
     nine flags (it reported 1/9 for an episode that solved its task), and keeps every task's."""
-    from benchmarks import episodes
+    from mbxfer.benchmarks import episodes
 
     for task, expected in (("open_slide", 1.0), ("lift_ball", 0.0)):
         env = registry.make(

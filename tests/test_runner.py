@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import tiny_configs
 import yaml
-
-from benchmarks import checkpoint, cli, runner
-from benchmarks import config as config_lib
+from mbxfer.benchmarks import checkpoint, cli, runner
+from mbxfer.benchmarks import config as config_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 # The shared tiny Dreamer trial (tests/tiny_configs.py), with this file's schedule.
@@ -211,7 +210,7 @@ def test_the_agent_is_spelled_one_way_and_old_trial_folders_still_open(tmp_path)
     """config.yaml writes the agent as users do (`agent: {name, ...}`); folders written with
     the old `agent` + `agent_config` spelling still build the same config and resume."""
 
-    from benchmarks import trial_folder
+    from mbxfer.benchmarks import trial_folder
 
     config = _config()
     plain = config.to_dict()
@@ -234,7 +233,7 @@ def test_replay_ratio_counts_from_its_clock(clock):
     """`zero` owes updates for the prefill at the first training step (a burst);
     `learning_starts` (DreamerV3's `when.Ratio`) runs one update there, then keeps the ratio
     over the steps after it. Both hold `train_ratio` replayed steps per env step from then on."""
-    from benchmarks import schedule
+    from mbxfer.benchmarks import schedule
 
     ratio = schedule.ReplayRatio(64.0, 256, learning_starts=500, clock=clock)
     updates, per_step = 0, []

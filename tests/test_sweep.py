@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from benchmarks import cli, executors, report, results, sweep, sweep_spec, trial_folder
+from mbxfer.benchmarks import cli, executors, report, results, sweep, sweep_spec, trial_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = {
@@ -192,7 +191,7 @@ def test_failed_trial_is_retried_and_reported(tmp_path, capsys):
 
 
 def test_dry_run_lists_every_status(tmp_path, capsys):
-    from benchmarks import runner
+    from mbxfer.benchmarks import runner
 
     path = _spec(tmp_path, seeds=[0, 1, 2, 3])
     out = tmp_path / "out"
@@ -220,7 +219,7 @@ def test_killed_sweep_reruns_only_the_missing_trials(tmp_path):
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 400}}
     path = _spec(tmp_path, base=base, seeds=[0, 1, 2])
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "benchmarks.cli", "sweep", str(path), "--out", str(out)]
+    command = [sys.executable, "-m", "mbxfer.benchmarks.cli", "sweep", str(path), "--out", str(out)]
     command += ["--workers", "1", "--no-progress"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     trials = sweep_spec.expand(sweep_spec.load_spec(path)).trials

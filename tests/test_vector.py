@@ -11,8 +11,7 @@ import time
 import dm_env
 import numpy as np
 import pytest
-
-from envs import base, registry, vector
+from mbxfer.envs import base, registry, vector
 
 
 def _alive(pid):
@@ -254,7 +253,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     script = textwrap.dedent(
         """
         import sys, time
-        from envs import registry, vector
+        from mbxfer.envs import registry, vector
         envs = vector.VectorEnv(registry.factory("grid"), 2, mode="process")
         envs.reset()
         print(" ".join(map(str, envs.worker_pids())), flush=True)

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from agents import replay as replay_lib
-from agents import world_model as wm
-from agents import world_model_losses
-from envs import toy
+from mbxfer.agents import replay as replay_lib
+from mbxfer.agents import world_model as wm
+from mbxfer.agents import world_model_losses
+from mbxfer.envs import toy
 
 BATCH, LENGTH = 8, 12
 SMALL = wm.WorldModelConfig(

@@ -4,8 +4,7 @@ import dm_env
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
-
-from envs import base, registry, toy, wrappers
+from mbxfer.envs import base, registry, toy, wrappers
 
 
 @pytest.mark.parametrize("name", ["grid", "point_mass_image", "crafter", "cartpole"])

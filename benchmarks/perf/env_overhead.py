@@ -1,7 +1,7 @@
 """Environment overhead: raw `crafter.Env` vs `envs.make("crafter")` vs the vector environment.
 
-    python -m benchmarks.perf.env_overhead --steps 3000 --rounds 3
-    python -m benchmarks.perf.env_overhead --families procgen,metaworld,robodesk --rounds 0
+    python -m mbxfer.benchmarks.perf.env_overhead --steps 3000 --rounds 3
+    python -m mbxfer.benchmarks.perf.env_overhead --families procgen,metaworld,robodesk --rounds 0
 
 `--families` adds rows per environment family (one run each, after the Crafter rounds): the
 raw library vs our environment, state and pixel observations, `fast` and `faithful` MuJoCo
@@ -83,7 +83,7 @@ def lockstep_bound(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _wrapped(steps: int, seed: int) -> float:
-    from envs import registry
+    from mbxfer.envs import registry
 
     env = registry.make("crafter", task="reward", seed=seed)
     env.reset()
@@ -95,7 +95,7 @@ def _wrapped(steps: int, seed: int) -> float:
 
 
 def _vector(steps: int, seed: int, workers: int) -> float:
-    from envs import registry, vector
+    from mbxfer.envs import registry, vector
 
     with vector.VectorEnv(registry.factory("crafter", task="reward"), workers, seed=seed) as envs:
         envs.reset()
@@ -121,7 +121,7 @@ def _rate(step, reset, steps: int) -> float:
 
 
 def _ours(name: str, steps: int, **keywords) -> float:
-    from envs import registry
+    from mbxfer.envs import registry
 
     env = registry.make(name, **keywords)
     rng = np.random.default_rng(0)
@@ -140,8 +140,7 @@ def _ours(name: str, steps: int, **keywords) -> float:
 
 def _procgen_rows(steps: int) -> tuple[dict, dict]:
     import envpool
-
-    from envs import registry, vector
+    from mbxfer.envs import registry, vector
 
     rows = {}
     for num_envs in (1, 8):
@@ -166,7 +165,7 @@ def _procgen_rows(steps: int) -> tuple[dict, dict]:
 
 
 def _metaworld_rows(steps: int) -> tuple[dict, dict]:
-    from envs import mujoco_render
+    from mbxfer.envs import mujoco_render
 
     mujoco_render.configure_headless()
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
@@ -203,7 +202,7 @@ def _metaworld_rows(steps: int) -> tuple[dict, dict]:
 
 
 def _robodesk_rows(steps: int) -> tuple[dict, dict]:
-    from envs import robodesk as ours  # Applies the Pillow alias RoboDesk 1.0.0 needs.
+    from mbxfer.envs import robodesk as ours  # Applies the Pillow alias RoboDesk 1.0.0 needs.
 
     ours._desk_class()
     import robodesk
@@ -308,7 +307,7 @@ def _divide(numerators: list, denominators: list) -> list:
 
 
 def _report_families(families, steps: int, machine: str, json_path) -> dict:
-    from envs import registry
+    from mbxfer.envs import registry
 
     rates, ratios = {}, {}
     print(f"machine: {machine}; environment families, one run each, steps/s")

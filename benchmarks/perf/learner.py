@@ -1,6 +1,6 @@
 """Learner throughput: mbxfer's Dreamer update vs the official DreamerV3, side by side.
 
-    python -m benchmarks.perf.learner --sizes debug,mid --steps 2 --rounds 5 --json learner.json
+    python -m mbxfer.benchmarks.perf.learner --sizes debug,mid --steps 2 --rounds 5 --json learner.json
 
 (~25 min on 2 cores, most of it DreamerV3; `--skip-reference` times ours only, `--breakdown`
 adds a per-part timing of our update.)
@@ -106,8 +106,8 @@ class ModelSize:
 
     def dreamer_config(self):
         """Our `DreamerConfig` at this size."""
-        from agents.dreamer import ActorCriticConfig, DreamerConfig
-        from agents.world_model import WorldModelConfig
+        from mbxfer.agents.dreamer import ActorCriticConfig, DreamerConfig
+        from mbxfer.agents.world_model import WorldModelConfig
 
         model = WorldModelConfig(
             deter=self.deter,
@@ -165,8 +165,7 @@ def environment_spec():
     """Crafter's spec as the runner builds it: 64x64x3 uint8 image, 17 discrete actions."""
     from acme import specs as acme_specs
     from dm_env import specs
-
-    from envs import base as env_base
+    from mbxfer.envs import base as env_base
 
     return acme_specs.EnvironmentSpec(
         observations={"image": env_base.image_spec(IMAGE_SIZE, IMAGE_SIZE)},
@@ -208,7 +207,7 @@ class OursRunner:
     def __init__(self, size: ModelSize, seed: int = 0):
         import jax
 
-        import agents
+        from mbxfer import agents
 
         self._jax = jax
         self.agent = agents.make("dreamer", environment_spec(), size.dreamer_config())
@@ -249,8 +248,7 @@ def breakdown(size: ModelSize, steps: int, seed: int = 0) -> dict[str, float]:
     """
     import jax
     import jax.numpy as jnp
-
-    from agents.world_model import make_world_model
+    from mbxfer.agents.world_model import make_world_model
 
     config = size.dreamer_config()
     spec = environment_spec()

@@ -1,6 +1,6 @@
 """Search throughput: our batched mctx search vs a classic per-node Python MCTS, same networks.
 
-    python -m benchmarks.perf.search --batch-sizes 1,64 --simulations 50 --rounds 3
+    python -m mbxfer.benchmarks.perf.search --batch-sizes 1,64 --simulations 50 --rounds 3
 
 Measured: simulations per second (batch x simulations / wall time of one search call, after
 compilation) of
@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from acme import specs as acme_specs
 from dm_env import specs
-
-from agents import muzero, muzero_search, networks
+from mbxfer.agents import muzero, muzero_search, networks
 
 NUM_ACTIONS = 17  # Crafter's action set.
 POLICIES = {"muzero": "muzero_policy", "gumbel": "gumbel_muzero_policy"}

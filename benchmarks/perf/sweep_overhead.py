@@ -1,6 +1,6 @@
 """Sweep overhead: N trivial trials through `sweep.run` vs the same trials in one loop.
 
-    python -m benchmarks.perf.sweep_overhead --trials 20 --workers 1
+    python -m mbxfer.benchmarks.perf.sweep_overhead --trials 20 --workers 1
 
 Both sides run the same 20 trials (random agent on the toy grid, a few hundred steps each)
 in the same invocation, into separate temporary folders: first a plain loop calling
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=1, help="sweep worker processes")
     args = parser.parse_args(argv)
 
-    from benchmarks import runner, sweep, sweep_spec
+    from mbxfer.benchmarks import runner, sweep, sweep_spec
 
     plan = sweep_spec.expand(_spec(args.trials, args.steps))
     with tempfile.TemporaryDirectory() as root:

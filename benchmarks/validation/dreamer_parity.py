@@ -1,6 +1,6 @@
 """Parity: our Dreamer vs the official DreamerV3 (PyPI `dreamerv3==1.5.0`) on our environments.
 
-    python -m benchmarks.validation.dreamer_parity --envs grid,cartpole,point_mass --seeds 5 \
+    python -m mbxfer.benchmarks.validation.dreamer_parity --envs grid,cartpole,point_mass --seeds 5 \
         --steps grid=3000,cartpole=10000,point_mass=10000 [--workers 1] [--out DIR]
 
 For each environment and seed, two trials at matched settings:
@@ -64,8 +64,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from benchmarks.validation.ppo_cartpole import iqm_with_ci
+from mbxfer.benchmarks.validation.ppo_cartpole import iqm_with_ci
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_TRAIN_SCRIPT = Path(__file__).with_name("dreamerv3_train_reference.py")
@@ -173,7 +172,7 @@ def reference_overrides() -> dict:
 
 def ensure_reference_python(venv: Path) -> Path:
     """The reference venv's python, with what importing our `envs` needs."""
-    from benchmarks.perf.learner import ensure_reference_venv
+    from mbxfer.benchmarks.perf.learner import ensure_reference_venv
 
     python = ensure_reference_venv(venv)
     if not (venv / _EXTRAS_COMPLETE).exists():
@@ -199,8 +198,8 @@ def _episodes_ours(folder: Path) -> list[tuple[int, float]]:
 
 
 def run_ours(env: str, seed: int, steps: int, eval_episodes: int, folder: Path) -> dict:
-    from benchmarks import config as config_lib
-    from benchmarks import runner
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import runner
 
     config = config_lib.build(
         config_lib.parse_overrides(ours_overrides(env, seed, steps, eval_episodes))
@@ -392,7 +391,7 @@ def parse_steps(text: str | None, envs: Sequence[str]) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    from benchmarks.perf.learner import DEFAULT_REFERENCE_VENV
+    from mbxfer.benchmarks.perf.learner import DEFAULT_REFERENCE_VENV
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", default="grid,cartpole,point_mass")

@@ -1,6 +1,6 @@
 """Validation: PPO on CartPole-v1 through the one loop, several seeds, IQM with a bootstrap CI.
 
-    python -m benchmarks.validation.ppo_cartpole [--seeds 5] [--steps 100000] [--workers 2]
+    python -m mbxfer.benchmarks.validation.ppo_cartpole [--seeds 5] [--steps 100000] [--workers 2]
 
 Each seed is an ordinary trial of `benchmarks.runner.run` (agent `ppo`, environment `cartpole`,
 CleanRL's PPO settings: 4 environments, 128-step rollouts, learning rate annealed over the
@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from benchmarks import config as config_lib
+from mbxfer.benchmarks import config as config_lib
 
 DEFAULT_OUT = Path("results/validation/ppo_cartpole")
 
@@ -65,7 +64,7 @@ def training_return(metrics_path: Path, steps: int, window: int) -> float:
 
 def run_seed(seed: int, steps: int, eval_episodes: int, window: int, out: Path) -> dict:
     """Train (or reload) one seed; its scores and wall time."""
-    from benchmarks import runner
+    from mbxfer.benchmarks import runner
 
     folder = Path(out) / f"seed-{seed}"
     finished_before = (folder / "done.json").exists()
