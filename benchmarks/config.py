@@ -33,7 +33,9 @@ class EnvConfig:
     name: str = "grid"
     """A name from `mbxfer envs` (the environment registry)."""
     task: Optional[str] = None
-    """The task whose reward is trained on; None is reward-free."""
+    """The task whose reward is trained on. Left out, it is the environment's registered
+    default task (`registry.register(..., task=...)`: `reward` for CartPole, Pendulum and
+    Meta-World); written as null (`--task none` on the command line), it is reward-free."""
     num_envs: int = 4
     """Environments stepped as one batch."""
     workers: bool = False
@@ -303,7 +305,20 @@ def build(updates: Mapping[str, Any] | None = None) -> TrialConfig:
     agent_config = _apply(agent_class, defaults.agent_config, agent_updates, "agent.", problems)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    env_updates = updates.get("env")
+    if not (isinstance(env_updates, Mapping) and "task" in env_updates):
+        config = dataclasses.replace(config, env=_with_default_task(config.env))
     return dataclasses.replace(config, agent_config=agent_config)
+
+
+def _with_default_task(env: EnvConfig) -> EnvConfig:
+    """`env` with the task its environment is registered with, when the user named none (an
+    unknown environment is left for the registry to refuse with its close names)."""
+    from mbxfer.envs import registry
+
+    found = registry.find(env.name)
+    task = found.defaults.get("task") if found is not None else None
+    return env if task is None else dataclasses.replace(env, task=task)
 
 
 def from_yaml(text: str) -> TrialConfig:

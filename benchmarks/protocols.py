@@ -151,8 +151,25 @@ def phases(config) -> list[Phase]:
     expanded = _expand(config)
     agent_config = with_module(config.agent_config, expanded, config.protocol)
     for phase in expanded:
-        agent_config_for(agent_config, phase, config.protocol)
+        _check_rewarded(config, phase, agent_config_for(agent_config, phase, config.protocol))
     return expanded
+
+
+def _check_rewarded(config, phase: Phase, agent_config: Any) -> None:
+    """Refuse a phase that would train a learning agent on reward 0: no task and no intrinsic
+    reward. (An agent without a reward mix, such as `random`, learns nothing from rewards, so a
+    reward-free phase only measures what it visits; that is allowed.)"""
+    exploration = getattr(agent_config, "exploration", None)
+    if phase.task is not None or phase.steps <= 0 or exploration is None:
+        return
+    if exploration.module != "none" and exploration.intrinsic_scale > 0:
+        return
+    raise ProtocolError(
+        f"phase {phase.name!r} has no task and no intrinsic reward, so {config.agent} would "
+        f"train on reward 0: set env.task (`mbxfer envs` lists {config.env.name}'s tasks) or "
+        "an intrinsic reward (agent.exploration.module=disagreement|rnd with "
+        "agent.exploration.intrinsic_scale > 0, or protocol.name=pretrain_finetune)"
+    )
 
 
 class _Budget(NamedTuple):

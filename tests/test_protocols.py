@@ -334,3 +334,35 @@ def test_carrying_muzeros_pretrained_policy_hurts_finetuning_on_the_grid(tmp_pat
             gains.append(done["transfer"]["final_gain"])
     print(f"muzero carry=all final gain per seed {gains}")
     assert len(gains) == 5 and np.mean(gains) < 0.0
+
+
+def test_an_environments_registered_task_is_the_default(tmp_path):
+    """`mbxfer run --env cartpole` without --task trains on CartPole's reward (registered as
+    its task), not on reward 0; `--task none` (null) is still reward-free."""
+    config = config_lib.build(config_lib.parse_overrides(["env.name=cartpole"]))
+    assert config.env.task == "reward"
+    explicit = config_lib.build(config_lib.parse_overrides(["env.name=cartpole", "env.task=null"]))
+    assert explicit.env.task is None
+    assert config_lib.from_yaml(config_lib.to_yaml(config)).env.task == "reward"
+    argv = ["run", "--agent", "random", "--env", "cartpole", "--steps", "120", "--out",
+            str(tmp_path / "t"), "--no-progress", "--set", "train.eval_episodes=2"]  # fmt: skip
+    assert cli.main(argv) == 0
+    episodes = [json.loads(line) for line in (tmp_path / "t" / "episodes.jsonl").open()]
+    assert episodes and all(e["return"] == e["length"] > 0 for e in episodes)
+
+
+def test_a_learning_agent_without_task_or_intrinsic_reward_is_refused(tmp_path, capsys):
+    argv = ["run", "--agent", "muzero", "--env", "grid", "--steps", "80", "--out",
+            str(tmp_path / "t"), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "no task and no intrinsic reward" in error and "env.task" in error
+    assert not (tmp_path / "t").exists()
+    # With an intrinsic reward the same reward-free run is a legitimate exploration run.
+    with_intrinsic = config_lib.build(
+        config_lib.parse_overrides(
+            ["agent.name=muzero", "env.name=grid", "agent.exploration.module=rnd",
+             "agent.exploration.intrinsic_scale=1.0"]  # fmt: skip
+        )
+    )
+    assert [p.task for p in protocols.phases(with_intrinsic)] == [None]
