@@ -11,10 +11,17 @@ Observations: `image` (uint8 `[size, size, 3]`), `log_task_rewards`, and `log_ac
 World generation is pure-Python opensimplex noise unless `numba` is installed, in which case
 opensimplex compiles itself and a reset takes ~0.08 s instead of ~1.1 s; the generated worlds
 are the same (tests/test_crafter.py checks it).
+
+Reproducibility: crafter keeps each chunk's creatures in a Python `set`, whose order follows
+memory addresses, and picks the creature to despawn by index into it, so the same seed and
+actions gave different episodes in different processes. `_ordered_chunks` gives every world
+insertion-ordered chunks (the same creatures, a fixed order), which makes an episode a
+function of the seed and the actions (tests/test_crafter.py runs it in two processes).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 from typing import Mapping, Sequence
@@ -33,6 +40,30 @@ ACHIEVEMENTS = (
     "place_plant", "place_stone", "place_table", "wake_up",
 )  # fmt: skip
 TASKS = ("reward",) + ACHIEVEMENTS
+
+
+class _OrderedSet(dict):
+    """The part of `set` crafter's chunks use (add, remove, len, iteration), in insertion
+    order."""
+
+    def add(self, item) -> None:
+        self[item] = None
+
+    def remove(self, item) -> None:
+        del self[item]
+
+
+def _ordered_chunks(world) -> None:
+    """Make `world.reset` (which crafter's `Env.reset` calls before generating the world)
+    keep chunks as `_OrderedSet`s."""
+    reset = world.reset
+
+    def ordered_reset(*args, **kwargs):
+        reset(*args, **kwargs)
+        world._chunks = collections.defaultdict(_OrderedSet)
+
+    world.reset = ordered_reset
+    world._chunks = collections.defaultdict(_OrderedSet)
 
 
 class Crafter(base.Environment):
@@ -69,6 +100,7 @@ class Crafter(base.Environment):
 
     def seed(self, seed: int) -> None:
         self._env = self._make(seed)
+        _ordered_chunks(self._env._world)
         self._needs_reset = True
 
     def reset(self) -> dm_env.TimeStep:
