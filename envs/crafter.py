@@ -15,8 +15,6 @@ are the same (tests/test_crafter.py checks it).
 
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Mapping, Sequence
 
 import dm_env
@@ -38,6 +36,8 @@ TASKS = ("reward",) + ACHIEVEMENTS
 class Crafter(base.Environment):
     """Crafter with image observations, 17 discrete actions and 23 tasks."""
 
+    TASKS = TASKS
+
     def __init__(
         self,
         size: int = 64,
@@ -46,9 +46,11 @@ class Crafter(base.Environment):
         length: int = 10000,
         seed: int = 0,
     ):
+        from mbxfer.envs import optional
+
         # crafter imports the legacy `gym` when it is installed (RoboDesk pulls it in), which
         # prints an "unmaintained" notice; crafter uses nothing of it here.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with optional.without_gym_notice():
             import crafter
 
         if tuple(crafter.constants.achievements) != ACHIEVEMENTS:
