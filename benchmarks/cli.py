@@ -56,16 +56,51 @@ def random_rollout(
 
 
 def _cmd_envs(args) -> int:
+    """Each environment's keywords (defaults, allowed values), tasks and missing dependencies,
+    read from the registry without building a simulator (`registry.describe`)."""
+    import textwrap
+
     from mbxfer.envs import registry
 
+    def show(label: str, text: str) -> None:
+        indent = " " * 12
+        wrapped = textwrap.wrap(
+            text,
+            100,
+            break_on_hyphens=False,
+            initial_indent=f"  {label:10s}",
+            subsequent_indent=indent,
+        )
+        print("\n".join(wrapped))
+
+    print(
+        "Environments for `mbxfer run --env NAME`; their keywords go in env.kwargs, shown as "
+        "name=default.\nEvery environment also takes: " + ", ".join(registry.GENERIC_KEYWORDS)
+        + ".\n"
+    )  # fmt: skip
     for name in registry.names():
-        try:
-            env = registry.make(name)
-            tasks = ", ".join(env.tasks)
-            env.close()
-        except ImportError as error:
-            tasks = f"(unavailable: {error})"
-        print(f"{name:20s} tasks: {tasks}")
+        # Built only if it declares no tasks (a plugin's choice), and then for at most 5 s.
+        about = registry.describe(name, build_timeout=5.0)
+        print(name + (f"  [not installed: {about.install}]" if about.missing else ""))
+        if about.tasks is not None:
+            marked = [f"{t} (default)" if t == about.default_task else t for t in about.tasks]
+            show("tasks:", ", ".join(marked))
+        if about.note:
+            show("note:", about.note)
+        plain = [k for k in about.keywords if not k.choices]
+        texts = [
+            k.name if k.default is registry.REQUIRED else f"{k.name}={k.default!r}" for k in plain
+        ]
+        if about.any_keyword:
+            texts.append("and any other keyword (passed to its factory)")
+        label = "keywords:"
+        for item in (k for k in about.keywords if k.choices):
+            show(
+                label, f"{item.name}={item.default!r}, one of: {', '.join(map(str, item.choices))}"
+            )
+            label = ""
+        if texts:
+            show(label, ", ".join(texts))
     return 0
 
 

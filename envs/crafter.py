@@ -22,8 +22,6 @@ function of the seed and the actions (tests/test_crafter.py runs it in two proce
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 from typing import Mapping, Sequence
 
 import dm_env
@@ -69,6 +67,8 @@ def _ordered_chunks(world) -> None:
 class Crafter(base.Environment):
     """Crafter with image observations, 17 discrete actions and 23 tasks."""
 
+    TASKS = TASKS
+
     def __init__(
         self,
         size: int = 64,
@@ -77,9 +77,11 @@ class Crafter(base.Environment):
         length: int = 10000,
         seed: int = 0,
     ):
+        from mbxfer.envs import optional
+
         # crafter imports the legacy `gym` when it is installed (RoboDesk pulls it in), which
         # prints an "unmaintained" notice; crafter uses nothing of it here.
-        with contextlib.redirect_stderr(io.StringIO()):
+        with optional.without_gym_notice():
             import crafter
 
         if tuple(crafter.constants.achievements) != ACHIEVEMENTS:

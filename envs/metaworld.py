@@ -113,6 +113,14 @@ def _choice(name: str, value: str, allowed) -> str:
 class MetaWorld(base.Environment):
     """One Meta-World scene; 4-D actions in [-1, 1] (end-effector xyz delta, gripper)."""
 
+    TASKS = TASKS
+    CHOICES = {
+        "scene": SCENES,
+        "observation": OBSERVATIONS,
+        "goals": GOALS,
+        "render": mujoco_render.RENDER_MODES,
+    }
+
     def __init__(
         self,
         scene: str = "reach",

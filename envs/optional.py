@@ -4,12 +4,17 @@ Family modules (`envs.procgen`, `envs.metaworld`, `envs.robodesk`) keep their da
 task sets, normalization constants) importable without the simulator; they call `require` when an
 environment is built, so a missing package fails there with `registry.MissingDependencyError`
 naming the mbxfer extra that installs it.
+
+`without_gym_notice()` imports packages built on the legacy `gym` (Crafter, RoboDesk) without
+the "unmaintained" notice gym prints on its first import.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
+from typing import Iterator
 
 from mbxfer.envs import registry
 
@@ -29,3 +34,24 @@ def require(module: str, extra: str, env_name: str, system_hint: str = "") -> Mo
         raise registry.MissingDependencyError(
             f"environment {env_name!r}: importing {module!r} failed: {error}.{hint}"
         ) from error
+
+
+@contextlib.contextmanager
+def without_gym_notice() -> Iterator[None]:
+    """Within: importing the legacy `gym` skips its "Gym has been unmaintained" notice.
+
+    gym prints `gym_notices.notices.notices[gym.__version__]` to stderr when first imported;
+    the table is empty while inside, so that one print finds nothing. Every other output and
+    warning of the import is kept (redirecting stderr would swallow them too).
+    """
+    try:
+        import gym_notices.notices as table
+    except ImportError:  # gym prints nothing without it.
+        yield
+        return
+    saved = table.notices
+    table.notices = {}
+    try:
+        yield
+    finally:
+        table.notices = saved

@@ -285,6 +285,9 @@ class ProcgenBatch:
 class Procgen(base.Environment):
     """One Procgen game (an envpool batch of one) as an mbxfer environment."""
 
+    TASKS = TASKS
+    CHOICES = {"game": GAMES, "distribution_mode": DISTRIBUTION_MODES}
+
     def __init__(
         self,
         game: str = "coinrun",

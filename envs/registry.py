@@ -13,6 +13,15 @@ otherwise applied as wrappers (see `envs.wrappers`). The task wrapper is always 
     from mbxfer.envs import registry
     registry.register("my_env", "my_package.envs:make_env", difficulty=2)
     env = registry.make("my_env", task="reward", seed=3)
+
+`describe(name)` says what an environment accepts without building it (what `mbxfer envs`
+lists): the keywords of its factory's signature, and what its entry point declares as
+attributes, `TASKS` (a tuple of task names, or a function of the keywords that returns one)
+and `CHOICES` (keyword -> its allowed values), plus the modules `register(..., requires=...)`
+names. An entry point that declares no `TASKS` is built once to read them, time-boxed.
+
+Subprocess workers (`envs.vector`) load the plugins before they build an environment, so a
+plugin's `register_all()` side effects (a gymnasium id it registers, say) exist there too.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import dataclasses
 import difflib
 import importlib
 import importlib.metadata
+import importlib.util
 import inspect
 import threading
 import warnings
@@ -72,6 +82,9 @@ class EnvEntry:
     large steps), few where it is not."""
     scorer: Scorer = RETURN
     """The family's score key and episode summaries (`envs.scoring`)."""
+    requires: tuple[str, ...] = ()
+    """Top-level modules the environment imports when built (its optional dependencies),
+    checked by `describe` without importing them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +100,9 @@ class EnvFactory:
     overrides: Mapping[str, Any]
 
     def __call__(self, **more: Any) -> dm_env.Environment:
+        # In a fresh worker process nothing has run the plugins yet; a plugin's entry may
+        # depend on what its `register_all()` did (a gymnasium id it registered, say).
+        _load_plugins()
         return _build(self.entry, {**self.overrides, **more})
 
     @property
@@ -106,11 +122,13 @@ def register(
     *,
     eval_episodes: int = 4,
     scorer: Scorer = RETURN,
+    requires: tuple[str, ...] = (),
     **defaults: Any,
 ) -> None:
     """Register `name`; `entry_point` is `'module:function'` or a callable; `defaults` are
     keywords for it. `eval_episodes` is how many episodes an evaluation plays by default;
-    `scorer` is how its episodes are scored (`envs.scoring.Scorer`; default: the return)."""
+    `scorer` is how its episodes are scored (`envs.scoring.Scorer`; default: the return);
+    `requires` names the optional top-level modules it needs (listed by `mbxfer envs`)."""
     if isinstance(entry_point, str) and entry_point.count(":") != 1:
         raise ValueError(
             f"entry point {entry_point!r} for {name!r} must look like 'package.module:function'"
@@ -119,7 +137,9 @@ def register(
         warnings.warn(
             f"environment {name!r} is registered again; the new entry replaces it", stacklevel=2
         )
-    _REGISTRY[name] = EnvEntry(name, entry_point, dict(defaults), eval_episodes, scorer)
+    _REGISTRY[name] = EnvEntry(
+        name, entry_point, dict(defaults), eval_episodes, scorer, tuple(requires)
+    )
 
 
 def names() -> list[str]:
@@ -243,6 +263,109 @@ def _resolve(found: EnvEntry) -> Callable[..., dm_env.Environment]:
         ) from None
 
 
+# -- describing without building ----------------------------------------------------------------
+REQUIRED = inspect.Parameter.empty
+"""The default of a keyword the factory cannot do without."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyword:
+    """One keyword an environment's factory accepts, with the value it gets unless overridden."""
+
+    name: str
+    default: Any = REQUIRED
+    choices: tuple = ()
+    """The allowed values, when the entry point declares them (`CHOICES`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """What `mbxfer envs` shows of one environment; `describe` builds it without a simulator."""
+
+    name: str
+    keywords: tuple[Keyword, ...]
+    any_keyword: bool
+    """The factory takes `**keywords`: any further keyword reaches it."""
+    tasks: tuple[str, ...] | None
+    """None when the entry point declares no `TASKS` and building it failed or took too long."""
+    default_task: str | None
+    note: str = ""
+    """Why something is unknown (the entry point failed to import, building it timed out)."""
+    missing: tuple[str, ...] = ()
+    """Modules of the entry's `requires` that are not installed."""
+
+    @property
+    def install(self) -> str:
+        """The command that installs the missing modules ('' when nothing is missing)."""
+        extras = sorted(
+            {OPTIONAL_DEPENDENCIES[m] for m in self.missing if m in OPTIONAL_DEPENDENCIES}
+        )
+        others = [m for m in self.missing if m not in OPTIONAL_DEPENDENCIES]
+        commands = [f"pip install 'mbxfer[{','.join(extras)}]'"] if extras else []
+        if others:
+            commands.append(f"pip install {' '.join(others)}")
+        return "; ".join(commands)
+
+
+def describe(name: str, build_timeout: float = 0.0) -> Description:
+    """What environment `name` accepts and its tasks, read from its entry point's signature
+    and declared `TASKS`/`CHOICES` without building it. Only when `TASKS` is not declared and
+    `build_timeout > 0` is it built (in a thread, waited on for at most that many seconds)."""
+    found = entry(name)
+    missing = tuple(m for m in found.requires if importlib.util.find_spec(m) is None)
+    default_task = found.defaults.get("task")
+    try:
+        factory = _resolve(found)
+    except Exception as error:  # A plugin whose module imports a missing package, say.
+        note = str(error) if isinstance(error, ImportError) else f"{type(error).__name__}: {error}"
+        return Description(name, (), False, None, default_task, note, missing)
+    choices = dict(getattr(factory, "CHOICES", {}))
+    keywords, any_keyword = [], False
+    for parameter in inspect.signature(factory).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            any_keyword = True
+            continue
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            continue
+        default = found.defaults.get(parameter.name, parameter.default)
+        keywords.append(Keyword(parameter.name, default, tuple(choices.get(parameter.name, ()))))
+    own = {k: v for k, v in found.defaults.items() if k not in GENERIC_KEYWORDS}
+    known = {keyword.name for keyword in keywords}
+    keywords += [Keyword(k, v) for k, v in own.items() if k not in known]  # Via **keywords.
+    declared = getattr(factory, "TASKS", None)
+    note = ""
+    if callable(declared):
+        tasks = tuple(declared(own))
+    elif declared is not None:
+        tasks = tuple(declared)
+    elif build_timeout > 0:
+        tasks, note = _tasks_by_building(found, build_timeout)
+    else:
+        tasks, note = None, "tasks not declared (TASKS on the entry point)"
+    return Description(name, tuple(keywords), any_keyword, tasks, default_task, note, missing)
+
+
+def _tasks_by_building(found: EnvEntry, timeout: float) -> tuple[tuple[str, ...] | None, str]:
+    """The tasks of one built instance, or None and why; a daemon thread, so a simulator that
+    hangs delays the caller by `timeout` seconds and not its exit."""
+    result: dict[str, Any] = {}
+
+    def build() -> None:
+        try:
+            env = _build(found, {})
+            result["tasks"] = tuple(env.tasks)
+            env.close()
+        except Exception as error:  # Reported as the reason the tasks are unknown.
+            result["error"] = f"building it failed: {type(error).__name__}: {error}"
+
+    thread = threading.Thread(target=build, name=f"describe {found.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if "tasks" in result:
+        return result["tasks"], ""
+    return None, result.get("error", f"tasks not declared, and building it took over {timeout:g} s")
+
+
 def _load_plugins() -> None:
     global _PLUGINS_LOADED
     with _LOCK:
@@ -280,10 +403,20 @@ register(
     "procgen",
     "mbxfer.envs.procgen:Procgen",
     scorer=Scorer("normalized_return", "mbxfer.envs.procgen:summarize"),
+    requires=("envpool",),
     task="reward",
 )
 # Success of the selected task (`log_success`, see envs/base.py) is what they are scored by.
 register(
-    "metaworld", "mbxfer.envs.metaworld:MetaWorld", scorer=Scorer("success_rate"), task="reward"
+    "metaworld",
+    "mbxfer.envs.metaworld:MetaWorld",
+    scorer=Scorer("success_rate"),
+    requires=("metaworld", "mujoco"),
+    task="reward",
 )
-register("robodesk", "mbxfer.envs.robodesk:RoboDesk", scorer=Scorer("success_rate"))
+register(
+    "robodesk",
+    "mbxfer.envs.robodesk:RoboDesk",
+    scorer=Scorer("success_rate"),
+    requires=("robodesk", "dm_control", "mujoco"),
+)

@@ -35,9 +35,6 @@ the alias `Image.LANCZOS` (the same filter) if it is missing.
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import dm_env
 import numpy as np
 from dm_env import specs
@@ -66,7 +63,7 @@ def _desk_class():
     if not hasattr(PIL.Image, "ANTIALIAS"):  # Removed in Pillow 10; RoboDesk 1.0.0 uses it.
         PIL.Image.ANTIALIAS = PIL.Image.LANCZOS
     # Legacy gym prints an "unmaintained" notice on import; RoboDesk only uses gym.Env/spaces.
-    with contextlib.redirect_stderr(io.StringIO()):
+    with optional.without_gym_notice():
         robodesk = optional.require("robodesk", "robodesk", "robodesk")
 
     class Desk(robodesk.RoboDesk):
@@ -78,6 +75,9 @@ def _desk_class():
 
 class RoboDesk(base.Environment):
     """The RoboDesk scene with all 9 core tasks; 5-D actions in [-1, 1]."""
+
+    TASKS = TASKS
+    CHOICES = {"reward": REWARDS, "observation": OBSERVATIONS, "render": mujoco_render.RENDER_MODES}
 
     def __init__(
         self,

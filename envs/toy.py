@@ -73,6 +73,9 @@ class _ToyEnvironment(base.Environment):
 class GridWorld(_ToyEnvironment):
     """A `size` x `size` grid, `num_items` items, 5 discrete actions."""
 
+    TASKS = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
+    CHOICES = {"observation": _OBSERVATION_MODES, "start": ("random", "center")}
+
     def __init__(
         self,
         size: int = 7,
@@ -99,8 +102,7 @@ class GridWorld(_ToyEnvironment):
         self._corners = np.array([[0, 0], [0, s], [s, 0], [s, s]])
         self._vector_size = 2 * size * size
         self._position_dtype = np.int32
-        tasks = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
-        super().__init__(observation, image_size, tasks, seed)
+        super().__init__(observation, image_size, self.TASKS, seed)
 
     def reset(self) -> dm_env.TimeStep:
         cells = self._rng.permutation(self._size * self._size)[: self._num_items + 1]
@@ -162,6 +164,9 @@ class GridWorld(_ToyEnvironment):
 class PointMass(_ToyEnvironment):
     """A point in [-1, 1]^2 with velocity; the action is a force in [-1, 1]^2."""
 
+    TASKS = tuple(f"reach_{c}" for c in _CORNERS)
+    CHOICES = {"observation": _OBSERVATION_MODES}
+
     def __init__(
         self,
         length: int = 100,
@@ -177,7 +182,7 @@ class PointMass(_ToyEnvironment):
         self._goals = np.array([[-0.8, -0.8], [-0.8, 0.8], [0.8, -0.8], [0.8, 0.8]], np.float32)
         self._vector_size = 4
         self._position_dtype = np.float32
-        super().__init__(observation, image_size, tuple(f"reach_{c}" for c in _CORNERS), seed)
+        super().__init__(observation, image_size, self.TASKS, seed)
 
     def reset(self) -> dm_env.TimeStep:
         self._position = self._rng.uniform(-0.3, 0.3, 2).astype(np.float32)

@@ -19,6 +19,11 @@ differs from its spec is an error; its dtype is cast to the spec's (`same_kind` 
 A worker resets its environment as soon as it has sent a LAST step (the next call resets it
 anyway), so the reset overlaps the parent's work between calls.
 
+A worker whose environment fails to build raises `EnvironmentBuildError` in the parent: one
+line naming the environment and the worker's exception, and how to see the full traceback
+(also kept on the error as `worker_traceback`). Workers load the `mbxfer.envs` plugins before
+building (`registry.EnvFactory`), so plugin environments work in them as in the parent.
+
 A worker that dies (killed, segfault, out of memory) is detected on the next call, restarted
 with a warning, and the episode it was in ends as truncated (LAST, reward 0, discount 1, its
 last observation repeated). `close()` (also on garbage collection and at interpreter exit)
@@ -56,6 +61,30 @@ class WorkerCrashedWarning(RuntimeWarning):
 
 class WorkerError(RuntimeError):
     """An environment raised inside a worker; carries the worker's traceback."""
+
+
+class EnvironmentBuildError(WorkerError, base.ConfigurationError):
+    """Building the environment failed in its worker (a missing package, a bad keyword or an
+    id a plugin did not register): the message is the worker's exception in one line."""
+
+    def __init__(self, message: str, worker_traceback: str):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
+def _one_line(error: BaseException) -> str:
+    """`Type: message`, on one line: what the parent shows of a worker's exception."""
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _factory_name(factory) -> str:
+    """The registered name of an `EnvFactory`, else the callable's own name."""
+    entry = getattr(factory, "entry", None)
+    name = getattr(entry, "name", None) or getattr(factory, "__qualname__", None)
+    return repr(name) if name else repr(factory)
 
 
 def stack(timesteps: list[dm_env.TimeStep]) -> dm_env.TimeStep:
@@ -177,8 +206,8 @@ def _worker(connection, factory, seed: int, environment_variables: dict) -> None
     os.environ.update(environment_variables)
     try:
         env = factory(seed=seed)
-    except Exception:  # Report construction errors instead of dying silently.
-        _send(connection, ("error", traceback.format_exc()))
+    except Exception as error:  # Report construction errors instead of dying silently.
+        _send(connection, ("build_error", (_one_line(error), traceback.format_exc())))
         connection.close()
         return
     memory, rows = None, {}
@@ -251,8 +280,14 @@ class _Process:
     def wait_ready(self) -> None:
         """Wait until the environment is built (and attached to the block, on a restart)."""
         status, payload = _receive(self.connection)
-        if status == "error":
-            raise WorkerError(f"building the environment failed in its worker:\n{payload}")
+        if status == "build_error":
+            summary, worker_traceback = payload
+            raise EnvironmentBuildError(
+                f"environment {_factory_name(self._factory)} could not be built in its worker "
+                f"process: {summary}\nFor the full traceback, build it in this process "
+                "(env.workers=false, or VectorEnv(mode='inline')).",
+                worker_traceback,
+            )
         if self.attachment is not None:
             self.send("attach", self.attachment)
             self.receive()

@@ -132,3 +132,45 @@ def test_the_same_seed_and_actions_give_the_same_episode_in_every_process():
         for _ in range(3)
     }
     assert len(digests) == 1
+
+
+def _fresh_python(code):
+    """stderr of `code` in a new interpreter (nothing imported yet, so gym's first import)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        check=True,
+    ).stderr
+
+
+def test_building_crafter_prints_nothing_to_stderr():
+    stderr = _fresh_python(
+        """
+        import sys
+        from mbxfer.envs import crafter
+        crafter.Crafter()
+        assert "gym" in sys.modules  # The legacy gym was imported: its notice was skipped.
+        """
+    )
+    assert stderr == ""
+
+
+def test_only_the_gym_notice_is_silenced():
+    stderr = _fresh_python(
+        """
+        import sys, warnings
+        import gym_notices.notices
+        from mbxfer.envs import optional
+        table = gym_notices.notices.notices
+        with optional.without_gym_notice():
+            print("other output", file=sys.stderr)
+            warnings.warn("another warning")
+            import gym
+        assert gym_notices.notices.notices is table and table  # Restored.
+        """
+    )
+    assert "other output" in stderr and "another warning" in stderr
+    assert "unmaintained" not in stderr

@@ -283,3 +283,18 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
 def test_construction_error_is_reported():
     with pytest.raises(vector.WorkerError, match="size=1 must be at least 3"):
         vector.VectorEnv(registry.factory("grid", size=1), 1, mode="process")
+
+
+def test_a_construction_error_is_a_short_message_naming_the_environment(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register(
+        "test_no_such_gym_id", "mbxfer.envs.wrappers:from_gymnasium", gym_id="MbxferNoSuch-v0"
+    )
+    with pytest.raises(vector.EnvironmentBuildError) as raised:
+        vector.VectorEnv(registry.factory("test_no_such_gym_id"), 2, mode="process")
+    message = str(raised.value)
+    assert len(message.splitlines()) <= 3 and "Traceback" not in message
+    assert "'test_no_such_gym_id'" in message and "NameNotFound" in message
+    assert "mode='inline'" in message  # How to see the whole traceback.
+    assert "Traceback" in raised.value.worker_traceback
+    assert isinstance(raised.value, base.ConfigurationError)  # The CLI prints it in one line.
