@@ -243,6 +243,7 @@ def _cmd_report(args) -> int:
     from mbxfer.benchmarks import report
 
     argv = ["mbxfer", "report", args.results] + (["--out", args.out] if args.out else [])
+    argv += ["--formats", args.formats] if args.formats != "png,pdf" else []
     path = report.write(
         Path(args.results),
         Path(args.out) if args.out else None,
@@ -250,6 +251,7 @@ def _cmd_report(args) -> int:
         reps=args.reps,
         curve_reps=args.curve_reps,
         seed=args.seed,
+        formats=args.formats,
     )
     print(f"wrote {path}")
     return 0
@@ -432,6 +434,12 @@ def _add_report(commands) -> None:
         help="bootstrap resamples per point of learning curves and performance profiles",
     )
     report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    report.add_argument(
+        "--formats",
+        default="png,pdf",
+        help="comma-separated figure formats among png, pdf, svg (default png,pdf); "
+        "report.md shows the PNGs",
+    )
 
 
 def _add_listings(commands) -> None:

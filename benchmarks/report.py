@@ -1,6 +1,7 @@
 """Reports from trial folders alone: tables, CSV files and plots of rliable statistics.
 
     mbxfer report results/quickstart            -> results/quickstart/report.md, *.csv, plots/
+    mbxfer report results/quickstart --formats png,pdf,svg    (figure formats; default png,pdf)
 
 `benchmarks/results.py` reads the trial folders (which trial, which group, which score),
 `benchmarks/stats.py` computes the statistics and `benchmarks/plots.py` draws them; this module
@@ -19,7 +20,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import plots, stats
@@ -82,6 +83,41 @@ def improvement_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     return pairs
 
 
+def figure_formats(formats: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """`"png,pdf"` (or a sequence of names) as a tuple of known figure formats, in order and
+    without repeats; an unknown or empty one is bad input."""
+    names = formats.split(",") if isinstance(formats, str) else list(formats)
+    names = [name.strip().lower().lstrip(".") for name in names if name.strip()]
+    unknown = [name for name in names if name not in plots.FORMATS]
+    if unknown or not names:
+        raise ReportError(
+            f"unknown figure format(s) {', '.join(unknown) or '(none given)'} in --formats; "
+            f"give a comma-separated list of {', '.join(plots.FORMATS)} (default png,pdf)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Figures:
+    """Where and how the report writes its figures."""
+
+    out: Path
+    formats: tuple[str, ...]
+
+    def add(self, figure, name: str, caption: str) -> list[str]:
+        """Write `figure` as plots/`name`.<format> for each format; the markdown lines that
+        show it (an image of the PNG, else the SVG, else a link to the PDF) and the caption."""
+        paths = {
+            p.suffix[1:]: p for p in plots.save(figure, self.out / "plots" / name, self.formats)
+        }
+        shown = next((paths[f] for f in ("png", "svg") if f in paths), None)
+        if shown is not None:
+            line = f"![{caption.split(':')[0]}]({_link(shown, self.out)})"
+        else:
+            line = f"[{name}.pdf]({_link(paths['pdf'], self.out)})"
+        return ["", line, "", f"*{caption}*"]
+
+
 def write(
     results: Path,
     out: Optional[Path] = None,
@@ -89,8 +125,11 @@ def write(
     reps: int = 5000,
     curve_reps: int = 1000,
     seed: int = 0,
+    formats: Union[str, Sequence[str]] = plots.DEFAULT_FORMATS,
 ) -> Path:
-    """Read every trial below `results`; write `report.md`, CSV files and plots to `out`."""
+    """Read every trial below `results`; write `report.md`, CSV files and plots to `out`, each
+    figure once per format of `formats` (`figure_formats`)."""
+    formats = figure_formats(formats)
     results = Path(results)
     out = Path(out) if out is not None else results
     if not results.is_dir():
@@ -101,11 +140,12 @@ def write(
         raise ReportError(f"no trial folders (*/config.yaml) below {results}")
     (out / "plots").mkdir(parents=True, exist_ok=True)
     findings = analyse(trials, reps, curve_reps, seed, notes)
-    md = _header(findings, results, command, reps, seed)
-    md += _final_scores_section(findings, out, curve_reps, seed)
-    md += _improvement_section(findings.pairs)
-    md += _transfer_section(findings.transfer, out)
-    md += _achievements_section(findings.achievements, out)
+    figures = _Figures(out, formats)
+    md = _header(findings, results, command, reps, seed, formats)
+    md += _final_scores_section(findings, figures, curve_reps, seed)
+    md += _improvement_section(findings.pairs, figures)
+    md += _transfer_section(findings.transfer, figures)
+    md += _achievements_section(findings.achievements, figures)
     md += _unfinished_section(trials, out)
     md += _videos_section(trials, out)
     if notes:
@@ -137,7 +177,12 @@ def analyse(
 
 
 def _header(
-    findings: Findings, results: Path, command: Optional[str], reps: int, seed: int
+    findings: Findings,
+    results: Path,
+    command: Optional[str],
+    reps: int,
+    seed: int,
+    formats: Sequence[str],
 ) -> list[str]:
     trials = findings.trials
     finished = sum(t.done is not None for t in trials)
@@ -154,6 +199,18 @@ def _header(
         "score of every training episode of the last phase. IQM = interquartile mean over seeds; "
         f"brackets are stratified bootstrap 95% CIs (rliable, {reps} resamples, seed {seed}). "
         "Budgets are environment steps per phase.",
+        "",
+        "Figures (in `plots/`, each as "
+        + ", ".join(f.upper() for f in formats)
+        + "): per panel, rliable's interval estimates (median, IQM, mean and optimality gap "
+        "with 95% CIs, as Agarwal et al. 2021 Fig. 1), the performance profile and learning "
+        "curves; probability of improvement per compared pair. A performance profile of more "
+        f"than {plots.MAX_PROFILE_GROUPS} groups is split into one figure per agent family "
+        "(that agent under every protocol and variant, its scratch baseline in each of its "
+        "figures; small families share one), all on the panel's τ axis and colours. The "
+        "median is over runs (with one task per panel, rliable's median of task means would "
+        "be the mean); the optimality gap is the shortfall from γ, 1 for normalized scores "
+        "and otherwise the panel's best run. `scores.csv` holds every plotted number.",
         "",
         "Evaluation modes: every evaluation plays the same episodes (start states seeded by "
         "the trial's seed, the evaluation set and the step count, so twins see the same ones) "
@@ -175,9 +232,11 @@ def _panels(rows: list[Row]) -> dict[tuple[str, str, str], list[Row]]:
     return panels
 
 
-def _final_scores_section(findings: Findings, out: Path, curve_reps: int, seed: int) -> list[str]:
-    """A table, a performance profile and learning curves per panel; curves alone for
-    panels with no finished trial yet."""
+def _final_scores_section(
+    findings: Findings, figures: _Figures, curve_reps: int, seed: int
+) -> list[str]:
+    """A table, interval estimates, performance profiles and learning curves per panel;
+    curves alone for panels with no finished trial yet."""
     md: list[str] = []
     panels = _panels(findings.rows)
     for panel_key, panel_rows in panels.items():
@@ -194,22 +253,52 @@ def _final_scores_section(findings: Findings, out: Path, curve_reps: int, seed: 
                 f"| {row.protocol} | {row.agent} | {len(row.seeds)} | {row.budget} | "
                 f"{_ci(row.iqm)} | {_ci(row.mean)} |"
             )
-        profile = out / "plots" / f"profile_{_slug(env, task, eval_set)}.png"
-        plots.plot_profile(panel_rows, profile, curve_reps, seed)
-        md += ["", f"![performance profile]({_link(profile, out)})"]
+        slug = _slug(env, task, eval_set)
+        colors = plots.group_colors([row.name for row in panel_rows])
+        md += figures.add(
+            plots.plot_intervals(panel_rows, colors),
+            f"intervals_{slug}",
+            "Interval estimates: median, IQM, mean and optimality gap (lower is better; "
+            f"γ = {panel_rows[0].gamma:.3g}) of the final scores per group; bars are 95% "
+            "stratified bootstrap CIs, ticks the point estimates.",
+        )
+        taus, curves, cis = plots.profiles(panel_rows, curve_reps, seed)
+        parts = plots.profile_parts(panel_rows)
+        for part, part_rows in parts:
+            figure = plots.plot_profile(part_rows, taus, curves, cis, colors, part)
+            which = f" ({part}; one of {len(parts)} figures on one τ axis)" if part else ""
+            md += figures.add(
+                figure,
+                f"profile_{slug}_{_slug(part)}" if part else f"profile_{slug}",
+                f"Performance profile{which}: the fraction of runs scoring above each "
+                "threshold τ, with 95% CI bands; a curve lying above another everywhere "
+                "dominates it.",
+            )
         if panel_key in findings.curves:
-            path = out / "plots" / f"curves_{_slug(env, task, eval_set)}.png"
-            plots.plot_curves(panel_key, findings.curves[panel_key], path)
-            md += [f"![learning curves]({_link(path, out)})"]
+            md += figures.add(
+                plots.plot_curves(panel_key, findings.curves[panel_key]),
+                f"curves_{slug}",
+                _curves_caption(""),
+            )
     for panel_key, panel in findings.curves.items():
         if panel_key not in panels:  # Unfinished groups: curves only.
-            path = out / "plots" / f"curves_{_slug(*panel_key)}.png"
-            plots.plot_curves(panel_key, panel, path)
-            md += ["", f"Learning curves (no finished trial yet): ![curves]({_link(path, out)})"]
+            md += ["", f"### {' / '.join(panel_key[:2])} — eval set `{panel_key[2]}`"]
+            md += figures.add(
+                plots.plot_curves(panel_key, panel),
+                f"curves_{_slug(*panel_key)}",
+                _curves_caption(" (no finished trial yet)"),
+            )
     return md
 
 
-def _improvement_section(pairs: list[tuple[Row, Row, tuple]]) -> list[str]:
+def _curves_caption(note: str) -> str:
+    return (
+        f"Learning curves{note}: IQM of the evaluation score over env steps of each phase, 95% "
+        "CI bands, every evaluation written so far (unfinished trials included)."
+    )
+
+
+def _improvement_section(pairs: list[tuple[Row, Row, tuple]], figures: _Figures) -> list[str]:
     if not pairs:
         return []
     md = [
@@ -224,14 +313,22 @@ def _improvement_section(pairs: list[tuple[Row, Row, tuple]]) -> list[str]:
     ]
     for x, y, value in pairs:
         md.append(f"| {x.env} / {x.task} | {x.eval_set} | {x.name} | {y.name} | {_ci(value)} |")
+    by_panel: dict[tuple, list] = {}
+    for pair in pairs:
+        by_panel.setdefault((pair[0].env, pair[0].task, pair[0].eval_set), []).append(pair)
+    for panel_key, panel_pairs in by_panel.items():
+        md += figures.add(
+            plots.plot_improvement(panel_pairs),
+            f"improvement_{_slug(*panel_key)}",
+            f"Probability of improvement on {' / '.join(panel_key[:2])} ({panel_key[2]}): "
+            "P(X > Y) per pair with its 95% CI; right of the dashed 0.5 line favours X.",
+        )
     return md
 
 
-def _transfer_section(transfer: list[dict], out: Path) -> list[str]:
+def _transfer_section(transfer: list[dict], figures: _Figures) -> list[str]:
     if not transfer:
         return []
-    path = out / "plots" / "transfer.png"
-    plots.plot_transfer(transfer, path)
     md = [
         "",
         "## Transfer (against the scratch twin; mean over seeds, 95% CI)",
@@ -250,7 +347,12 @@ def _transfer_section(transfer: list[dict], out: Path) -> list[str]:
             f"| {r['env']} / {r['task']} | {r['protocol']} | {r['agent']} | {r['phase']} | "
             f"{r['seeds']} | {r['matched_episodes']} | " + " | ".join(cells) + " |"
         )
-    return md + ["", f"![transfer]({_link(path, out)})"]
+    return md + figures.add(
+        plots.plot_transfer(transfer),
+        "transfer",
+        "Transfer: jumpstart, AUC ratio and final gain of each pretrained group against its "
+        "scratch twins (mean over seeds, 95% CI); right of the black line favours pretraining.",
+    )
 
 
 def _score_keys(trials: list[TrialRecord]) -> str:
@@ -258,12 +360,17 @@ def _score_keys(trials: list[TrialRecord]) -> str:
     return ", ".join(f"{env}: `{registry.score_key(env)}`" for env in envs)
 
 
-def _achievements_section(achievements: dict[str, dict[str, float]], out: Path) -> list[str]:
+def _achievements_section(
+    achievements: dict[str, dict[str, float]], figures: _Figures
+) -> list[str]:
     if not achievements:
         return []
-    path = out / "plots" / "crafter_achievements.png"
-    plots.plot_achievements(achievements, path)
-    return ["", "## Crafter achievements", "", f"![achievements]({_link(path, out)})"]
+    return ["", "## Crafter achievements"] + figures.add(
+        plots.plot_achievements(achievements),
+        "crafter_achievements",
+        "Crafter achievements: success rate (%, symlog scale) of each achievement in the final "
+        "evaluation per group, mean over seeds.",
+    )
 
 
 def _unfinished_section(trials: list[TrialRecord], out: Path) -> list[str]:
@@ -350,6 +457,13 @@ def _score_rows(rows: list[Row]) -> Iterable[dict]:
                 "mean": row.mean[0],
                 "mean_low": row.mean[1],
                 "mean_high": row.mean[2],
+                "median": row.median[0],
+                "median_low": row.median[1],
+                "median_high": row.median[2],
+                "optimality_gap": row.optimality_gap[0],
+                "optimality_gap_low": row.optimality_gap[1],
+                "optimality_gap_high": row.optimality_gap[2],
+                "optimality_gamma": row.gamma,
             }
 
 

@@ -1,6 +1,7 @@
 """Report statistics, all through rliable (Agarwal et al. 2021): final-score rows with the
-interquartile mean (IQM) and the mean over seeds and their stratified bootstrap 95% confidence
-intervals, probabilities of improvement, learning curves, and transfer against scratch twins.
+interquartile mean (IQM), mean, median and optimality gap over seeds and their stratified
+bootstrap 95% confidence intervals, probabilities of improvement, learning curves, and transfer
+against scratch twins.
 
 Only finished trials (`done.json`) enter the final-score statistics; learning curves use every
 evaluation written so far. Each bootstrap starts from numpy's global RNG seeded with `seed`
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -20,6 +22,9 @@ from mbxfer.benchmarks.results import FALLBACK_SCORE, SCRATCH, TrialRecord, head
 
 TRANSFER_BARS = ("jumpstart", "auc_ratio", "final_gain")
 TRANSFER_KEYS = (*TRANSFER_BARS, "steps_to_threshold", "scratch_steps_to_threshold")
+NORMALIZED_SCORES = {"success_rate": 1.0, "normalized_return": 1.0}
+"""Score keys with a known best score: the optimality gap's threshold gamma (rliable's 1 for
+normalized scores). Other scores are raw returns; their gamma is the best run of the panel."""
 
 
 @contextlib.contextmanager
@@ -72,6 +77,21 @@ def _mean(scores: np.ndarray) -> float:
     return metrics.aggregate_mean(scores)
 
 
+def _median(scores: np.ndarray) -> float:
+    """The median over every run. rliable's `aggregate_median` is the median of per-task means,
+    which equals the mean when a panel holds one task, as each of ours does."""
+    return float(np.median(scores))
+
+
+def optimality_threshold(score_key: str, scores: list[np.ndarray]) -> float:
+    """gamma of the optimality gap of a panel whose groups scored `scores`: the known best score
+    of a normalized score key, else the best run of the panel (the gap is then the shortfall
+    from the best run anyone reached, comparable within the panel only)."""
+    if score_key in NORMALIZED_SCORES:
+        return NORMALIZED_SCORES[score_key]
+    return float(max(np.max(s) for s in scores))
+
+
 @dataclasses.dataclass
 class Row:
     """One group's final scores on one evaluation set."""
@@ -89,6 +109,11 @@ class Row:
     trials: list[TrialRecord]
     iqm: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     mean: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    median: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    optimality_gap: tuple[float, float, float] = (math.nan, math.nan, math.nan)
+    """gamma - mean(min(score, gamma)): how far runs fall short of `gamma` (lower is better)."""
+    gamma: float = math.nan
+    """The optimality gap's threshold (`optimality_threshold`), shared by a panel's rows."""
 
     @property
     def name(self) -> str:
@@ -112,7 +137,8 @@ def _budget(trials: list[TrialRecord]) -> str:
 
 
 def final_rows(trials: list[TrialRecord], reps: int, seed: int, notes: list[str]) -> list[Row]:
-    """Final-score rows of finished trials, with IQM and mean and their CIs."""
+    """Final-score rows of finished trials, with IQM, mean, median and optimality gap and
+    their CIs."""
     groups: dict[tuple, list[TrialRecord]] = {}
     for trial in trials:
         if trial.done is not None:
@@ -148,8 +174,24 @@ def final_rows(trials: list[TrialRecord], reps: int, seed: int, notes: list[str]
             )
             row.iqm = interval(scores, _iqm, reps, seed)
             row.mean = interval(scores, _mean, reps, seed)
+            row.median = interval(scores, _median, reps, seed)
             rows.append(row)
+    panels: dict[tuple, list[Row]] = {}
+    for row in rows:
+        panels.setdefault((row.env, row.task, row.eval_set), []).append(row)
+    for panel in panels.values():
+        gamma = optimality_threshold(panel[0].score_key, [row.scores for row in panel])
+        for row in panel:
+            row.gamma = gamma
+            gap = functools.partial(_optimality_gap, gamma=gamma)
+            row.optimality_gap = interval(row.scores, gap, reps, seed)
     return rows
+
+
+def _optimality_gap(scores: np.ndarray, gamma: float) -> float:
+    from rliable import metrics
+
+    return float(metrics.aggregate_optimality_gap(scores, gamma))
 
 
 def curves(

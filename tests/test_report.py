@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from mbxfer.benchmarks import cli, plots, report
+from mbxfer.benchmarks import cli, plots, report, stats
 from mbxfer.benchmarks.results import load_trials
 from mbxfer.envs import registry
 from PIL import Image
@@ -206,7 +206,7 @@ def test_achievement_plot_draws_the_csvs_percentages(written, tmp_path):
     table = {}
     for row in _rows(out / "crafter_achievements.csv"):
         table.setdefault(row["group"], {})[row["achievement"]] = float(row["success_rate"])
-    figure = plots.plot_achievements(table, tmp_path / "a.png")
+    figure = plots.plot_achievements(table)
     (ax,) = figure.axes
     heights = sorted(round(bar.get_height(), 6) for bar in ax.patches)
     expected = sorted(round(v, 6) for rates in table.values() for v in rates.values())
@@ -283,3 +283,190 @@ def test_success_rate_families_are_also_compared_by_return(tmp_path):
     rows = {r["phase"]: r for r in _rows(out / "transfer.csv")}
     assert set(rows) == {"finetune", "finetune (return_mean)"}
     assert float(rows["finetune (return_mean)"]["final_gain"]) == pytest.approx(2.0)
+
+
+# Figures (#18 item 5): rliable's interval estimates and probability of improvement, every
+# figure in each requested format, performance profiles split when a panel has many groups.
+
+
+def _stems(folder, fmt):
+    return {p.name[: -len(fmt) - 1] for p in (folder / "plots").glob(f"*.{fmt}")}
+
+
+def test_every_figure_is_written_as_png_and_pdf_and_shown_in_the_report(written):
+    out, text = written
+    pngs = _stems(out, "png")
+    assert pngs and pngs == _stems(out, "pdf")
+    for stem in pngs:
+        assert (out / "plots" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    assert {
+        "intervals_grid_collect_items_eval",
+        "intervals_crafter_reward_eval",
+        "intervals_crafter_reward_training-episodes",
+        "improvement_grid_collect_items_eval",
+    } <= pngs
+    with Image.open(out / "plots" / "intervals_grid_collect_items_eval.png") as image:
+        assert image.info["dpi"] == pytest.approx((plots.PNG_DPI, plots.PNG_DPI), abs=1)
+    lines = text.splitlines()
+    for stem in pngs:  # An image link to the PNG, then one line saying what it shows.
+        (index,) = [i for i, line in enumerate(lines) if f"(plots/{stem}.png)" in line]
+        assert lines[index].startswith("![") and lines[index + 2].startswith("*")
+    assert "*Interval estimates: median, IQM, mean and optimality gap" in text
+    assert "*Probability of improvement on grid / collect_items (eval)" in text
+
+
+def test_interval_plot_draws_the_csvs_numbers(written, results):
+    """Each panel's ticks are the point estimates of scores.csv and its bars the CIs; median
+    and optimality gap (gamma: the best run of the panel, 10) have their known values."""
+    from matplotlib.collections import LineCollection
+
+    out, _ = written
+    csv_rows = [
+        r for r in _rows(out / "scores.csv") if (r["env"], r["eval_set"]) == ("grid", "eval")
+    ]
+    rows = [r for r in stats.final_rows(load_trials(results), REPS, 0, []) if r.env == "grid"]
+    assert [r.name for r in rows] == [
+        f"{r['protocol']} / {r['agent']}" if r["protocol"] != "scratch" else r["agent"]
+        for r in csv_rows
+    ]
+    figure = plots.plot_intervals(rows, plots.group_colors([r.name for r in rows]))
+    axes = {ax.get_title().split(" (")[0]: ax for ax in figure.axes}
+    assert set(axes) == {"Median", "IQM", "Mean", "Optimality gap"}
+    assert [t.get_text() for t in axes["Median"].get_yticklabels()] == [r.name for r in rows]
+    for title, key in (
+        ("Median", "median"),
+        ("IQM", "iqm"),
+        ("Mean", "mean"),
+        ("Optimality gap", "optimality_gap"),
+    ):
+        ax = axes[title]
+        (ticks,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+        drawn = [segment[0][0] for segment in ticks.get_segments()]
+        np.testing.assert_allclose(drawn, [float(r[key]) for r in csv_rows])
+        bars = sorted(ax.patches, key=lambda bar: bar.get_y())
+        np.testing.assert_allclose(
+            [b.get_x() for b in bars], [float(r[f"{key}_low"]) for r in csv_rows]
+        )
+        np.testing.assert_allclose(
+            [b.get_x() + b.get_width() for b in bars], [float(r[f"{key}_high"]) for r in csv_rows]
+        )
+    by_name = {r["agent"]: r for r in csv_rows if r["protocol"] == "scratch"}
+    assert float(by_name["ppo"]["median"]) == pytest.approx(np.median(PPO))
+    assert float(by_name["ppo"]["optimality_gap"]) == pytest.approx(10.0 - np.mean(PPO))
+    assert float(by_name["dreamer"]["optimality_gamma"]) == 10.0
+    assert axes["Optimality gap"].get_title() == "Optimality gap (γ = 10)"
+
+
+def test_improvement_figure_pairs_each_x_with_its_y(written, results):
+    """The left labels are the X groups, the right labels their Y on the same bar, the ticks
+    improvement.csv's probabilities."""
+    out, _ = written
+    expected = [r for r in _rows(out / "improvement.csv") if r["env"] == "grid"]
+    findings_rows = stats.final_rows(load_trials(results), REPS, 0, [])
+    pairs = [
+        (x, y, stats.improvement(x.scores, y.scores, REPS, 0))
+        for x, y in report.improvement_pairs(findings_rows)
+        if x.env == "grid"
+    ]
+    figure = plots.plot_improvement(pairs)
+    left, right = figure.axes
+    for ax in (left, right):
+        assert ax.get_ylim()[0] > ax.get_ylim()[1]  # Both sides top to bottom.
+    assert [t.get_text() for t in left.get_yticklabels()] == [r["x"] for r in expected]
+    assert [t.get_text() for t in right.get_yticklabels()] == [r["y"] for r in expected]
+    ticks = [segment for lines in left.collections for segment in lines.get_segments()]
+    np.testing.assert_allclose(
+        [s[0][0] for s in ticks], [float(r["probability"]) for r in expected]
+    )
+
+
+def test_cli_writes_the_requested_formats(results, tmp_path):
+    out = tmp_path / "svg"
+    argv = ["report", str(results), "--out", str(out), "--reps", "30", "--curve-reps", "10"]
+    assert cli.main(argv + ["--formats", "svg, PNG"]) == 0
+    assert _stems(out, "svg") == _stems(out, "png") and _stems(out, "svg")
+    assert not list((out / "plots").glob("*.pdf"))
+    assert "--formats svg, PNG" in (out / "report.md").read_text()
+
+
+def test_unknown_figure_format_is_bad_input(results, tmp_path, capsys):
+    out = tmp_path / "bad"
+    argv = ["report", str(results), "--out", str(out), "--formats", "png,jpg"]
+    assert cli.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "unknown figure format(s) jpg" in error and "png, pdf, svg" in error
+    assert not out.exists()  # Rejected before anything is computed or written.
+    with pytest.raises(report.ReportError, match="none given"):
+        report.figure_formats(" , ")
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """Nine groups on one panel: dreamer from scratch and under six carry variants of
+    pretrain_finetune, muzero and ppo from scratch."""
+    root = tmp_path_factory.mktemp("crowded")
+    carries = ["all", "none", "world_model", "encoder", "heads", "policy"]
+    for seed in range(2):
+        _trial(root, f"d{seed}", "dreamer", "grid", "a", seed, [1.0 + seed])
+        _trial(root, f"m{seed}", "muzero", "grid", "a", seed, [2.0 + seed])
+        _trial(root, f"p{seed}", "ppo", "grid", "a", seed, [seed])
+        for index, carry in enumerate(carries):
+            folder = _trial(
+                root,
+                f"f{carry}{seed}",
+                "dreamer",
+                "grid",
+                "a",
+                seed,
+                [0.5, index + seed],
+                protocol="pretrain_finetune",
+                phases=["pretrain", "finetune"],
+            )
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            config["protocol"]["carry"] = carry
+            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def test_crowded_performance_profiles_are_split_by_agent_family(crowded):
+    rows = stats.final_rows(load_trials(crowded), 20, 0, [])
+    assert len(rows) == 9
+    parts = plots.profile_parts(rows)
+    assert [name for name, _ in parts] == ["dreamer-1", "dreamer-2", "muzero+ppo"]
+    assert all(len(members) <= plots.MAX_PROFILE_GROUPS for _, members in parts)
+    shown = [row.name for _, members in parts for row in members]
+    assert set(shown) == {row.name for row in rows}
+    for _, members in parts[:2]:  # Dreamer's scratch baseline in each of its figures.
+        assert "dreamer" in [row.name for row in members]
+        assert {row.trials[0].agent for row in members} == {"dreamer"}
+    taus, curves, cis = plots.profiles(rows, 20, 0)
+    colors = plots.group_colors([row.name for row in rows])
+    for name, members in parts:
+        figure = plots.plot_profile(members, taus, curves, cis, colors, name)
+        (legend,) = figure.legends
+        assert [t.get_text() for t in legend.get_texts()] == [row.name for row in members]
+        assert figure.axes[0].get_xlim() == (taus[0], taus[-1])  # One τ axis for all parts.
+    # A panel that fits stays one figure under its old name.
+    assert plots.profile_parts(rows[:5]) == [("", rows[:5])]
+
+
+def test_report_of_a_crowded_panel_shows_each_profile_part(crowded, tmp_path):
+    text = report.write(crowded, tmp_path, reps=20, curve_reps=10, formats="png").read_text()
+    for part in ("dreamer-1", "dreamer-2", "muzero-ppo"):
+        assert f"![Performance profile ({part.replace('-ppo', '+ppo')}; one of 3" in text
+        assert (tmp_path / "plots" / f"profile_grid_a_eval_{part}.png").exists()
+    assert not (tmp_path / "plots" / "profile_grid_a_eval.png").exists()
+    assert "split into one figure per agent family" in text
+
+
+def test_saved_figures_are_reproducible_and_pdfs_embed_truetype(tmp_path):
+    """Paper templates reject Type 3 fonts; an unchanged figure rewrites identical files."""
+    figure = plots.plot_achievements({"dreamer (eval)": {"collect_wood": 90.0}})
+    first = plots.save(figure, tmp_path / "a", plots.FORMATS)
+    second = plots.save(figure, tmp_path / "b", plots.FORMATS)
+    assert [p.name for p in first] == ["a.png", "a.pdf", "a.svg"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    pdf = first[1].read_bytes()
+    assert b"/FontFile2" in pdf and b"/Type3" not in pdf
+    with pytest.raises(ValueError, match="choose from png, pdf, svg"):
+        plots.save(figure, tmp_path / "c", ["eps"])
