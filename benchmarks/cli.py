@@ -503,7 +503,7 @@ def _add_listings(commands) -> None:
         description="Play a uniform random policy through the vector environment and print "
         "the episodes' summary (`envs/scoring.py`).",
         epilog="The environment check on real Crafter (the published random agent scores "
-        "1.6%%): mbxfer rollout --env crafter --task reward --episodes 20 --workers 2 "
+        "1.6%): mbxfer rollout --env crafter --task reward --episodes 20 --workers 2 "
         "--out results/demo",
     )
     rollout.add_argument("--env", required=True, help="registered environment name")
