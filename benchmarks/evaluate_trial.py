@@ -112,8 +112,11 @@ def checkpoints(trial: Path) -> list[Checkpoint]:
         point = _read(folder, label)
         state = point.state
         found.setdefault((state.phase_index, point.total_env_steps, state.phase_done), point)
-    return sorted(found.values(), key=lambda c: (c.state.phase_index, c.total_env_steps,
-                                                 c.state.phase_done))  # fmt: skip
+    return sorted(found.values(), key=_written_order)
+
+
+def _written_order(point: Checkpoint) -> tuple:
+    return (point.state.phase_index, point.total_env_steps, point.state.phase_done)
 
 
 def _phase_index(phases: list, phase: str) -> int:
@@ -152,8 +155,8 @@ def choose(trial: Path, found: list[Checkpoint], phases: list, request: Request)
     candidates = [c for c in found if index is None or c.state.phase_index == index]
     if request.checkpoint is None:
         if not candidates:
-            raise EvalError(f"phase {phases[index].name!r} has no checkpoint; "
-                            + _listing(found, phases))  # fmt: skip
+            where = f"phase {phases[index].name!r} has no checkpoint"
+            raise EvalError(f"{where}; {_listing(found, phases)}")
         return candidates[-1]
     text = str(request.checkpoint)
     if text.isdigit():
@@ -163,9 +166,10 @@ def choose(trial: Path, found: list[Checkpoint], phases: list, request: Request)
         if len(matches) > 1:
             names = ", ".join(c.describe(phases) for c in matches)
             raise EvalError(f"--checkpoint {text} matches {names}; add --phase NAME")
-        raise EvalError(f"no checkpoint at {int(text):,} env steps"
-                        + (f" in phase {phases[index].name!r}" if index is not None else "")
-                        + "; " + _listing(found, phases))  # fmt: skip
+        where = f" in phase {phases[index].name!r}" if index is not None else ""
+        raise EvalError(
+            f"no checkpoint at {int(text):,} env steps{where}; {_listing(found, phases)}"
+        )
     chosen = _by_path(Path(trial), text)
     if chosen is None:
         raise EvalError(
@@ -173,8 +177,10 @@ def choose(trial: Path, found: list[Checkpoint], phases: list, request: Request)
             + _listing(found, phases)
         )
     if chosen.state.phase_index >= len(phases):
-        raise EvalError(f"{chosen.folder} ends phase {chosen.state.phase_index}, but this "
-                        f"trial's protocol has {len(phases)} phases")  # fmt: skip
+        raise EvalError(
+            f"{chosen.folder} ends phase {chosen.state.phase_index}, but this trial's protocol "
+            f"has {len(phases)} phases"
+        )
     if index is not None and chosen.state.phase_index != index:
         raise EvalError(
             f"--checkpoint {text} belongs to phase {phases[chosen.state.phase_index].name!r}, "
