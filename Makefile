@@ -41,10 +41,10 @@ test-slow: $(STAMP)
 
 # The quickstart: a small sweep (toy-grid transfer with 5 seeds, a short real-Crafter leg),
 # then its report (results/quickstart/report.md, CSVs and plots). 42 trials; see the README for
-# the measured time.
+# the measured time. `mbxfer demo` runs `mbxfer sweep benchmarks/configs/quickstart.yaml --out
+# results/quickstart`, then (if every trial finished) `mbxfer report results/quickstart`.
 demo: $(STAMP)
-	$(VENV)/bin/mbxfer sweep benchmarks/configs/quickstart.yaml --out results/quickstart
-	$(VENV)/bin/mbxfer report results/quickstart
+	$(VENV)/bin/mbxfer demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check mbxfer agents envs exploration benchmarks tests

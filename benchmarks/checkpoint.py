@@ -9,6 +9,10 @@
 A checkpoint is written to a temporary folder, fsynced, renamed into place, and only then
 does `latest` (replaced atomically) point at it; a kill at any moment leaves the previous
 checkpoint intact. Older checkpoints beyond `keep` are removed afterwards.
+
+Files and folders get the modes the user's umask gives ordinary ones (0644 and 0755 under
+umask 022), not the private 0600/0700 of the temporary files they start as, so results can
+be shared as any others.
 """
 
 from __future__ import annotations
@@ -34,11 +38,44 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status),
+    else by setting it and putting it back."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode an ordinary new file gets under the current umask (0644 under 022)."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode an ordinary new folder gets under the current umask (0755 under 022)."""
+    return 0o777 & ~umask()
+
+
+def _staging_folder(parent: Path, name: str) -> Path:
+    """A new empty folder beside `parent / name` to build it in, with an ordinary mode."""
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    os.chmod(staging, folder_mode())
+    return staging
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old or the new file, never a partial one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
@@ -66,7 +103,7 @@ def save(
     if not name.startswith("step-"):
         raise ValueError(f"checkpoint name {name!r} must start with 'step-'")
     final = directory / name
-    staging = Path(tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp"))
+    staging = _staging_folder(directory, name)
     try:
         leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(agent_state))
         with open(staging / "state.npz", "wb") as file:
@@ -82,6 +119,9 @@ def save(
         (staging / "runner.json").write_text(json.dumps(payload, indent=1))
         if save_replay is not None:
             save_replay(staging / "replay.npz")
+        mode = file_mode()
+        for written in staging.iterdir():  # save_replay may write through a private temp file.
+            os.chmod(written, mode)
         _fsync_dir(staging)
         if final.exists():
             shutil.rmtree(final)
@@ -101,9 +141,7 @@ def link_copy(folder: Path, destination: Path) -> Path:
     """A durable copy of checkpoint `folder` at `destination`, made of hard links (no extra
     space; checkpoint files are never modified after they are written), atomically."""
     destination = Path(destination)
-    staging = Path(
-        tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    )
+    staging = _staging_folder(destination.parent, destination.name)
     try:
         for source in Path(folder).iterdir():
             try:

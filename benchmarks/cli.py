@@ -4,10 +4,14 @@ mbxfer run --agent dreamer --env crafter --task reward --steps 20000 --out resul
                                   train (or resume) one trial
 mbxfer sweep SPEC.yaml            run a grid of trials (local processes or Ray), resumable
 mbxfer report RESULTS_DIR         IQM/CI tables, CSV files and plots from trial folders
+mbxfer eval TRIAL                 evaluate a trial's checkpoint again (or on another task)
 mbxfer agents                     list agents and their config classes
 mbxfer envs                       list environments and their tasks
 mbxfer rollout --env crafter      uniform random policy through the vector environment
-mbxfer demo                       the smallest end-to-end run (what `make demo` runs)
+mbxfer demo                       the quickstart sweep, then its report (what `make demo` runs)
+
+Help text is written with `code` in backticks, as the docstrings are; the terminal shows it
+without them (`plain`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Optional
+
+QUICKSTART = "quickstart.yaml"
 
 
 def random_rollout(
@@ -117,16 +126,50 @@ def _cmd_rollout(args) -> int:
     return 0
 
 
+def packaged_spec(name: str) -> str:
+    """The path of sweep spec `name` shipped in `benchmarks/configs`, relative to the current
+    folder when it is below it (so `mbxfer demo` in a checkout names it as `make demo` did)."""
+    path = Path(__file__).resolve().parent / "configs" / name
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def demo_commands(spec: Optional[str], out: str) -> list[list[str]]:
+    """The `mbxfer` commands `mbxfer demo` runs: the quickstart sweep (or `spec`) into `out`,
+    then its report."""
+    return [["sweep", spec or packaged_spec(QUICKSTART), "--out", out], ["report", out]]
+
+
 def _cmd_demo(args) -> int:
-    out = Path(args.out)
-    print(f"mbxfer demo: a uniform random policy on Crafter, {args.episodes} episodes, 2 workers")
-    summary = random_rollout("crafter", args.episodes, 2, 0, out, "reward")
-    print(
-        f"{summary['episodes']} episodes, {summary['env_steps']} steps at "
-        f"{summary['steps_per_second']:.0f} steps/s; mean return {summary['return_mean']:.2f}, "
-        f"Crafter score {summary['crafter_score']:.2f}% (published random agent: 1.6%)"
+    for argv in demo_commands(args.spec, args.out):
+        print("mbxfer " + " ".join(argv), file=sys.stderr)
+        code = main(argv)
+        if code:  # As `make` would, no report of a sweep that did not finish.
+            return code
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from mbxfer.benchmarks import evaluate_trial
+
+    modes = None
+    if args.modes is not None:
+        modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    request = evaluate_trial.Request(
+        checkpoint=args.checkpoint,
+        phase=args.phase,
+        task=args.task,
+        episodes=args.episodes,
+        modes=modes,
+        seed=args.seed,
+        video=args.video,
+        name=args.name,
     )
-    print(f"wrote {out / 'episodes.jsonl'} and {out / 'summary.json'}")
+    command = " ".join(["mbxfer", *args.argv])
+    result = evaluate_trial.evaluate(Path(args.trial), request, command=command)
+    print("\n".join(evaluate_trial.summary_lines(result)))
     return 0
 
 
@@ -171,9 +214,30 @@ def _cmd_run(args) -> int:
         file=sys.stderr,
     )
     start_from = Path(args.start_from) if args.start_from else None
-    summary = runner.run(config, out, progress=not args.no_progress, start_from=start_from)
+    try:
+        summary = runner.run(config, out, progress=not args.no_progress, start_from=start_from)
+    except _bad_input_errors():
+        raise
+    except Exception:
+        if (out / "config.yaml").exists():
+            _record_failure(out, config.trial_id())
+        raise
+    (out / "failed.json").unlink(missing_ok=True)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _record_failure(out: Path, trial_id: str) -> None:
+    """Mark a trial that failed after it started as failed, as `mbxfer sweep` does, so
+    `mbxfer report` and `sweep --dry-run` see it as such (the traceback still follows)."""
+    from mbxfer.benchmarks import trial_folder
+
+    error = trial_folder.record_failure(out, traceback.format_exc())
+    print(
+        f"trial {trial_id} failed: {error} (traceback appended to {out / 'error.txt'}; "
+        "run the same command again to resume from its latest checkpoint)",
+        file=sys.stderr,
+    )
 
 
 def _cmd_sweep(args) -> int:
@@ -264,12 +328,12 @@ def _cmd_agents(args) -> int:
 
     for name in agents.names():
         config_class = agents.config_class(name)
-        doc = " ".join((config_class.__doc__ or "").split())
+        doc = plain(" ".join((config_class.__doc__ or "").split()))
         print(f"{name:16s} {config_class.__module__}.{config_class.__name__}: {doc}")
         if args.keys:
             instance = config_lib.build({"agent": name}).agent_config
             for line in config_lib.describe(instance, "agent."):
-                print("    " + line)
+                print("    " + plain(line))
     return 0
 
 
@@ -305,17 +369,40 @@ class _KeysHelp(argparse.Action):
         agent = namespace.agent or "dreamer"
         print(f"config keys for --agent {agent} (set with --set key=value):")
         for line in config_lib.describe(config_lib.build({"agent": agent})):
-            print("  " + line)
+            print("  " + plain(line))
         parser.exit()
+
+
+def plain(text: str) -> str:
+    """`text` for the terminal: `code` and ``code`` without their backticks."""
+    return re.sub(r"(`+)([^`\n]+?)\1", r"\2", text)
+
+
+class _PlainHelpFormatter(argparse.HelpFormatter):
+    """argparse's help layout, with descriptions, epilogs and help strings `plain`."""
+
+    def _format_text(self, text: str) -> str:
+        return super()._format_text(plain(text))
+
+    def _expand_help(self, action) -> str:
+        return plain(super()._expand_help(action))
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (its subcommands' too) is `plain`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _PlainHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     import mbxfer
 
-    parser = argparse.ArgumentParser(prog="mbxfer", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="mbxfer", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"mbxfer {mbxfer.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_sweep, _add_report, _add_listings):
+    for add in (_add_run, _add_sweep, _add_report, _add_eval, _add_listings):
         add(commands)
     return parser
 
@@ -453,7 +540,15 @@ def _add_listings(commands) -> None:
 
     commands.add_parser("envs", help="list registered environments and their tasks")
 
-    rollout = commands.add_parser("rollout", help="run a uniform random policy")
+    rollout = commands.add_parser(
+        "rollout",
+        help="run a uniform random policy",
+        description="Play a uniform random policy through the vector environment and print "
+        "the episodes' summary (`envs/scoring.py`).",
+        epilog="The environment check on real Crafter (the published random agent scores "
+        "1.6%): mbxfer rollout --env crafter --task reward --episodes 20 --workers 2 "
+        "--out results/demo",
+    )
     rollout.add_argument("--env", required=True, help="registered environment name")
     rollout.add_argument("--task", default=None, help="task name (default: reward-free)")
     rollout.add_argument("--episodes", type=int, default=10, help="episodes to finish")
@@ -463,25 +558,111 @@ def _add_listings(commands) -> None:
 
     demo = commands.add_parser(
         "demo",
-        help="a random policy on real Crafter (the environment check; `make demo` runs "
-        "the quickstart sweep)",
+        help="the quickstart: a small sweep, then its report (what `make demo` runs)",
+        description=(
+            "Run the quickstart sweep (`benchmarks/configs/quickstart.yaml`: toy-grid transfer "
+            "for MuZero, Dreamer and PPO with 5 seeds, the model-free counterparts, a short "
+            "real-Crafter leg) into OUT, then `mbxfer report OUT`; the same as `mbxfer sweep "
+            "SPEC --out OUT` followed by `mbxfer report OUT`, so it resumes when run again."
+        ),
+        epilog="About 40 minutes on 2 cores. A random policy on real Crafter instead: "
+        "mbxfer rollout --env crafter --task reward --episodes 20 --workers 2",
     )
-    demo.add_argument("--out", default="results/demo", help="output folder")
-    demo.add_argument("--episodes", type=int, default=20, help="episodes to finish")
+    demo.add_argument("--out", default="results/quickstart", help="results folder")
+    demo.add_argument(
+        "--spec", default=None, metavar="SPEC.yaml", help="another sweep spec (default: quickstart)"
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a trial's checkpoint again (its own task or another one)",
+        description=(
+            "Evaluate a checkpoint of trial folder TRIAL (default: the latest of its last "
+            "phase) as the runner evaluates it: every evaluation set of the checkpoint's phase, "
+            "in every mode, on the episodes `episodes.evaluation_seed` gives at the "
+            "checkpoint's step count. With the defaults the final checkpoint scores the "
+            "trial's own final `eval.jsonl` lines again. Prints a summary and writes it to "
+            "TRIAL/evals/NAME.json; the trial's logs and checkpoints are left alone."
+        ),
+        epilog="e.g. mbxfer eval results/runs/abc123 --task reach_top_left --episodes 64",
+    )
+    evaluate.add_argument("trial", metavar="TRIAL", help="trial folder (holds config.yaml)")
+    evaluate.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="STEP_OR_PATH",
+        help="the trial's env steps at the checkpoint (the N of checkpoints/step-N-...), a "
+        "checkpoint name (phase0.ckpt, step-...) or a checkpoint folder",
+    )
+    evaluate.add_argument(
+        "--phase", default=None, metavar="NAME", help="phase name or index: its checkpoints only"
+    )
+    evaluate.add_argument(
+        "--task",
+        default=None,
+        help="score this task of the trial's environment instead (transfer studies)",
+    )
+    evaluate.add_argument(
+        "--episodes",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="episodes per evaluation set and mode (default: the trial's train.eval_episodes)",
+    )
+    evaluate.add_argument(
+        "--modes",
+        default=None,
+        metavar="MODES",
+        help="comma-separated evaluation modes, sampled and/or greedy (default: the trial's "
+        "train.eval_modes)",
+    )
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the episodes (default: the runner's evaluation seed at the checkpoint, "
+        "i.e. the trial's own episodes)",
+    )
+    evaluate.add_argument(
+        "--video",
+        action="store_true",
+        help="also write a GIF per set and mode: environment 0's first episode (image "
+        "environments)",
+    )
+    evaluate.add_argument(
+        "--name",
+        default=None,
+        help="file name under TRIAL/evals/ (default: the checkpoint and the options given)",
+    )
+
+
+def _bad_input_errors() -> tuple:
+    """Errors that name bad input and its fix: printed in one line, exit code 2."""
     from mbxfer.agents import UnknownAgentError
     from mbxfer.benchmarks.checkpoint import IncompatibleCheckpointError
     from mbxfer.benchmarks.config import ConfigError
     from mbxfer.benchmarks.protocols import ProtocolError
     from mbxfer.envs.base import ConfigurationError
 
+    return (
+        ConfigurationError,
+        ConfigError,
+        ProtocolError,
+        UnknownAgentError,
+        IncompatibleCheckpointError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     handlers = {
         "run": _cmd_run,
         "sweep": _cmd_sweep,
         "report": _cmd_report,
+        "eval": _cmd_eval,
         "agents": _cmd_agents,
         "envs": _cmd_envs,
         "rollout": _cmd_rollout,
@@ -489,13 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (
-        ConfigurationError,
-        ConfigError,
-        ProtocolError,
-        UnknownAgentError,
-        IncompatibleCheckpointError,
-    ) as error:
+    except _bad_input_errors() as error:
         # Registry and config errors already name the problem and the fix.
         print(f"mbxfer: error: {error}", file=sys.stderr)
         return 2

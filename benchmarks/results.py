@@ -9,6 +9,10 @@ A trial's score is its last evaluation in its last phase, per evaluation set, by
 environment family's score key (`envs/scoring.py`). Crafter trials also get the eval set
 `training episodes`: the Crafter score of all the training episodes of the last phase (how
 the Crafter paper scores).
+
+A trial folder without `done.json` that holds a failure record (`failed.json`, written with
+`error.txt` by `trial_folder.record_failure` when a sweep's or `mbxfer run`'s trial fails) is
+left out, and named in one note; unfinished trials without one (running, or killed) are read.
 """
 
 from __future__ import annotations
@@ -148,10 +152,23 @@ def _normalize_eval(record: dict, headline: str = "sampled") -> dict:
     return record
 
 
+def _failure(folder: Path) -> Optional[str]:
+    """The last error of a trial that failed and has not finished since, else None."""
+    if (folder / "done.json").exists() or not (folder / "failed.json").exists():
+        return None
+    try:
+        error = json.loads((folder / "failed.json").read_text())["error"]
+    except (OSError, ValueError, KeyError, TypeError):
+        error = "failed"
+    return str(error).splitlines()[-1] if str(error).strip() else "failed"
+
+
 def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialRecord]:
-    """Every trial folder below `results`, once each, with variants labelled."""
+    """Every trial folder below `results`, once each, with variants labelled; failed trials
+    (see the module docstring) are skipped with one note naming them."""
     notes = notes if notes is not None else []
     found: dict[str, TrialRecord] = {}
+    failed: list[str] = []
     for path in sorted(Path(results).rglob("config.yaml")):
         if "checkpoints" in path.relative_to(results).parts:
             continue
@@ -163,6 +180,10 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
             continue
         if not isinstance(config, dict) or "agent" not in config or "env" not in config:
             notes.append(f"{path}: not a trial config; skipped")
+            continue
+        error = _failure(folder)
+        if error is not None:
+            failed.append(f"{folder} ({error[:100]})")
             continue
         headline = headline_mode(config)
         evals = [_normalize_eval(r, headline) for r in _read_jsonl(folder / "eval.jsonl", notes)]
@@ -189,6 +210,11 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
             )
             record = keep
         found[record.trial_id] = record
+    if failed:
+        notes.append(
+            f"skipped {len(failed)} failed trial folder{'s' if len(failed) > 1 else ''} "
+            f"(no done.json; the traceback is in each one's error.txt): {'; '.join(failed)}"
+        )
     trials = list(found.values())
     _label_variants(trials)
     return trials

@@ -1,0 +1,157 @@
+"""`mbxfer eval`: a real tiny trial's checkpoints, evaluated again, score its own eval lines."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny_configs
+from mbxfer.benchmarks import cli, runner
+from mbxfer.benchmarks import config as config_lib
+from PIL import Image, ImageSequence
+
+# Two phases (pretrain on one task, finetune on another), each evaluated on both tasks every
+# 40 steps, with a step checkpoint every 40: PPO learns from its first rollout, so each
+# checkpoint holds other parameters.
+TRANSFER = tiny_configs.overrides(
+    "ppo",
+    "agent.rollout_length=8",
+    "agent.hidden=32",
+    "agent.minibatches=1",
+    "agent.epochs=1",
+    "train.steps=80",
+    "train.eval_episodes=4",
+    "protocol.name=task_transfer",
+    "protocol.pretrain_task=reach_top_left",
+    "protocol.pretrain_steps=80",
+)
+COMPARED = ("episodes", "return_mean", "length_mean", "start_digest")
+
+
+@pytest.fixture(scope="module")
+def trial(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("trial")
+    config = config_lib.build(config_lib.parse_overrides(TRANSFER))
+    runner.run(config, folder, progress=False)
+    return folder
+
+
+def _eval_lines(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "eval.jsonl").read_text().splitlines()]
+
+
+def _runner_line(folder, total_env_steps, eval_set, mode):
+    (line,) = [
+        r
+        for r in _eval_lines(folder)
+        if (r["total_env_steps"], r["eval_set"], r["mode"]) == (total_env_steps, eval_set, mode)
+        and (r["env_steps"] > 0 or r["phase_index"] == 0)  # Not the next phase's jumpstart.
+    ]
+    return {key: line[key] for key in COMPARED}
+
+
+def _eval(capsys, *argv):
+    code = cli.main(["eval", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _snapshot(folder: Path) -> dict:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] != "evals"
+    }
+
+
+def test_checkpoints_score_the_trials_own_evaluations(trial, capsys):
+    before = _snapshot(trial)
+    code, out, _ = _eval(capsys, trial)
+    assert code == 0
+    result = json.loads((trial / "evals" / "phase1.json").read_text())
+    assert (result["checkpoint"], result["phase"], result["total_env_steps"]) == (
+        "phase1.ckpt",
+        "finetune",
+        160,
+    )
+    assert set(result["sets"]) == {"source", "eval"}
+    for eval_set, entry in result["sets"].items():
+        for mode in ("sampled", "greedy"):
+            summary = {key: entry["modes"][mode][key] for key in COMPARED}
+            assert summary == _runner_line(trial, 160, eval_set, mode), (eval_set, mode)
+    assert "checkpoint phase1.ckpt: phase finetune" in out and "return_mean" in out
+
+    # The pretraining phase's end, and a checkpoint inside the finetuning phase.
+    assert _eval(capsys, trial, "--phase", "pretrain")[0] == 0
+    pretrain = json.loads((trial / "evals" / "phase0.json").read_text())
+    assert pretrain["total_env_steps"] == 80
+    summary = pretrain["sets"]["source"]["modes"]["sampled"]
+    assert {key: summary[key] for key in COMPARED} == _runner_line(trial, 80, "source", "sampled")
+    assert _eval(capsys, trial, "--checkpoint", 120, "--modes", "greedy")[0] == 0
+    middle = json.loads((trial / "evals" / "step-000000000120-phase1_greedy.json").read_text())
+    assert list(middle["sets"]["eval"]["modes"]) == ["greedy"]
+    summary = middle["sets"]["eval"]["modes"]["greedy"]
+    assert {key: summary[key] for key in COMPARED} == _runner_line(trial, 120, "eval", "greedy")
+    assert _snapshot(trial) == before  # Only evals/ was written.
+
+
+def test_another_task_and_other_episodes(trial, capsys):
+    # The finetuned agent on its pretraining task: the trial's own `source` evaluation.
+    assert _eval(capsys, trial, "--task", "reach_top_left")[0] == 0
+    result = json.loads((trial / "evals" / "phase1_task-reach_top_left.json").read_text())
+    assert list(result["sets"]) == ["source"]
+    summary = result["sets"]["source"]["modes"]["sampled"]
+    assert {key: summary[key] for key in COMPARED} == _runner_line(trial, 160, "source", "sampled")
+    # A task no evaluation set scored, with more episodes and another seed.
+    argv = (trial, "--task", "reach_bottom_right", "--episodes", 6, "--seed", 3, "--name", "x")
+    assert _eval(capsys, *argv)[0] == 0
+    result = json.loads((trial / "evals" / "x.json").read_text())
+    (entry,) = result["sets"].values()
+    assert (entry["task"], entry["seed"], entry["episodes"]) == ("reach_bottom_right", 3, 6)
+    assert [m["episodes"] for m in entry["modes"].values()] == [6, 6]
+
+
+def test_bad_input_is_named_with_what_there_is(trial, tmp_path, capsys):
+    code, _, err = _eval(capsys, tmp_path)
+    assert code == 2 and "not a trial folder (no config.yaml)" in err
+    shutil.copy(trial / "config.yaml", tmp_path / "config.yaml")
+    code, _, err = _eval(capsys, tmp_path)
+    assert code == 2 and "has no checkpoint yet" in err
+
+    code, _, err = _eval(capsys, trial, "--phase", "warmup")
+    assert (
+        code == 2
+        and "unknown phase 'warmup'; this trial's phases: pretrain (0), finetune (1)" in err
+    )
+    code, _, err = _eval(capsys, trial, "--checkpoint", 100)
+    assert code == 2 and "no checkpoint at 100 env steps" in err
+    assert "phase0.ckpt (phase pretrain, 80 env steps, phase end)" in err
+    assert "phase1.ckpt (phase finetune, 160 env steps, phase end)" in err
+    code, _, err = _eval(capsys, trial, "--checkpoint", "phase7.ckpt")
+    assert code == 2 and "neither env steps nor a checkpoint folder" in err
+    code, _, err = _eval(capsys, trial, "--checkpoint", "phase0.ckpt", "--phase", "finetune")
+    assert code == 2 and "belongs to phase 'pretrain', not --phase finetune" in err
+    code, _, err = _eval(capsys, trial, "--task", "reach_middle")
+    assert code == 2 and "unknown task 'reach_middle'; this environment's tasks: " in err
+    assert "collect_items" in err
+    code, _, err = _eval(capsys, trial, "--video")
+    assert code == 2 and "--video records the image observation" in err
+
+
+def test_video_of_an_image_environment(tmp_path, capsys):
+    overrides = tiny_configs.overrides(
+        "random", "train.steps=40", "env.kwargs={observation: image, size: 5, image_size: 16}"
+    )
+    runner.run(config_lib.build(config_lib.parse_overrides(overrides)), tmp_path, progress=False)
+    assert _eval(capsys, tmp_path, "--video", "--modes", "sampled")[0] == 0
+    result = json.loads((tmp_path / "evals" / "phase0_sampled.json").read_text())
+    assert result["videos"] == {"eval/sampled": "phase0_sampled-eval-sampled.gif"}
+    gif = Image.open(tmp_path / "evals" / "phase0_sampled-eval-sampled.gif")
+    durations = [frame.info["duration"] for frame in ImageSequence.Iterator(gif)]
+    # Environment 0's first episode: 50 steps on the grid, 100 ms each (repeated frames are
+    # merged into longer ones), scaled 8x.
+    assert sum(durations) == 50 * 100 and len(durations) > 1 and gif.size == (128, 128)
+    # Recording does not change the evaluation.
+    assert _eval(capsys, tmp_path, "--modes", "sampled", "--name", "plain")[0] == 0
+    plain = json.loads((tmp_path / "evals" / "plain.json").read_text())
+    assert plain["sets"] == result["sets"]
