@@ -106,6 +106,8 @@ def save(
     staging = _staging_folder(directory, name)
     try:
         leaves, treedef = jax.tree_util.tree_flatten(jax.device_get(agent_state))
+        if not _finite(leaves):
+            raise ValueError(f"refusing to write checkpoint {name}: the agent state is not finite")
         with open(staging / "state.npz", "wb") as file:
             np.savez(file, *[np.asarray(leaf) for leaf in leaves])
             file.flush()
@@ -196,7 +198,27 @@ def load(folder: Path, like: Any) -> tuple[Any, dict]:
             f"checkpoint {folder} holds an agent state of a different structure, shape or dtype "
             "than this configuration builds (was the agent or its config changed?)"
         )
+    if not _finite(saved):
+        older = sorted(p.name for p in folder.parent.glob("step-*") if p.name < folder.name)
+        fix = (
+            f"resume from {older[-1]} by writing that name into {folder.parent / 'latest'}"
+            if older
+            else "start the trial over in a new folder"
+        )
+        raise IncompatibleCheckpointError(
+            f"checkpoint {folder} holds NaN or inf values (written before mbxfer checked "
+            f"updates for them); {fix}"
+        )
     return jax.tree_util.tree_unflatten(treedef, saved), runner_state
+
+
+def _finite(leaves) -> bool:
+    """Every floating-point leaf is free of NaN and inf."""
+    return all(
+        np.all(np.isfinite(leaf))
+        for leaf in map(np.asarray, leaves)
+        if np.issubdtype(leaf.dtype, np.inexact)
+    )
 
 
 class IncompatibleCheckpointError(RuntimeError):

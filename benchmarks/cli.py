@@ -199,9 +199,13 @@ def _run_updates(args) -> dict:
     return updates
 
 
+EXIT_NONFINITE = 3
+"""`mbxfer run`'s exit code when training went non-finite (`loop.NonFiniteError`)."""
+
+
 def _cmd_run(args) -> int:
     from mbxfer.benchmarks import config as config_lib
-    from mbxfer.benchmarks import runner
+    from mbxfer.benchmarks import loop, runner, trial_folder
 
     config = config_lib.build(_run_updates(args))
     out = Path(args.out) if args.out else Path("results") / "runs" / config.trial_id()
@@ -218,6 +222,10 @@ def _cmd_run(args) -> int:
         summary = runner.run(config, out, progress=not args.no_progress, start_from=start_from)
     except _bad_input_errors():
         raise
+    except loop.NonFiniteError as error:
+        trial_folder.record_failure(out, traceback.format_exc())
+        print(f"mbxfer: error: trial {config.trial_id()}: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
     except Exception:
         if (out / "config.yaml").exists():
             _record_failure(out, config.trial_id())

@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import episodes as episodes_lib
@@ -38,8 +39,44 @@ class LoopState(NamedTuple):
     episodes: int = 0
 
 
+class NonFiniteError(RuntimeError):
+    """An update produced a non-finite loss, gradient norm or parameter; the trial stops
+    before anything of that update is checkpointed (`mbxfer run` exits with code 3)."""
+
+
+def finite_checked(update_fn: Callable) -> Callable:
+    """`update_fn` (`(state, batch, key) -> (state, metrics)`, an agent's `update` or
+    `adapt`) also returning one boolean: every metric and every floating-point leaf of the new
+    state is finite. Computed inside the same jitted call (a reduction per leaf), so checking
+    costs one scalar transfer per update, not a pass over the parameters on the host."""
+
+    def checked(state, batch, key):
+        new_state, metrics = update_fn(state, batch, key)
+        leaves = [
+            leaf
+            for leaf in jax.tree_util.tree_leaves((new_state, metrics))
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)
+        ]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+        return new_state, metrics, finite
+
+    return checked
+
+
+def _refuse_nonfinite(metrics: dict, updates: int, env_steps: int) -> None:
+    values = jax.device_get(metrics)
+    bad = sorted(key for key, value in values.items() if not np.all(np.isfinite(value)))
+    where = f"in the metrics {', '.join(bad)}" if bad else "in the parameters or optimizer state"
+    raise NonFiniteError(
+        f"non-finite training: update {updates + 1} (at environment step {env_steps} of the "
+        f"phase) produced NaN or inf {where}; the trial stops and its checkpoints hold only "
+        "finite states. Lower the learning rates (agent.*_lr) or check the reward scale."
+    )
+
+
 class Learner(NamedTuple):
-    """The agent as the loop drives it (`act` and `update` jitted)."""
+    """The agent as the loop drives it (`act` jitted; `update` jitted through
+    `finite_checked`, so it returns `(state, metrics, finite)`)."""
 
     act: Callable
     update: Callable
@@ -105,19 +142,25 @@ def restart(envs, seed: int, env_steps: int):
 
 
 def update(learner: Learner, state: LoopState, batch, metrics: list) -> LoopState:
+    """One update; raises `NonFiniteError` (before the state is kept) when it is not finite."""
     rng, key = jax.random.split(state.rng)
-    agent_state, result = learner.update(state.agent, batch, key)
+    agent_state, result, finite = learner.update(state.agent, batch, key)
+    if not bool(finite):
+        _refuse_nonfinite(result, state.updates, state.env_steps)
     metrics.append(result)
     return state._replace(agent=agent_state, rng=rng, updates=state.updates + 1)
 
 
 def offline(update_fn, sample, state: LoopState, count: int) -> tuple[LoopState, list]:
-    """`count` updates by `update_fn` on batches from `sample`, no environment step (offline
-    adaptation); they are not counted as the phase's updates. The state and their metrics."""
+    """`count` updates by `update_fn` (wrapped by `finite_checked`) on batches from `sample`,
+    no environment step (offline adaptation); they are not counted as the phase's updates.
+    The state and their metrics."""
     rng, agent_state, metrics = state.rng, state.agent, []
-    for _ in range(count):
+    for done in range(count):
         rng, key = jax.random.split(rng)
-        agent_state, result = update_fn(agent_state, sample(), key)
+        agent_state, result, finite = update_fn(agent_state, sample(), key)
+        if not bool(finite):
+            _refuse_nonfinite(result, done, state.env_steps)
         metrics.append(result)
     return state._replace(agent=agent_state, rng=rng), metrics
 

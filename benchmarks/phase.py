@@ -104,7 +104,10 @@ class Phase:
         ):
             self.evaluate(state)  # The phase's starting point (jumpstart).
         learner = loop.Learner(
-            self.act, jax.jit(self.agent.update), self.agent.initial_carry, self._sample
+            self.act,
+            jax.jit(loop.finite_checked(self.agent.update)),
+            self.agent.initial_carry,
+            self._sample,
         )
         self._open_bar(state.env_steps)
         state, finished = loop.run(self.envs, self.replay, learner, state, self._plan(), self)
@@ -207,7 +210,7 @@ class Phase:
                 f"phase {phase.name!r} adapts offline but the replay holds no sequences "
                 "(set keep_replay and run a phase before it)"
             )
-        adapt = jax.jit(self.agent.adapt)
+        adapt = jax.jit(loop.finite_checked(self.agent.adapt))
         state, metrics = loop.offline(adapt, self._sample, state, phase.offline_updates)
         record = {"offline_updates": phase.offline_updates, **loop.mean_metrics(metrics)}
         self.log_to.metrics(0, record)

@@ -246,3 +246,24 @@ def test_replay_ratio_counts_from_its_clock(clock):
     assert first == (125 if clock == "zero" else 1)
     assert updates == (500 if clock == "zero" else 1 + 375)
     assert max(per_step[500 // 4 :]) == 1  # then one update per 4 steps (64 * 4 / 256)
+
+
+def test_nonfinite_training_stops_with_exit_3_and_keeps_the_last_finite_checkpoint(
+    tmp_path, capsys
+):
+    """A learning rate of 1e30 turns the first updates to NaN: the trial stops at that update
+    (exit code 3, named metrics), writes no done.json and no non-finite checkpoint, and the
+    checkpoint written before updates began is intact and finite."""
+    from mbxfer.benchmarks import cli
+
+    out = tmp_path / "nan"
+    overrides = _config("agent.model_lr=1e30", "train.learning_starts=120").to_dict()
+    (tmp_path / "config.yaml").write_text(config_lib.yaml.safe_dump(overrides))
+    argv = ["run", "--config", str(tmp_path / "config.yaml"), "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 3
+    error = capsys.readouterr().err
+    assert "non-finite training: update" in error and "loss/total" in error
+    assert not (out / "done.json").exists() and (out / "failed.json").exists()
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert saved == ["step-000000000080-phase0"]  # before learning_starts; none after the NaN
+    assert all(np.all(np.isfinite(leaf)) for leaf in _final_leaves(out) if leaf.dtype.kind == "f")
