@@ -37,7 +37,6 @@ BOOKKEEPING = frozenset(
 """Keys of a log line that place it rather than measure something (`start_digest` is the
 fingerprint of the evaluation episodes' start states)."""
 TENSORBOARD_FOLDER = "tensorboard"
-WANDB_FOLDER = "wandb"
 
 
 class MissingLoggerError(config_lib.ConfigError):

@@ -104,6 +104,21 @@ def test_a_resumed_trial_has_one_value_per_step(tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
 
 
+def test_a_crash_closes_the_writers(tmp_path):
+    """A trial that raises still leaves event files with every line logged before it (closing
+    the writer flushes them) beside its intact JSONL logs."""
+
+    def crash(total_steps):
+        if total_steps >= 120:
+            raise RuntimeError("simulated crash")
+
+    config = _config("random", "train.steps=200")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        runner.run(config, tmp_path, progress=False, on_step=crash)
+    assert [m["total_env_steps"] for m in _lines(tmp_path / "metrics.jsonl")] == [40, 80, 120]
+    assert _board(tmp_path) == _expected(tmp_path)
+
+
 def test_the_log_section_is_not_part_of_the_trial(tmp_path):
     """`log.*` is a run option: it changes neither the trial id nor config.yaml, nor what
     counts as the same trial; `--keys` documents it; bad values are refused."""
