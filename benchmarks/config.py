@@ -105,6 +105,41 @@ class TrainConfig:
             )
 
 
+WANDB_MODES = ("offline", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Where a trial's metrics are mirrored besides its JSONL logs, which stay the record
+    (`benchmarks/loggers.py`). A run option, not part of the trial: `TrialConfig.to_dict`
+    leaves it out, so it never changes the trial id, `config.yaml` or which folder resumes."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files into `<trial>/tensorboard/`: every training-metric and
+    evaluation line as scalars tagged by phase, and the world-model video."""
+    wandb: bool = False
+    """Also log them to a Weights & Biases run (needs `pip install 'mbxfer[wandb]'`)."""
+    wandb_project: str = "mbxfer"
+    """The W&B project the trial's run goes to."""
+    wandb_entity: Optional[str] = None
+    """The W&B user or team; None is the logged-in user's default entity."""
+    wandb_mode: str = "offline"
+    """`offline` (the run is kept in `<trial>/wandb/`, uploaded later by `wandb sync`) or
+    `online` (streamed to the W&B server; needs `wandb login`)."""
+
+    def __post_init__(self):
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(
+                f"log.wandb_mode={self.wandb_mode!r} must be one of {list(WANDB_MODES)}"
+            )
+
+
+RUN_OPTIONS = ("log",)
+"""`TrialConfig` fields that say how a trial is watched, not what it computes: left out of
+`to_dict`, hence out of trial ids, `config.yaml` and the checks that a folder holds the same
+trial (switching TensorBoard off still resumes the same trial)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrialConfig:
     """One trial: agent x environment x seed, with every knob typed."""
@@ -119,15 +154,20 @@ class TrialConfig:
     """The transfer protocol: the phases the trial runs (`benchmarks/protocols.py`)."""
     agent_config: Any = None
     """The agent's own frozen config; built from its class when left None."""
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    """Where metrics are mirrored (TensorBoard, W&B); a run option outside the trial id."""
 
     def __post_init__(self):
         if self.agent_config is None:
             object.__setattr__(self, "agent_config", agents.config_class(self.agent)())
 
     def to_dict(self) -> dict:
-        """Plain data, with the agent spelled as everywhere a user writes it:
-        `agent: {name: dreamer, model: {...}, ...}` (the name and the agent's own config)."""
+        """The trial as plain data, with the agent spelled as everywhere a user writes it:
+        `agent: {name: dreamer, model: {...}, ...}` (the name and the agent's own config).
+        Run options (`RUN_OPTIONS`: `log`) are not the trial's and are left out."""
         plain = _to_plain(self)
+        for key in RUN_OPTIONS:
+            plain.pop(key)
         agent = {"name": plain.pop("agent"), **plain.pop("agent_config")}
         return {"agent": agent, **plain}
 
@@ -165,8 +205,10 @@ def merge(into: dict, more: Mapping) -> dict:
 
 def trial_id_of(config: Mapping) -> str:
     """The trial id of a config in plain form (`TrialConfig.to_dict()`, or a trial folder's
-    `config.yaml` as loaded): the one hash that names trial folders and that reports count by."""
-    text = json.dumps(config, sort_keys=True)
+    `config.yaml` as loaded): the one hash that names trial folders and that reports count by.
+    Run options (`RUN_OPTIONS`) do not count, should a plain config hold them."""
+    trial = {key: value for key, value in config.items() if key not in RUN_OPTIONS}
+    text = json.dumps(trial, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

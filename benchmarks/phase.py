@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import episodes, loop, protocols, schedule, video
+from mbxfer.benchmarks import episodes, loggers, loop, protocols, schedule, video
 from mbxfer.benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
 from mbxfer.envs import registry, scoring, vector
 
@@ -54,11 +54,13 @@ def evaluate(agent, act, state, config, seed: int, recipe=None, mode: str = "sam
 
 
 class Watch(NamedTuple):
-    """What the caller watches the trial with: a progress bar, a stop, a step callback."""
+    """What the caller watches the trial with: a progress bar, a stop, a step callback, and
+    the mirrors of its logs (TensorBoard, W&B), synced after each log and evaluation."""
 
     progress: bool
     stop_after: Optional[int]
     on_step: Optional[Callable[[int], None]]
+    mirrors: loggers.Mirrors
 
 
 class Phase:
@@ -214,6 +216,7 @@ class Phase:
         state, metrics = loop.offline(adapt, self._sample, state, phase.offline_updates)
         record = {"offline_updates": phase.offline_updates, **loop.mean_metrics(metrics)}
         self.log_to.metrics(0, record)
+        self.watch.mirrors.sync()
         return state
 
     def _end(self, state: loop.LoopState) -> None:
@@ -254,6 +257,7 @@ class Phase:
 
     def log(self, state: loop.LoopState, window: loop.Window) -> None:
         self.log_to.metrics(state.env_steps, loop.window_metrics(state, window, self._summarize))
+        self.watch.mirrors.sync()
 
     def evaluate(self, state: loop.LoopState) -> None:
         """Every evaluation set in every mode; a set's result is its headline mode's summary
@@ -271,6 +275,7 @@ class Phase:
             headline = train.eval_modes[0]
             results[set_name] = {**by_mode[headline], "mode": headline, "modes": by_mode}
         self.final_evals = results
+        self.watch.mirrors.sync()
         first = next(iter(results.values()), {})
         if self.bar is not None and "return_mean" in first:
             self.bar.set_postfix(eval_return=f"{first['return_mean']:.2f}")

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import jax
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import protocols, transfer
+from mbxfer.benchmarks import loggers, protocols, transfer
 from mbxfer.benchmarks.phase import Phase, Watch
 from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
 from mbxfer.envs import registry
@@ -72,10 +72,12 @@ def run(
     if done is not None:
         return done
     resume = folder.resume_point(start_from, config, phases)
-    watch = Watch(progress, stop_after, on_step)
     with contextlib.ExitStack() as stack:
         folder.open_logs(resume)
         stack.callback(folder.close)
+        # Opened on the logs as cut back to `resume`: the mirrors replay them from the start.
+        mirrors = stack.enter_context(loggers.open_mirrors(config, folder.out))
+        watch = Watch(progress, stop_after, on_step, mirrors)
         return _Trial(config, phases, folder, watch, stack).run(resume)
 
 
@@ -134,5 +136,8 @@ class _Trial:
         video = phase.video(state, replay)
         if video is not None:
             summary["video"] = video
+            self.watch.mirrors.video(
+                phase.phase.name, summary["env_steps"], self.folder.out / video["path"]
+            )
         self.folder.write_done(summary)
         return summary
