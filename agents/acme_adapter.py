@@ -13,6 +13,7 @@ import dm_env
 import jax
 import numpy as np
 from acme import core
+
 from mbxfer.agents import base
 
 _LOG_PREFIX = "log_"

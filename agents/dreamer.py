@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import optax
 import rlax
 from acme import specs as acme_specs
+
+from mbxfer import exploration
 from mbxfer.agents import base, networks, nomodel, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
 from mbxfer.agents.world_model import (
@@ -46,8 +48,6 @@ from mbxfer.agents.world_model import (
     make_world_model,
 )
 from mbxfer.exploration import ExplorationConfig
-
-from mbxfer import exploration
 
 
 @dataclasses.dataclass(frozen=True)

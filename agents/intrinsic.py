@@ -19,10 +19,10 @@ from typing import Any, NamedTuple, Optional
 
 import chex
 import optax
-from mbxfer.agents import sequences
-from mbxfer.exploration import ExplorationConfig, ExplorationModule, ExplorationState
 
 from mbxfer import exploration
+from mbxfer.agents import sequences
+from mbxfer.exploration import ExplorationConfig, ExplorationModule, ExplorationState
 
 Array = chex.Array
 

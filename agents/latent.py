@@ -20,6 +20,7 @@ import distrax
 import haiku as hk
 import jax
 import jax.numpy as jnp
+
 from mbxfer.agents import networks
 from mbxfer.agents.world_model_types import LatentState, WorldModelConfig
 

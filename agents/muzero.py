@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from acme import specs as acme_specs
+
+from mbxfer import exploration as exploration_lib
 from mbxfer.agents import base, networks, nomodel, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
 from mbxfer.agents import muzero_targets as targets_lib
@@ -69,8 +71,6 @@ from mbxfer.agents.world_model import (
     make_world_model,
 )
 from mbxfer.exploration import ExplorationConfig
-
-from mbxfer import exploration as exploration_lib
 
 __all__ = [
     "MuZeroCarry",

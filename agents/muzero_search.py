@@ -33,6 +33,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import mctx
+
 from mbxfer.agents import networks
 from mbxfer.agents.world_model import LatentState, WorldModel
 

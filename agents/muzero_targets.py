@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import rlax
+
 from mbxfer.agents import sequences
 
 Array = chex.Array

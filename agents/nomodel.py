@@ -41,6 +41,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import rlax
+
 from mbxfer.agents import sequences
 from mbxfer.agents.world_model_types import LatentState, LossConfig, WorldModel, WorldModelConfig
 

@@ -53,11 +53,11 @@ import optax
 import rlax
 from acme import specs as acme_specs
 from dm_env import specs
+
+from mbxfer import exploration
 from mbxfer.agents import base, networks, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
 from mbxfer.exploration import ExplorationConfig
-
-from mbxfer import exploration
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from acme import specs as acme_specs
 from dm_env import specs
+
 from mbxfer.agents import base
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from dm_env import specs
+
 from mbxfer.agents import latent, networks
 from mbxfer.agents.world_model_losses import LOSS_TERMS
 from mbxfer.agents.world_model_types import (

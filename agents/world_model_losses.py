@@ -34,6 +34,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+
 from mbxfer.agents import latent, networks, sequences
 from mbxfer.agents.world_model_types import Array, LossContext, LossTerm
 

@@ -176,6 +176,7 @@ def _cmd_eval(args) -> int:
 def _run_updates(args) -> dict:
     """Nested config updates from a YAML file, the shortcut flags, then `--set` overrides."""
     import yaml
+
     from mbxfer.benchmarks import config as config_lib
 
     updates: dict = {}
@@ -330,9 +331,8 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_agents(args) -> int:
-    from mbxfer.benchmarks import config as config_lib
-
     from mbxfer import agents
+    from mbxfer.benchmarks import config as config_lib
 
     for name in agents.names():
         config_class = agents.config_class(name)

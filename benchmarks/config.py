@@ -17,9 +17,9 @@ import typing
 from typing import Any, Mapping, Optional
 
 import yaml
-from mbxfer.benchmarks.protocols import ProtocolConfig
 
 from mbxfer import agents
+from mbxfer.benchmarks.protocols import ProtocolConfig
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Protocol
 import jax
 import numpy as np
 from dm_env import specs
+
 from mbxfer.agents.base import ActInput
 from mbxfer.envs import base as env_base
 from mbxfer.envs import scoring

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+
+from mbxfer import agents
 from mbxfer.benchmarks import checkpoint, episodes, protocols
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import phase as phase_lib
 from mbxfer.benchmarks.trial_folder import Resume, RunnerState, load_agent_state
 from mbxfer.envs import registry, scoring, vector
-
-from mbxfer import agents
 
 EVALS = "evals"
 VIDEO_FRAMES = 1000  # At most this many frames per video (one episode of environment 0).
@@ -240,13 +240,18 @@ class FrameRecorder:
 
 
 def _play(agent, act, state, config, recipe, mode: str, seed: int, count: int, video: bool):
-    """One evaluation as `phase.evaluate` plays it, with `count` episodes; the frames of
-    environment 0 when `video`."""
-    policy = episodes.AgentPolicy(agent, act, state, config_lib.EVAL_MODES[mode], seed)
-    recorder = FrameRecorder(policy) if video else None
-    with phase_lib.make_envs(config, min(count, config.env.num_envs), seed, recipe) as envs:
-        summary = episodes.evaluate(envs, recipe, recorder or policy, count)
-    return summary, (recorder.frames if recorder else None)
+    """One evaluation, the runner's own (`phase.evaluate`), with `count` episodes; the frames
+    of environment 0 when `video`."""
+    recorders = []
+
+    def record(policy):
+        recorders.append(FrameRecorder(policy))
+        return recorders[-1]
+
+    summary = phase_lib.evaluate(
+        agent, act, state, config, seed, recipe, mode, count, record if video else None
+    )
+    return summary, (recorders[0].frames if recorders else None)
 
 
 def write_gif(frames: list, path: Path, frame_ms: int = 100) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import episodes as episodes_lib
 from mbxfer.benchmarks import schedule

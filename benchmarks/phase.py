@@ -17,13 +17,13 @@ from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+
+from mbxfer import agents
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import episodes, loggers, loop, protocols, schedule, video
 from mbxfer.benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
 from mbxfer.envs import registry, scoring, vector
-
-from mbxfer import agents
 
 
 def env_recipe(config: config_lib.TrialConfig, task, *kwargs) -> registry.EnvFactory:
@@ -42,13 +42,18 @@ def make_envs(config: config_lib.TrialConfig, num_envs: int, seed: int, recipe=N
     return vector.make(recipe, num_envs, mode=mode, seed=seed)
 
 
-def evaluate(agent, act, state, config, seed: int, recipe=None, mode: str = "sampled") -> dict:
-    """Evaluation episodes (`train.eval_episodes`, else the environment's default) on fresh
-    environments seeded with `seed`, the agent acting in evaluation `mode` (`sampled` or
-    `greedy`, `config_lib.EVAL_MODES`); see `episodes.evaluate`."""
+def evaluate(
+    agent, act, state, config, seed: int, recipe=None, mode: str = "sampled", count=None, wrap=None
+) -> dict:
+    """Evaluation episodes (`count`, else `train.eval_episodes`, else the environment's
+    default) on fresh environments seeded with `seed`, the agent acting in evaluation `mode`
+    (`sampled` or `greedy`, `config_lib.EVAL_MODES`); see `episodes.evaluate`. `wrap` may wrap
+    the policy (`mbxfer eval --video` records frames through it) without changing its actions."""
     recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
-    count = config.train.eval_episodes or recipe.entry.eval_episodes
+    count = count or config.train.eval_episodes or recipe.entry.eval_episodes
     policy = episodes.AgentPolicy(agent, act, state, config_lib.EVAL_MODES[mode], seed)
+    if wrap is not None:
+        policy = wrap(policy)
     with make_envs(config, min(count, config.env.num_envs), seed, recipe) as envs:
         return episodes.evaluate(envs, recipe, policy, count)
 

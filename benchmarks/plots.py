@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from mbxfer.benchmarks.results import SCRATCH
 from mbxfer.benchmarks.stats import TRANSFER_BARS, Row, seeded
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+from mbxfer import agents
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import plots, stats
 from mbxfer.benchmarks.results import (
@@ -33,8 +34,6 @@ from mbxfer.benchmarks.results import (
 )
 from mbxfer.benchmarks.stats import TRANSFER_KEYS, Row
 from mbxfer.envs import registry
-
-from mbxfer import agents
 
 
 class ReportError(config_lib.ConfigError):

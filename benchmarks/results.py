@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.envs import registry, scoring
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import loggers, protocols, transfer
 from mbxfer.benchmarks.phase import Phase, Watch

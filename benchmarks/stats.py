@@ -18,6 +18,7 @@ import math
 from typing import Any, Callable
 
 import numpy as np
+
 from mbxfer.benchmarks.results import FALLBACK_SCORE, SCRATCH, TrialRecord, headline_mode
 
 TRANSFER_BARS = ("jumpstart", "auc_ratio", "final_gain")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
+
 from mbxfer.benchmarks import config as config_lib
 
 AXES = ("agents", "envs", "tasks", "protocols", "seeds")
@@ -171,10 +172,9 @@ def expand(spec: Mapping) -> Sweep:
     """
     if spec.get("parts") is not None:
         return _expand_parts(spec)
+    from mbxfer import agents
     from mbxfer.envs import base as env_base
     from mbxfer.envs import registry
-
-    from mbxfer import agents
 
     problems: list[str] = []
     for key in spec:

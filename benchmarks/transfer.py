@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
 from mbxfer.benchmarks.trial_folder import TrialFolder
 
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional, TextIO
 
 import numpy as np
 import yaml
+
 from mbxfer.benchmarks import checkpoint, protocols
 from mbxfer.benchmarks import config as config_lib
 

@@ -27,6 +27,7 @@ from typing import Mapping, Sequence
 import dm_env
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base
 
 # The order of crafter.constants.achievements (checked when an environment is built).

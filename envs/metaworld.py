@@ -41,6 +41,7 @@ from __future__ import annotations
 import dm_env
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base, mujoco_render
 
 VERSION_SUFFIX = "-v3"

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import dm_env
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base
 
 GAMES = (

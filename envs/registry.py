@@ -37,6 +37,7 @@ import warnings
 from typing import Any, Callable, Mapping, Union
 
 import dm_env
+
 from mbxfer.envs import base
 from mbxfer.envs.scoring import RETURN, Scorer
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dm_env
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base, mujoco_render
 
 TASKS = (
@@ -57,6 +58,7 @@ _CROP_BOX = (17, 25, 105, 89)  # PIL rounds RoboDesk's (16.75, 25.0, 105.0, 88.7
 def _desk_class():
     """The raw RoboDesk class, minus the per-step render of its observation."""
     import PIL.Image
+
     from mbxfer.envs import optional
 
     mujoco_render.configure_headless()

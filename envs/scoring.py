@@ -28,6 +28,7 @@ import importlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
 from mbxfer.envs import base
 
 DEFAULT_KEY = "return_mean"

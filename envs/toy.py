@@ -19,6 +19,7 @@ from __future__ import annotations
 import dm_env
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base
 
 _MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # noop, up, down, left, right

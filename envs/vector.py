@@ -48,6 +48,7 @@ import dm_env
 import numpy as np
 from acme import specs as acme_specs
 from dm_env import specs
+
 from mbxfer.envs import base
 
 _STEP_TYPE_DTYPE = np.int8

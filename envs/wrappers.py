@@ -18,6 +18,7 @@ import dm_env
 import gymnasium
 import numpy as np
 from dm_env import specs
+
 from mbxfer.envs import base
 
 _FLOAT32 = np.float32

@@ -12,6 +12,7 @@ from __future__ import annotations
 import haiku as hk
 import jax.numpy as jnp
 import rlax
+
 from mbxfer.exploration import base
 
 

@@ -11,6 +11,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import rlax
+
 from mbxfer.exploration import base
 
 

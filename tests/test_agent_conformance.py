@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import tiny_configs
 from dm_env import specs
+
+from mbxfer import agents
 from mbxfer.agents import base
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import checkpoint, loop, protocols
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry, vector
-
-from mbxfer import agents
 
 NUM_ENVS = 2
 TINY = {

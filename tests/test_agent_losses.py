@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from mbxfer.agents import dreamer, muzero, ppo, sequences
 from mbxfer.agents import muzero_targets as targets
 from mbxfer.benchmarks import config as config_lib

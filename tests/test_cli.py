@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tiny_configs
 import yaml
+
 from mbxfer.benchmarks import checkpoint, cli, report, results, runner, trial_folder
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import phase as phase_lib

@@ -10,6 +10,7 @@ import dm_env
 import numpy as np
 import pytest
 from dm_env import specs, test_utils
+
 from mbxfer.envs import base, registry
 
 STEPS = 120

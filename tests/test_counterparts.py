@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
+
+from mbxfer import agents
 from mbxfer.agents import dreamer, muzero, nomodel
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import loop, protocols, runner
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry, vector
-
-from mbxfer import agents
 
 TWIN = {"muzero_nomodel": "muzero", "dreamer_nomodel": "dreamer"}
 REMOVED = {

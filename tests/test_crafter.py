@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from mbxfer.benchmarks.cli import random_rollout
 from mbxfer.envs import crafter, registry
 

@@ -5,13 +5,13 @@ import jax
 import numpy as np
 import pytest
 from acme.utils import loggers
+
+from mbxfer import agents
 from mbxfer.agents import acme_adapter, base
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import runner
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry
-
-from mbxfer import agents
 
 TINY = config_lib.build(
     config_lib.parse_overrides(

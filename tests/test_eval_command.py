@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import tiny_configs
+from PIL import Image, ImageSequence
+
 from mbxfer.benchmarks import cli, runner
 from mbxfer.benchmarks import config as config_lib
-from PIL import Image, ImageSequence
 
 # Two phases (pretrain on one task, finetune on another), each evaluated on both tasks every
 # 40 steps, with a step checkpoint every 40: PPO learns from its first rollout, so each

@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+from mbxfer import agents, exploration
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import loop, runner
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry, vector
 from mbxfer.exploration import ExplorationConfig, Transitions
-
-from mbxfer import agents, exploration
 
 
 def _grid_transitions(steps=3000, seed=0):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tiny_configs
 import yaml
+
 from mbxfer.benchmarks import cli, loggers, runner, trial_folder
 from mbxfer.benchmarks import config as config_lib
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from mbxfer.envs import base, metaworld, registry, wrappers
 
 mw = pytest.importorskip("metaworld", reason="pip install 'mbxfer[metaworld]'")

@@ -13,14 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tiny_configs
+
+from mbxfer import agents
 from mbxfer.agents import base, muzero, muzero_search, sequences
 from mbxfer.agents import muzero_targets as targets
 from mbxfer.benchmarks import checkpoint, phase, runner
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry, vector
-
-from mbxfer import agents
 
 ROOT = Path(__file__).resolve().parent.parent
 # The shared tiny MuZero (tests/tiny_configs.py) without the exploration module's width.

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from mbxfer.agents import networks
 
 VALUES = np.array([-1e4, -37.5, -1.0, -0.3, 0.0, 0.25, 1.0, 2.5, 100.0, 5e5], np.float32)

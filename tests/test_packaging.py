@@ -43,7 +43,9 @@ def test_wheel_installs_only_mbxfer_with_every_source_module(wheel):
         entry_points = archive.read(
             next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
         ).decode()
-    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    top_level = {
+        name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")
+    }
     assert top_level == {"mbxfer"}
     for folder in SOURCE_FOLDERS:
         for path in (ROOT / folder).rglob("*.py"):
@@ -84,7 +86,9 @@ def test_installs_beside_a_package_owning_benchmarks_and_a_local_envs(tmp_path, 
     site = Path(
         subprocess.run(
             [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     )
     ours = Path(next(p for p in sys.path if p.endswith("site-packages")))
@@ -105,9 +109,23 @@ def test_installs_beside_a_package_owning_benchmarks_and_a_local_envs(tmp_path, 
     (work / "envs" / "__init__.py").write_text("OWNER = 'researcher'\n")
     env = {**os.environ, "PYTHONPATH": ""}
     run = [
-        env_dir / "bin" / "mbxfer", "run", "--agent", "random", "--env", "grid",
-        "--task", "reach_bottom_right", "--steps", "200", "--out", str(work / "trial"),
-        "--no-progress", "--set", "train.eval_every=200", "--set", "train.eval_episodes=2",
+        env_dir / "bin" / "mbxfer",
+        "run",
+        "--agent",
+        "random",
+        "--env",
+        "grid",
+        "--task",
+        "reach_bottom_right",
+        "--steps",
+        "200",
+        "--out",
+        str(work / "trial"),
+        "--no-progress",
+        "--set",
+        "train.eval_every=200",
+        "--set",
+        "train.eval_episodes=2",
     ]
     subprocess.run(run, cwd=work, env=env, check=True, capture_output=True)
     assert (work / "trial" / "done.json").exists()
@@ -119,10 +137,16 @@ def test_installs_beside_a_package_owning_benchmarks_and_a_local_envs(tmp_path, 
     subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", "mbxfer"], check=True)
     assert (site / "benchmarks" / "__init__.py").exists()
     subprocess.run([*pip, str(wheel)], check=True)
-    subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", "other-benchmarks"], check=True)
+    subprocess.run(
+        [python, "-m", "pip", "uninstall", "--quiet", "-y", "other-benchmarks"], check=True
+    )
     assert (site / "mbxfer" / "benchmarks" / "cli.py").exists()
     version = subprocess.run(
-        [env_dir / "bin" / "mbxfer", "--version"], cwd=work, env=env, check=True,
-        capture_output=True, text=True,
+        [env_dir / "bin" / "mbxfer", "--version"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     assert version.stdout.strip() == "mbxfer 0.1.0"

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import rlax
+
+from mbxfer import agents
 from mbxfer.agents import base, ppo
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import loop, protocols, runner
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry, vector
-
-from mbxfer import agents
 
 GAMMA, LAMBDA = 0.9, 0.8
 

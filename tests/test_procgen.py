@@ -4,6 +4,7 @@ import dm_env
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from mbxfer.envs import base, optional, procgen, registry, vector, wrappers
 
 pytest.importorskip("envpool", reason="pip install 'mbxfer[procgen]'")

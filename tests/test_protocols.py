@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import pytest
 import tiny_configs
+
+from mbxfer import agents
 from mbxfer.benchmarks import cli, protocols, runner, transfer
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.envs import base as env_base
 from mbxfer.envs import registry
-
-from mbxfer import agents
 
 PROTOCOL_STEPS = ["train.steps=80", "protocol.pretrain_steps=80"]
 # Each protocol once by default, the agents alternating (scratch with dreamer and
@@ -361,8 +361,12 @@ def test_a_learning_agent_without_task_or_intrinsic_reward_is_refused(tmp_path, 
     # With an intrinsic reward the same reward-free run is a legitimate exploration run.
     with_intrinsic = config_lib.build(
         config_lib.parse_overrides(
-            ["agent.name=muzero", "env.name=grid", "agent.exploration.module=rnd",
-             "agent.exploration.intrinsic_scale=1.0"]  # fmt: skip
+            [
+                "agent.name=muzero",
+                "env.name=grid",
+                "agent.exploration.module=rnd",
+                "agent.exploration.intrinsic_scale=1.0",
+            ]  # fmt: skip
         )
     )
     assert [p.task for p in protocols.phases(with_intrinsic)] == [None]

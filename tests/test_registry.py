@@ -5,6 +5,7 @@ import textwrap
 import gymnasium
 import numpy as np
 import pytest
+
 from mbxfer.benchmarks import cli
 from mbxfer.envs import registry, toy, vector
 from mbxfer.envs.base import ConfigurationError

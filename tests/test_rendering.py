@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from mbxfer.envs import mujoco_render, registry
 from PIL import Image
+
+from mbxfer.envs import mujoco_render, registry
 
 pytest.importorskip("mujoco", reason="pip install 'mbxfer[metaworld]'")
 

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 from dm_env import specs
+
 from mbxfer.agents.replay import Replay
 from mbxfer.envs import base, toy
 

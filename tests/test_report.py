@@ -7,11 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
+from rliable import library, metrics
+
 from mbxfer.benchmarks import cli, plots, report, stats
 from mbxfer.benchmarks.results import load_trials
 from mbxfer.envs import registry
-from PIL import Image
-from rliable import library, metrics
 
 REPS = 300
 DREAMER = [1.0, 2.0, 3.0, 4.0, 10.0]

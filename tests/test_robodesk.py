@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
+
 from mbxfer.envs import base, registry, robodesk, scoring, wrappers
 
 raw_robodesk = pytest.importorskip("robodesk", reason="pip install 'mbxfer[robodesk]'")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tiny_configs
 import yaml
+
 from mbxfer.benchmarks import checkpoint, cli, runner
 from mbxfer.benchmarks import config as config_lib
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from mbxfer.benchmarks import cli, executors, report, results, sweep, sweep_spec, trial_folder
 
 ROOT = Path(__file__).resolve().parent.parent

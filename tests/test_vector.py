@@ -11,6 +11,7 @@ import time
 import dm_env
 import numpy as np
 import pytest
+
 from mbxfer.envs import base, registry, vector
 
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
 from mbxfer.agents import replay as replay_lib
 from mbxfer.agents import world_model as wm
 from mbxfer.agents import world_model_losses

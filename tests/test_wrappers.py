@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
+
 from mbxfer.envs import base, registry, toy, wrappers
 from mbxfer.envs.base import ConfigurationError
 

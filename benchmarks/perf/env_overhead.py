@@ -140,6 +140,7 @@ def _ours(name: str, steps: int, **keywords) -> float:
 
 def _procgen_rows(steps: int) -> tuple[dict, dict]:
     import envpool
+
     from mbxfer.envs import registry, vector
 
     rows = {}

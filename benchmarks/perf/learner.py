@@ -165,6 +165,7 @@ def environment_spec():
     """Crafter's spec as the runner builds it: 64x64x3 uint8 image, 17 discrete actions."""
     from acme import specs as acme_specs
     from dm_env import specs
+
     from mbxfer.envs import base as env_base
 
     return acme_specs.EnvironmentSpec(
@@ -248,6 +249,7 @@ def breakdown(size: ModelSize, steps: int, seed: int = 0) -> dict[str, float]:
     """
     import jax
     import jax.numpy as jnp
+
     from mbxfer.agents.world_model import make_world_model
 
     config = size.dreamer_config()

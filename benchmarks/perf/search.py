@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from acme import specs as acme_specs
 from dm_env import specs
+
 from mbxfer.agents import muzero, muzero_search, networks
 
 NUM_ACTIONS = 17  # Crafter's action set.

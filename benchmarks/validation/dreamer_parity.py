@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from mbxfer.benchmarks.validation.ppo_cartpole import iqm_with_ci
 
 REPO = Path(__file__).resolve().parents[2]

@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     np.random.seed(args.seed)  # embodied's RandomAgent and OneHotAction sample from np.random.
     import dreamerv3
     import embodied
+
     from mbxfer.envs import registry
 
     config = embodied.Config(dreamerv3.configs["defaults"])

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
 from mbxfer.benchmarks import config as config_lib
 
 DEFAULT_OUT = Path("results/validation/ppo_cartpole")
