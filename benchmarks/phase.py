@@ -154,6 +154,18 @@ class Phase:
             seed=self.seed,
         )
 
+    def ended(self, resume: Resume):
+        """`(state, replay, self)` as this phase's end checkpoint `resume` saved them, for a
+        run killed after that checkpoint and before `done.json`."""
+        fresh = self.agent.init(self._keys()[0])
+        agent_state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
+        self.replay = self._new_replay()
+        if (resume.folder / "replay.npz").exists():
+            self.replay.load(resume.folder / "replay.npz")
+        self.image_env = "image" in self.envs.observation_spec()
+        self.envs.close()
+        return agent_state, self.replay, self
+
     def _start(self, carried, resume: Optional[Resume]) -> loop.LoopState:
         """The phase's starting loop state (and `self.replay`): a fresh agent, the carried
         parts of the previous phase's, or a checkpoint's."""

@@ -99,6 +99,10 @@ class _Trial:
             if source is not None:
                 self.history["from"] = source
             start = resume.state.next_phase
+        if start == len(self.phases):  # Killed after the last phase's end, before done.json.
+            last = Phase(self.config, self.phases, start - 1, self.folder, self.agent_config,
+                         self.history, self.watch, self.stack)  # fmt: skip
+            return self._finish(*last.ended(resume))
         carried = None
         for index in range(start, len(self.phases)):
             phase = Phase(self.config, self.phases, index, self.folder, self.agent_config,

@@ -117,6 +117,23 @@ def test_stopped_trial_resumes_in_process(tmp_path, finished_trial):
         np.testing.assert_array_equal(a, b)
 
 
+def test_trial_killed_between_its_last_checkpoint_and_done_json_finishes_on_resume(
+    tmp_path, finished_trial
+):
+    """The last phase's end checkpoint is written, done.json is not (a kill in between):
+    running again writes the same done.json from that checkpoint, training nothing."""
+    import shutil
+
+    folder = tmp_path / "trial"
+    shutil.copytree(finished_trial[0], folder)
+    done = json.loads((folder / "done.json").read_text())
+    (folder / "done.json").unlink()
+    metrics = (folder / "metrics.jsonl").read_text()
+    assert runner.run(_config(), folder, progress=False) == done
+    assert json.loads((folder / "done.json").read_text()) == done
+    assert (folder / "metrics.jsonl").read_text() == metrics
+
+
 def _cli(capsys, *argv):
     code = cli.main(list(argv))
     return code, capsys.readouterr().err
