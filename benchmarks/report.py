@@ -24,7 +24,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 from mbxfer import agents
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import plots, stats
+from mbxfer.benchmarks import plots, stats, transfer
 from mbxfer.benchmarks.results import (
     FALLBACK_SCORE,
     SCRATCH,
@@ -68,7 +68,9 @@ def _model_based(agent: str) -> Optional[bool]:
 
 def improvement_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
     """(X, Y) pairs on one env/task/eval set: model-based vs model-free agents under one
-    protocol, and each pretraining protocol vs scratch for one agent."""
+    protocol, and each pretraining protocol vs scratch for one agent: the scratch group that
+    holds X's scratch twins (`transfer.twin_key`; the groups' labels differ when the pretrained
+    trials vary a protocol setting such as `carry`)."""
     pairs = []
     for x in rows:
         for y in rows:
@@ -77,9 +79,15 @@ def improvement_pairs(rows: list[Row]) -> list[tuple[Row, Row]]:
             x_based, y_based = (_model_based(r.trials[0].agent) for r in (x, y))
             if x.protocol == y.protocol and x_based is True and y_based is False:
                 pairs.append((x, y))
-            elif x.agent == y.agent and y.protocol == SCRATCH and x.protocol != SCRATCH:
+            elif y.protocol == SCRATCH and x.protocol != SCRATCH and _twins(x, y):
                 pairs.append((x, y))
     return pairs
+
+
+def _twins(pretrained: Row, scratch: Row) -> bool:
+    """Every trial of `pretrained` has its scratch twin in `scratch`."""
+    keys = {transfer.twin_key(t.config) for t in scratch.trials}
+    return all(transfer.twin_key(t.config) in keys for t in pretrained.trials)
 
 
 def figure_formats(formats: Union[str, Sequence[str]]) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from PIL import Image
 from rliable import library, metrics
 
 from mbxfer.benchmarks import cli, plots, report, stats
+from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks.results import load_trials
 from mbxfer.envs import registry
 
@@ -34,6 +35,7 @@ def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **ext
         "protocol": {"name": protocol},
         "agent_config": {},
     }
+    config_lib.merge(config, extra.get("config", {}))
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     score_key = registry.score_key(env)
     phases = extra.get("phases", ["train"])
@@ -471,3 +473,27 @@ def test_saved_figures_are_reproducible_and_pdfs_embed_truetype(tmp_path):
     assert b"/FontFile2" in pdf and b"/Type3" not in pdf
     with pytest.raises(ValueError, match="choose from png, pdf, svg"):
         plots.save(figure, tmp_path / "c", ["eps"])
+
+
+def test_pretrained_groups_are_paired_with_their_own_scratch_twins(tmp_path):
+    """Pretrained groups labelled by a protocol setting (carry) are compared with the scratch
+    group that holds their twins (same agent config), not with every scratch dreamer and not
+    with none (their labels differ from the scratch group's)."""
+    for seed in range(3):
+        for latent in ("rssm", "deterministic"):
+            model = {"agent_config": {"model": {"latent": latent}}}
+            _trial(tmp_path, f"s-{latent}-{seed}", "dreamer", "grid", "collect_items", seed,
+                   [seed + 1.0], config=model)  # fmt: skip
+        for carry in ("all", "none"):
+            _trial(tmp_path, f"f-{carry}-{seed}", "dreamer", "grid", "collect_items", seed,
+                   [0.0, seed + 2.0], protocol="pretrain_finetune", phases=["pretrain", "finetune"],
+                   config={"protocol": {"carry": carry},
+                           "agent_config": {"model": {"latent": "deterministic"}}})  # fmt: skip
+    rows = stats.final_rows(load_trials(tmp_path), 50, 0, [])
+    pairs = {(x.name, y.name) for x, y in report.improvement_pairs(rows)}
+    assert pairs == {
+        ("pretrain_finetune / dreamer [protocol.carry=all]",
+         "dreamer [agent.model.latent=deterministic]"),
+        ("pretrain_finetune / dreamer [protocol.carry=none]",
+         "dreamer [agent.model.latent=deterministic]"),
+    }  # fmt: skip
