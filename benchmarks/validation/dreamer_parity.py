@@ -106,6 +106,9 @@ def ours_overrides(env: str, seed: int, steps: int, eval_episodes: int) -> list[
         f"train.sequence_length={s['sequence_length']}",
         f"train.train_ratio={s['train_ratio']}",
         f"train.learning_starts={s['learning_starts']}",
+        # DreamerV3's `when.Ratio`: one update at the prefill's end, then the ratio (no burst),
+        # so both sides run the same number of updates.
+        "train.ratio_clock=learning_starts",
         f"train.eval_every={steps}",
         f"train.eval_episodes={eval_episodes}",
         "train.eval_modes=[sampled]",
