@@ -45,9 +45,10 @@ Matched settings (`SHARED` below; both sides read them):
 
 What cannot be matched (see the report): DreamerV3's driver counts the observation of every
 reset as a step (its ratio and budget count 51 steps per 50-step episode; the reference stops
-on real steps, its train ratio is its own); our runner owes updates from step 0 and catches
-them up when `learning_starts` is reached, DreamerV3 starts its ratio clock there; the
-layer norms, initializers and Adam epsilons are each side's own.
+on real steps, its train ratio is its own); the layer norms, initializers and Adam epsilons
+are each side's own. Ours runs on DreamerV3's update clock (`train.ratio_clock=
+learning_starts`: one update when training starts, then the ratio), not on the runner's
+default, which owes updates from step 0 and runs them as a burst at `learning_starts`.
 """
 
 from __future__ import annotations
