@@ -209,7 +209,13 @@ def _lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", sorted(TWIN))
+@pytest.mark.parametrize(
+    "name",
+    [  # dreamer_nomodel's compile makes it ~45 s: slow; muzero_nomodel covers the path.
+        pytest.param(n, marks=pytest.mark.slow) if n == "dreamer_nomodel" else n
+        for n in sorted(TWIN)
+    ],
+)
 def test_pretrain_finetune_with_rnd_through_the_runner(tmp_path, name):
     config = _trial_config(
         name,

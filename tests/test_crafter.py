@@ -92,6 +92,7 @@ def test_numba_generates_the_same_worlds():
     assert _world_hashes(0, True) != _world_hashes(1, True)
 
 
+@pytest.mark.slow  # ~50 s; the README's `mbxfer rollout` figure measures the same at 100 episodes.
 def test_random_agent_scores_like_the_paper(tmp_path):
     """Published uniform-random Crafter score: 1.6 % (Hafner 2021).
 

@@ -287,6 +287,7 @@ def test_killed_trial_with_reanalyse_resumes_to_the_same_result(tmp_path, finish
     assert _lines(killed / "eval.jsonl") == _lines(uninterrupted / "eval.jsonl")
 
 
+@pytest.mark.slow  # ~40 s; tests/test_runner.py's Crafter smoke run covers the image path by default.
 def test_crafter_smoke_run_writes_metrics_and_a_checkpoint(tmp_path):
     config = config_lib.build(
         config_lib.parse_overrides(

@@ -222,10 +222,15 @@ def test_from_rejects_a_checkpoint_of_another_protocol(tmp_path):
 
 
 def test_from_rejects_a_checkpoint_of_another_agent_config(tmp_path):
-    runner.run(_config("dreamer", "pretrain_finetune"), tmp_path / "a", progress=False)
+    # PPO (RND pretraining) compiles in seconds; stopped just after its pretraining phase
+    # ended and wrote phase0.ckpt.
+    ppo = ("agent.hidden=32", "protocol.intrinsic=rnd")
+    runner.run(
+        _config("ppo", "pretrain_finetune", *ppo), tmp_path / "a", progress=False, stop_after=81
+    )
     with pytest.raises(runner.IncompatibleTrialError, match="agent config"):
         runner.run(
-            _config("dreamer", "pretrain_finetune", "agent.model_lr=0.01"),
+            _config("ppo", "pretrain_finetune", *ppo, "agent.learning_rate=0.01"),
             tmp_path / "b",
             progress=False,
             start_from=tmp_path / "a" / "phase0.ckpt",
