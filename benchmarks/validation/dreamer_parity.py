@@ -78,9 +78,9 @@ _EXTRAS_COMPLETE = ".mbxfer-parity-extras"
 
 ENVS = {
     "grid": {"task": "reach_bottom_right", "kwargs": {"size": 5, "observation": "vector"},
-             "continuous": False, "steps": 3000},
-    "cartpole": {"task": "reward", "kwargs": {}, "continuous": False, "steps": 10000},
-    "point_mass": {"task": "reach_top_left", "kwargs": {}, "continuous": True, "steps": 10000},
+             "continuous": False, "steps": 2000},
+    "cartpole": {"task": "reward", "kwargs": {}, "continuous": False, "steps": 4000},
+    "point_mass": {"task": "reach_top_left", "kwargs": {}, "continuous": True, "steps": 4000},
 }  # fmt: skip
 
 SHARED = {
