@@ -458,18 +458,11 @@ def _score_rows(rows: list[Row]) -> Iterable[dict]:
                 "score_key": row.score_key,
                 "seeds": len(row.seeds),
                 "budget": row.budget,
-                "iqm": row.iqm[0],
-                "iqm_low": row.iqm[1],
-                "iqm_high": row.iqm[2],
-                "mean": row.mean[0],
-                "mean_low": row.mean[1],
-                "mean_high": row.mean[2],
-                "median": row.median[0],
-                "median_low": row.median[1],
-                "median_high": row.median[2],
-                "optimality_gap": row.optimality_gap[0],
-                "optimality_gap_low": row.optimality_gap[1],
-                "optimality_gap_high": row.optimality_gap[2],
+                **{
+                    f"{name}{suffix}": value
+                    for name in ("iqm", "mean", "median", "optimality_gap")
+                    for suffix, value in zip(("", "_low", "_high"), getattr(row, name))
+                },
                 "optimality_gamma": row.gamma,
             }
 
