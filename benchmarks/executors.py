@@ -5,7 +5,9 @@ An executor is `submit(job) -> handle`, `wait(handles, timeout) -> finished hand
 `close(abort)`; it calls the `run` function it was made with (the sweep's `run_trial`) on
 each `Job`. The local executor's workers each own a share of the cores (affinity and thread
 counts) and die with the driver; the Ray executor runs one `ray.remote` task per trial
-(`max_retries` resubmits trials whose worker or node died).
+(`max_retries` resubmits trials whose worker or node died). Every trial process computes
+with one XLA thread setting (`limit_threads`), so a trial's results do not depend on the
+executor or the worker count.
 """
 
 from __future__ import annotations
@@ -43,14 +45,38 @@ class WorkerLost(RuntimeError):
     """The process (or node) running a trial died; the trial may not have started."""
 
 
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+
+
 def limit_threads(cores: int) -> None:
-    """Thread counts for a process that owns `cores` cores; set before JAX makes its backend."""
+    """Thread settings of a process that runs trials on `cores` cores; set before JAX makes
+    its backend (the workers' first act).
+
+    With `xla_cpu_multi_thread_eigen` on (XLA's default), XLA's CPU matrix products split
+    their sums over a thread pool as wide as the cores, so one trial ends about 1e-5 apart on
+    one core and on two (`mbxfer sweep --workers 2` against `--workers 1`). Trial processes
+    turn it off whatever their share of cores, so a trial gives the same bits on every
+    executor and worker count (tests/test_trial_folder.py checks this); a tiny Dreamer trial
+    on two cores was no slower for it. An `--xla_cpu_multi_thread_eigen` already in XLA_FLAGS
+    is the user's choice and kept; `thread_setting` records what a trial ran with."""
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(max(1, cores))
-    if cores <= 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if EIGEN_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}=false".strip()
+
+
+def thread_setting() -> dict:
+    """What this process computes with, as `done.json` records it (`threads`): whether XLA's
+    CPU matrix products are multi-threaded (XLA_FLAGS, as the backend read it at start) and
+    the cores the process may use. Trials with the same `xla_cpu_multi_thread_eigen=false`
+    give the same results on any number of cores."""
+    eigen = True
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(f"{EIGEN_FLAG}="):
+            eigen = flag.split("=", 1)[1].lower() not in ("false", "0")
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else ()
+    return {"xla_cpu_multi_thread_eigen": eigen, "cores": len(cores) or os.cpu_count() or 1}
 
 
 def core_shares(workers: int) -> list[list[int]]:

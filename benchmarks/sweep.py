@@ -139,7 +139,7 @@ def run_trial(job: Job) -> dict:
     else:
         return {"status": "running"}
     try:
-        if (folder / "done.json").exists():
+        if trial_folder.finished(folder):  # A garbled done.json: the runner says why.
             return {"status": "done"}
         (folder / "failed.json").unlink(missing_ok=True)
         progress = trial_folder.ProgressWriter(folder, trial_budget(job.config))
