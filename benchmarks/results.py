@@ -228,13 +228,12 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
 
 
 def _numerics(threads: Any) -> Optional[str]:
-    """The part of a trial's recorded thread setting that can change its results, or None
-    when not recorded: the core count matters only with multi-threaded matrix products."""
-    if not isinstance(threads, dict) or "xla_cpu_multi_thread_eigen" not in threads:
+    """A trial's recorded thread setting (`executors.thread_setting`), None when not
+    recorded: the width of XLA's thread pool and whether Eigen products use it."""
+    if not isinstance(threads, dict) or "cores" not in threads:
         return None
-    if not threads["xla_cpu_multi_thread_eigen"]:
-        return "single-threaded matrix products"
-    return f"multi-threaded matrix products on {threads.get('cores')} cores"
+    eigen = "multi" if threads.get("xla_cpu_multi_thread_eigen", True) else "single"
+    return f"{threads['cores']} cores, {eigen}-threaded Eigen products"
 
 
 def _mixed_thread_settings(trials: list[TrialRecord]) -> list[str]:
@@ -247,7 +246,7 @@ def _mixed_thread_settings(trials: list[TrialRecord]) -> list[str]:
     return [
         f"{' / '.join(group)}: trials computed with different XLA thread settings "
         f"({'; '.join(sorted(found))}), so their results may differ at about 1e-5 for that "
-        "alone (mbxfer sweep runs every trial single-threaded)"
+        "alone (mbxfer sweep gives every trial resources.num_cpus cores)"
         for group, found in sorted(settings.items())
         if len(found) > 1
     ]
