@@ -253,7 +253,7 @@ def _fix(folder: Path) -> str:
 def corrupt(folder: Path, found: str) -> CorruptCheckpointError:
     """The error for checkpoint `folder` with problem `found`, naming the way out."""
     folder = Path(folder)
-    return CorruptCheckpointError(f"checkpoint {folder.name} is corrupt ({found});\n{_fix(folder)}")
+    return CorruptCheckpointError(f"checkpoint {folder.name} is corrupt ({found}); {_fix(folder)}")
 
 
 def latest(directory: Path) -> Optional[Path]:
@@ -277,11 +277,11 @@ def latest(directory: Path) -> Optional[Path]:
     if not _NAME.fullmatch(name):
         raise CorruptCheckpointError(
             f"{pointer} names {name[:80]!r}, which is not a checkpoint folder of {directory} "
-            f"(a plain step-... name);\n{fix}"
+            f"(a plain step-... name); {fix}"
         )
     folder = directory / name
     if not folder.is_dir():
-        raise CorruptCheckpointError(f"{pointer} names {name}, which does not exist;\n{fix}")
+        raise CorruptCheckpointError(f"{pointer} names {name}, which does not exist; {fix}")
     return folder
 
 
@@ -401,7 +401,7 @@ def load(folder: Path, like: Any) -> tuple[Any, dict]:
     if not _finite(saved):
         raise IncompatibleCheckpointError(
             f"checkpoint {folder.name} holds NaN or inf values (written before mbxfer checked "
-            f"updates for them);\n{_fix(folder)}"
+            f"updates for them); {_fix(folder)}"
         )
     return jax.tree_util.tree_unflatten(treedef, saved), runner_state
 

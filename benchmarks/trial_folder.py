@@ -216,7 +216,7 @@ class TrialFolder:
             evidence = ", ".join([MARKER] * had_checkpoints + phase_checkpoints)
             raise IncompatibleTrialError(
                 f"{self.out} had checkpoints ({evidence} say so), but {directory} holds none "
-                f"(deleted?), so the trial cannot resume;\ndelete {self.out} to start it over"
+                f"(deleted?), so the trial cannot resume; delete {self.out} to start it over"
             )
         if len(existing) == 1 and not had_checkpoints:
             return directory / existing[0]
@@ -224,7 +224,7 @@ class TrialFolder:
         pick = f" (the newest intact: {newest})" if newest else ""
         raise IncompatibleTrialError(
             f"{directory / checkpoint.POINTER} is missing (deleted?), but the trial has "
-            f"checkpoints {', '.join(existing)};\nwrite the name of the one to resume from "
+            f"checkpoints {', '.join(existing)}; write the name of the one to resume from "
             f"into it{pick}, or delete {self.out} to start the trial over"
         )
 
@@ -359,14 +359,14 @@ def _config_differences(path: Path, config: config_lib.TrialConfig) -> list[str]
         saved = yaml.safe_load(path.read_text())
     except (OSError, ValueError, yaml.YAMLError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise IncompatibleTrialError(f"{path} is unreadable ({first});\n{fix}") from None
+        raise IncompatibleTrialError(f"{path} is unreadable ({first}); {fix}") from None
     if not isinstance(saved, dict):
         kind = type(saved).__name__
-        raise IncompatibleTrialError(f"{path} holds a {kind}, not a trial config;\n{fix}")
+        raise IncompatibleTrialError(f"{path} holds a {kind}, not a trial config; {fix}")
     try:
         return config_lib.differences(config_lib.with_agent_mapping(saved), config.to_dict())
     except (config_lib.ConfigError, TypeError) as error:
-        raise IncompatibleTrialError(f"{path} is not a trial config ({error});\n{fix}") from None
+        raise IncompatibleTrialError(f"{path} is not a trial config ({error}); {fix}") from None
 
 
 def check_log(path: Path, offset: Optional[int], source: Path) -> None:
@@ -382,12 +382,12 @@ def check_log(path: Path, offset: Optional[int], source: Path) -> None:
     size = path.stat().st_size if path.exists() else None
     if size is None and offset:
         raise IncompatibleTrialError(
-            f"{path} is missing, but checkpoint {source.name} recorded {offset} bytes of it;\n{fix}"
+            f"{path} is missing, but checkpoint {source.name} recorded {offset} bytes of it; {fix}"
         )
     if size is not None and size < offset:
         raise IncompatibleTrialError(
             f"{path} has {size} bytes, but checkpoint {source.name} recorded {offset} "
-            f"(cut or replaced?);\n{fix}"
+            f"(cut or replaced?); {fix}"
         )
     if not offset:
         return
@@ -404,7 +404,7 @@ def check_log(path: Path, offset: Optional[int], source: Path) -> None:
         if not isinstance(record, dict):
             text = line[:60].decode("utf-8", "replace")
             raise IncompatibleTrialError(
-                f"{path}, line {number}, is not a JSON record ({text!r});\n{fix}"
+                f"{path}, line {number}, is not a JSON record ({text!r}); {fix}"
             )
 
 
@@ -443,7 +443,7 @@ def read_done(folder: Path) -> Optional[dict]:
     summary, found = load_done(folder)
     if found is not None:
         raise IncompatibleTrialError(
-            f"{Path(folder) / 'done.json'} is not a finished trial's summary ({found});\n"
+            f"{Path(folder) / 'done.json'} is not a finished trial's summary ({found}); "
             "delete it to finish the trial again from its last checkpoint, or delete "
             f"{folder} to start the trial over"
         )
