@@ -47,6 +47,7 @@ from mbxfer.benchmarks import config as config_lib
 
 LOGS = ("metrics", "eval", "episodes")
 MARKER = "checkpointed.json"
+"""Written with a trial's first checkpoint: without `checkpoints/`, such a trial is refused."""
 SUMMARY_KEYS = {"env_steps": int, "updates": int, "episodes": int, "trial_id": str}
 """What every `done.json` the runner ever wrote holds (with these types)."""
 PROGRESS_INTERVAL = 0.5  # seconds between progress.json writes of one trial
@@ -393,10 +394,13 @@ def check_log(path: Path, offset: Optional[int], source: Path) -> None:
         return
     with open(path, "rb") as file:
         data = file.read(offset)
-    lines = data.split(b"\n")
-    if lines[-1]:
-        lines[-1] += b"..."  # The offset is not at the end of a line: something changed.
-    for number, line in enumerate(lines[:-1] if not lines[-1] else lines, 1):
+    *lines, rest = data.split(b"\n")
+    if rest:
+        raise IncompatibleTrialError(
+            f"{path}: checkpoint {source.name} recorded {offset} bytes, which end inside line "
+            f"{len(lines) + 1} (changed since?); {fix}"
+        )
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except ValueError:

@@ -204,6 +204,10 @@ DAMAGED_FOLDER = {
         lambda t: _garble_first_line(t / "metrics.jsonl"),
         ["metrics.jsonl, line 1, is not a JSON record ('xxxx"],
     ),
+    "metrics shifted": (
+        lambda t: (t / "metrics.jsonl").write_bytes(b"{}" + (t / "metrics.jsonl").read_bytes()),
+        ["bytes, which end inside line"],
+    ),
     "garbage config": (
         lambda t: (t / "config.yaml").write_text("agent: [unclosed\n"),
         ["config.yaml is unreadable (", "delete {trial} to start the trial over"],
