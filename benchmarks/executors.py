@@ -3,9 +3,11 @@
 An executor is `submit(job) -> handle`, `wait(handles, timeout) -> finished handles`,
 `result(handle) -> dict` (raises `WorkerLost` when the process or node died) and
 `close(abort)`; it calls the `run` function it was made with (the sweep's `run_trial`) on
-each `Job`. The local executor's workers each own a share of the cores (affinity and thread
-counts) and die with the driver; the Ray executor runs one `ray.remote` task per trial
-(`max_retries` resubmits trials whose worker or node died).
+each `Job`. The local executor's workers die with the driver; the Ray executor runs one
+`ray.remote` task per trial (`max_retries` resubmits trials whose worker or node died). On
+both, a trial's process computes on exactly `resources.num_cpus` cores (rounded up) with
+XLA's Eigen matrix products single-threaded (`pin_threads`), so a trial gives the same
+results whatever the executor and the worker count.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Job:
     config: config_lib.TrialConfig
     folder: str
     threads: Optional[int] = None
-    """Set thread counts for this many cores (Ray tasks); None leaves them (local workers)."""
+    """Pin the trial's process to this many cores (Ray tasks, `pin_threads`); None: the
+    process is pinned already (local workers)."""
     start_from: Optional[str] = None
     """Another trial's phase-boundary checkpoint that ends this trial's first phases."""
 
@@ -43,21 +46,67 @@ class WorkerLost(RuntimeError):
     """The process (or node) running a trial died; the trial may not have started."""
 
 
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+
+
+def trial_threads(resources: Resources) -> int:
+    """The cores (and so XLA threads) every trial of a sweep computes with: its
+    `resources.num_cpus`, rounded up, whatever the executor and the worker count."""
+    return max(1, math.ceil(resources.num_cpus))
+
+
+def _usable_cores() -> list[int]:
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return cores or list(range(os.cpu_count() or 1))
+
+
+def pin_threads(threads: int, slot: int) -> list[int]:
+    """Pin this process to `threads` cores, block `slot` of those it may use (wrapping
+    around, so shared when too few), with every thread count to match; call it before JAX
+    makes its backend (a worker's first act). Returns the cores.
+
+    XLA's CPU thread pool is as wide as the cores a process may use, and the pool's width
+    changes how matrix products split their sums: the same trial ended about 1e-5 apart
+    under `mbxfer sweep --workers 1` (two cores) and `--workers 2` (one core each). So a
+    trial's process gets exactly `trial_threads` cores on every executor and worker count,
+    and XLA's multi-threaded Eigen products are off (`limit_threads`): a trial then gives
+    the same bits wherever it runs (tests/test_trial_folder.py checks this). Give trials more
+    cores with the sweep's `resources.num_cpus`."""
+    usable = _usable_cores()
+    cores = sorted({usable[(slot * threads + i) % len(usable)] for i in range(threads)})
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+    limit_threads(len(cores))
+    return cores
+
+
 def limit_threads(cores: int) -> None:
-    """Thread counts for a process that owns `cores` cores; set before JAX makes its backend."""
+    """Thread counts of a process that computes on `cores` cores, and XLA's Eigen matrix
+    products single-threaded (`--xla_cpu_multi_thread_eigen=false`: with it on, their sums
+    depend on the thread count); set before JAX makes its backend. An
+    `--xla_cpu_multi_thread_eigen` already in XLA_FLAGS is the user's and kept."""
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[name] = str(max(1, cores))
-    if cores <= 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    flags = os.environ.get("XLA_FLAGS", "")
+    if EIGEN_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {EIGEN_FLAG}=false".strip()
+
+
+def thread_setting() -> dict:
+    """What this process computes with, as `done.json` records it (`threads`): the cores it
+    may use (the width of XLA's CPU thread pool) and whether XLA's Eigen matrix products are
+    multi-threaded (XLA_FLAGS, as the backend read it). Two trials with the same setting
+    give the same results; `mbxfer sweep` gives every trial the same (`pin_threads`)."""
+    eigen = True
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith(f"{EIGEN_FLAG}="):
+            eigen = flag.split("=", 1)[1].lower() not in ("false", "0")
+    return {"cores": len(_usable_cores()), "xla_cpu_multi_thread_eigen": eigen}
 
 
 def core_shares(workers: int) -> list[list[int]]:
     """Split this process's cores into `workers` contiguous shares (shared when too few)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not cores:
-        cores = list(range(os.cpu_count() or 1))
+    cores = _usable_cores()
     if workers >= len(cores):
         return [[cores[i % len(cores)]] for i in range(workers)]
     bounds = [round(i * len(cores) / workers) for i in range(workers + 1)]
@@ -75,21 +124,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _init_local_worker(slots, shares: list[list[int]], parent: int) -> None:
+def _init_local_worker(slots, threads: int, parent: int) -> None:
     _die_with_parent()
     if os.getppid() != parent:
         os._exit(1)
-    cores = shares[slots.get()]
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, cores)
-    limit_threads(len(cores))
+    pin_threads(threads, slots.get())
 
 
 class LocalExecutor:
-    """A spawn process pool; a crashed worker (segfault, OOM kill) restarts the pool."""
+    """A spawn process pool of `workers` processes, each pinned to its own `threads` cores
+    (`pin_threads`); a crashed worker (segfault, OOM kill) restarts the pool."""
 
-    def __init__(self, workers: int, run: Callable[[Job], dict]):
-        self.workers = workers
+    def __init__(self, workers: int, run: Callable[[Job], dict], threads: int = 1):
+        self.workers, self.threads = workers, threads
         self.run = run
         self.pool: Optional[concurrent.futures.ProcessPoolExecutor] = None
 
@@ -102,7 +149,7 @@ class LocalExecutor:
             self.workers,
             mp_context=context,
             initializer=_init_local_worker,
-            initargs=(slots, core_shares(self.workers), os.getpid()),
+            initargs=(slots, self.threads, os.getpid()),
         )
 
     def submit(self, job: Job):
@@ -162,7 +209,7 @@ class RayExecutor:
         self.remote = ray.remote(
             num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_retries=retries
         )(run)
-        self.threads = max(1, math.ceil(resources.num_cpus))
+        self.threads = trial_threads(resources)
         self.pending: set = set()
 
     def submit(self, job: Job):
@@ -214,7 +261,7 @@ def make_executor(
     """`local` or `ray`, calling `run` (picklable: a module-level function) on each job."""
     check_executor(executor, address)
     if executor == "local":
-        return LocalExecutor(workers, run)
+        return LocalExecutor(workers, run, trial_threads(resources))
     return RayExecutor(address, resources, retries, run)
 
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 
 from mbxfer import agents
 from mbxfer.agents.replay import Replay
+from mbxfer.benchmarks import checkpoint, episodes, loggers, loop, protocols, schedule, video
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import episodes, loggers, loop, protocols, schedule, video
 from mbxfer.benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
 from mbxfer.envs import registry, scoring, vector
 
@@ -160,8 +160,7 @@ class Phase:
         fresh = self.agent.init(self._keys()[0])
         agent_state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
         self.replay = self._new_replay()
-        if (resume.folder / "replay.npz").exists():
-            self.replay.load(resume.folder / "replay.npz")
+        checkpoint.load_replay(resume.folder, self.replay)
         self.image_env = "image" in self.envs.observation_spec()
         self.envs.close()
         return agent_state, self.replay, self
@@ -184,8 +183,7 @@ class Phase:
         if resume is None:
             return state
         agent_state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
-        if (resume.folder / "replay.npz").exists():
-            self.replay.load(resume.folder / "replay.npz")
+        checkpoint.load_replay(resume.folder, self.replay)
         saved = resume.state
         if saved.phase_done:
             # A phase boundary: this phase starts from the previous phase's final state.

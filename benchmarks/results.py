@@ -13,6 +13,9 @@ the Crafter paper scores).
 A trial folder without `done.json` that holds a failure record (`failed.json`, written with
 `error.txt` by `trial_folder.record_failure` when a sweep's or `mbxfer run`'s trial fails) is
 left out, and named in one note; unfinished trials without one (running, or killed) are read.
+A trial whose `done.json` is not a summary (`trial_folder.load_done`) is left out with a note.
+A group whose trials computed with different XLA thread settings (`done.json`'s `threads`, see
+`executors.limit_threads`) is named in a note: its scores may differ at about 1e-5 for that.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from mbxfer.benchmarks import config as config_lib
+from mbxfer.benchmarks import trial_folder
 from mbxfer.envs import registry, scoring
 
 FALLBACK_SCORE = scoring.DEFAULT_KEY
@@ -188,12 +192,13 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
             continue
         headline = headline_mode(config)
         evals = [_normalize_eval(r, headline) for r in _read_jsonl(folder / "eval.jsonl", notes)]
-        done = None
-        if (folder / "done.json").exists():
-            try:
-                done = json.loads((folder / "done.json").read_text())
-            except json.JSONDecodeError:
-                notes.append(f"{folder / 'done.json'}: unreadable; trial counted as unfinished")
+        done, problem = trial_folder.load_done(folder)
+        if problem is not None:
+            notes.append(
+                f"{folder / 'done.json'}: not a finished trial's summary ({problem}); trial "
+                "skipped (delete done.json and run the trial again to finish it)"
+            )
+            continue
         # The id of the folder as written (either spelling); the agent as one mapping after.
         trial_id = config_lib.trial_id_of(config)
         try:
@@ -218,7 +223,33 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
         )
     trials = list(found.values())
     _label_variants(trials)
+    notes.extend(_mixed_thread_settings(trials))
     return trials
+
+
+def _numerics(threads: Any) -> Optional[str]:
+    """A trial's recorded thread setting (`executors.thread_setting`), None when not
+    recorded: the width of XLA's thread pool and whether Eigen products use it."""
+    if not isinstance(threads, dict) or "cores" not in threads:
+        return None
+    eigen = "multi" if threads.get("xla_cpu_multi_thread_eigen", True) else "single"
+    return f"{threads['cores']} cores, {eigen}-threaded Eigen products"
+
+
+def _mixed_thread_settings(trials: list[TrialRecord]) -> list[str]:
+    """One note per group whose finished trials recorded different thread settings."""
+    settings: dict[tuple, set] = {}
+    for trial in trials:
+        setting = _numerics((trial.done or {}).get("threads"))
+        if setting is not None:
+            settings.setdefault(trial.group, set()).add(setting)
+    return [
+        f"{' / '.join(group)}: trials computed with different XLA thread settings "
+        f"({'; '.join(sorted(found))}), so their results may differ at about 1e-5 for that "
+        "alone (mbxfer sweep gives every trial resources.num_cpus cores)"
+        for group, found in sorted(settings.items())
+        if len(found) > 1
+    ]
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

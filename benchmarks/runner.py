@@ -5,7 +5,8 @@
 The protocol (benchmarks/protocols.py) gives the trial's phases; each runs as a
 `benchmarks.phase.Phase`, carrying the previous one's state and replay into the next. The
 trial ends with `done.json`: the phases' summaries, the generalization gap, transfer against
-the matching scratch trial (benchmarks/transfer.py) and the world-model video. Its folder is
+the matching scratch trial (benchmarks/transfer.py), the world-model video and the XLA
+thread setting the trial computed with (`executors.thread_setting`). Its folder is
 `benchmarks.trial_folder.TrialFolder`; a run resumes from the folder's latest checkpoint, or
 starts after a phase of another trial (`start_from`, `mbxfer run --from`).
 
@@ -26,7 +27,7 @@ from typing import Callable, Optional
 import jax
 
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import loggers, protocols, transfer
+from mbxfer.benchmarks import executors, loggers, protocols, transfer
 from mbxfer.benchmarks.phase import Phase, Watch
 from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
 from mbxfer.envs import registry
@@ -122,6 +123,7 @@ class _Trial:
             "trial_id": config.trial_id(),
             "protocol": config.protocol.name,
             "phases": summaries,
+            "threads": executors.thread_setting(),  # See executors.limit_threads.
         }
         if "from" in self.history:
             summary["from"] = self.history["from"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 import traceback
@@ -30,8 +31,8 @@ from mbxfer.benchmarks.executors import (
     WorkerLost,
     check_executor,
     default_workers,
-    limit_threads,
     make_executor,
+    pin_threads,
 )
 from mbxfer.benchmarks.sweep_spec import Sweep, Trial, trial_budget
 
@@ -129,8 +130,8 @@ def run_trial(job: Job) -> dict:
     """
     folder = Path(job.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if job.threads is not None:
-        limit_threads(job.threads)
+    if job.threads is not None:  # A Ray task: its cores, a block picked by the process id.
+        pin_threads(job.threads, os.getpid())
     lock = trial_folder.TrialLock(folder)
     for _ in range(20):  # A dry run elsewhere may hold the lock for an instant.
         if lock.acquire():
@@ -139,7 +140,7 @@ def run_trial(job: Job) -> dict:
     else:
         return {"status": "running"}
     try:
-        if (folder / "done.json").exists():
+        if trial_folder.finished(folder):  # A garbled done.json: the runner says why.
             return {"status": "done"}
         (folder / "failed.json").unlink(missing_ok=True)
         progress = trial_folder.ProgressWriter(folder, trial_budget(job.config))

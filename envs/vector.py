@@ -38,6 +38,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import traceback
 import warnings
 import weakref
@@ -260,6 +261,18 @@ def _worker(connection, factory, seed: int, environment_variables: dict) -> None
         connection.close()
 
 
+def _describe_exit(code: Optional[int]) -> str:
+    """How a worker process ended, from its exit code (None: it has not, yet)."""
+    if code is None:
+        return "stopped answering (still running; it is killed)"
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 class _Process:
     """One environment in a subprocess, writing its observations into its row of the block."""
 
@@ -461,9 +474,11 @@ class VectorEnv:
     def _recover(self, i: int, command: str) -> tuple[tuple, bool]:
         """Restart worker `i`; its result for this batch, and whether to repeat its last row."""
         worker = self._workers[i]
-        code = worker.process.exitcode
+        # Its pipe may break an instant before the process is gone: wait for the exit code.
+        worker.process.join(timeout=1.0)
         warnings.warn(
-            f"environment worker {i} (pid {worker.process.pid}) died with exit code {code}; "
+            f"environment worker {i} (pid {worker.process.pid}) "
+            f"{_describe_exit(worker.process.exitcode)}; "
             "restarting it. Its episode ends as truncated.",
             WorkerCrashedWarning,
             stacklevel=5,

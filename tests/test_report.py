@@ -61,7 +61,15 @@ def _trial(root, name, agent, env, task, seed, finals, protocol="scratch", **ext
             lines.append(json.dumps(record))
     (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
     if extra.get("done", True):
-        done = {"env_steps": 200 * len(phases), "phases": phases}
+        done = {
+            "env_steps": 200 * len(phases),
+            "updates": 0,
+            "episodes": 0,
+            "trial_id": config_lib.trial_id_of(config),
+            "phases": [
+                {"name": name, "index": i, "env_steps": 200} for i, name in enumerate(phases)
+            ],
+        }
         if "training_score" in extra:  # The runner's summary of the last phase's episodes.
             summary = {"episodes": 7, "crafter_score": extra["training_score"]}
             done["phases"] = [

@@ -180,6 +180,8 @@ def test_checkpoint_of_another_structure_is_refused(tmp_path):
     runner.run(_config("agent.model.deter=16"), tmp_path / "b", progress=False, stop_after=80)
     (tmp_path / "a" / "checkpoints").rename(tmp_path / "a" / "old")
     os.rename(tmp_path / "b" / "checkpoints", tmp_path / "a" / "checkpoints")
+    for log in ("metrics", "eval", "episodes"):  # Logs as long as the checkpoint says.
+        os.replace(tmp_path / "b" / f"{log}.jsonl", tmp_path / "a" / f"{log}.jsonl")
     with pytest.raises(runner.IncompatibleTrialError, match="different structure"):
         runner.run(_config(), tmp_path / "a", progress=False)
 
