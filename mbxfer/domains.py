@@ -61,6 +61,10 @@ class Range:
         return "finite"
 
 
+SHOWN_CHOICES = 12
+"""A `OneOf` names at most this many of its values (a near miss is named besides)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class OneOf:
     """One of a fixed set of values."""
@@ -74,7 +78,9 @@ class OneOf:
             return False
 
     def __str__(self) -> str:
-        return "one of " + ", ".join(map(str, self.values))
+        shown = ", ".join(map(str, self.values[:SHOWN_CHOICES]))
+        more = len(self.values) - SHOWN_CHOICES
+        return f"one of {shown}" + (f" and {more} more" if more > 0 else "")
 
     def hint(self, value: Any) -> str:
         """` (did you mean ...?)` for a near miss, else ''."""
