@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal, NamedTuple, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 import distrax
 import haiku as hk
@@ -35,7 +35,7 @@ import optax
 import rlax
 from acme import specs as acme_specs
 
-from mbxfer import exploration
+from mbxfer import domains, exploration
 from mbxfer.agents import base, networks, nomodel, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
 from mbxfer.agents.world_model import (
@@ -47,6 +47,7 @@ from mbxfer.agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
+from mbxfer.domains import at_least, below_one, non_negative, positive, unit_interval
 from mbxfer.exploration import ExplorationConfig
 
 
@@ -54,38 +55,38 @@ from mbxfer.exploration import ExplorationConfig
 class ActorCriticConfig:
     """The actor-critic learned in imagination."""
 
-    horizon: int = 15
+    horizon: Annotated[int, positive] = 15
     """Imagined steps from each replayed posterior."""
-    discount: float = 0.99
+    discount: Annotated[float, unit_interval] = 0.99
     """Discount per step (multiplied by the predicted continuation)."""
-    lambda_: float = 0.95
+    lambda_: Annotated[float, unit_interval] = 0.95
     """Lambda of the lambda-returns."""
-    entropy: float = 3e-4
+    entropy: Annotated[float, non_negative] = 3e-4
     """Entropy bonus of the actor (advantages are normalized, so this is scale-free)."""
-    hidden: int = 128
+    hidden: Annotated[int, positive] = 128
     """Width of the actor and critic MLPs."""
-    layers: int = 2
+    layers: Annotated[int, non_negative] = 2
     """Hidden layers of the actor and critic MLPs."""
-    critic_bins: int = 255
+    critic_bins: Annotated[int, at_least(2)] = 255
     """Two-hot bins of the critic (symlog space)."""
-    slow_critic_fraction: float = 0.02
+    slow_critic_fraction: Annotated[float, unit_interval] = 0.02
     """EMA step of the slow critic towards the critic, every update."""
-    slow_critic_regularizer: float = 1.0
+    slow_critic_regularizer: Annotated[float, non_negative] = 1.0
     """Weight of the critic's cross-entropy to the slow critic's prediction."""
-    return_norm_decay: float = 0.99
+    return_norm_decay: Annotated[float, unit_interval] = 0.99
     """EMA decay of the return percentile range used to normalize advantages."""
-    unimix: float = 0.01
+    unimix: Annotated[float, below_one] = 0.01
     """Uniform mixture of the discrete actor's distribution."""
-    min_std: float = 0.1
+    min_std: Annotated[float, positive] = 0.1
     """Smallest standard deviation of the continuous actor."""
-    max_std: float = 1.0
+    max_std: Annotated[float, positive] = 1.0
     """Largest standard deviation of the continuous actor."""
     actor_gradient: Literal["reinforce", "dynamics"] = "reinforce"
     """How the actor learns from imagined returns: `reinforce` (score function with
     normalized advantages, as the current DreamerV3 does for every action space) or `dynamics`
     (backpropagate returns through the world model with reparameterized or straight-through
     actions, as DreamerV1/V2 and the DreamerV3 1.5.0 release do for continuous control)."""
-    replay_critic: float = 0.3
+    replay_critic: Annotated[float, non_negative] = 0.3
     """Scale of a second critic loss on the replayed sequences (the current DreamerV3's
     `repval_loss`, 0.3 as there; the 1.5.0 release on PyPI has no such loss): the critic also regresses the lambda-returns of the real rewards and
     continuations along the replayed posteriors (bootstrapped from the slow critic, cut at
@@ -99,8 +100,9 @@ class ActorCriticConfig:
     loss is the `dreamer_nomodel` control."""
 
     def __post_init__(self):
-        if self.source not in ("imagination", "replay"):
-            raise ValueError(f"source={self.source!r} must be 'imagination' or 'replay'")
+        domains.check(self)
+        if self.min_std > self.max_std:
+            raise ValueError(f"min_std={self.min_std} must be <= max_std={self.max_std}")
         if self.source == "replay" and self.actor_gradient == "dynamics":
             raise ValueError(
                 "actor_gradient='dynamics' backpropagates through imagined rollouts: it needs "
@@ -116,16 +118,19 @@ class DreamerConfig:
     """The shared world model."""
     actor_critic: ActorCriticConfig = dataclasses.field(default_factory=ActorCriticConfig)
     """The actor-critic learned in imagination."""
-    model_lr: float = 3e-4
+    model_lr: Annotated[float, positive] = 3e-4
     """Adam learning rate of the world model."""
-    actor_lr: float = 1e-4
+    actor_lr: Annotated[float, positive] = 1e-4
     """Adam learning rate of the actor."""
-    critic_lr: float = 1e-4
+    critic_lr: Annotated[float, positive] = 1e-4
     """Adam learning rate of the critic."""
-    grad_clip: float = 100.0
+    grad_clip: Annotated[float, positive] = 100.0
     """Global gradient-norm clip of each optimizer."""
     exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
     """Intrinsic reward module and the reward mix of imagined rewards."""
+
+    def __post_init__(self):
+        domains.check(self)
 
 
 class DreamerState(NamedTuple):
@@ -669,6 +674,7 @@ class DreamerNoModelConfig(DreamerConfig):
     """The actor-critic; its `source` is always `replay` (so `replay_critic` is unused)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.actor_critic.source != "replay":
             raise ValueError(
                 "dreamer_nomodel needs actor_critic.source=replay (use agent=dreamer for the "

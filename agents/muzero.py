@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import optax
 from acme import specs as acme_specs
 
+from mbxfer import domains
 from mbxfer import exploration as exploration_lib
 from mbxfer.agents import base, networks, nomodel, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
@@ -70,6 +71,7 @@ from mbxfer.agents.world_model import (
     initial_filter_carry,
     make_world_model,
 )
+from mbxfer.domains import at_least, below_one, fraction, non_negative, positive, unit_interval
 from mbxfer.exploration import ExplorationConfig
 
 __all__ = [
@@ -102,70 +104,63 @@ class MuZeroConfig:
     planning: bool = True
     """False: the model-free control (act from the policy head, no search anywhere, policy by
     advantage-weighted regression); same networks, replay and ratio."""
-    discount: float = 0.99
+    discount: Annotated[float, unit_interval] = 0.99
     """Discount per step, in the search and in the value targets."""
-    unroll_steps: int = 5
+    unroll_steps: Annotated[int, non_negative] = 5
     """K: steps the model is unrolled with replayed actions from every root; 0 (only with
     planning=False): value and policy are learned on the filtered real steps alone."""
-    n_step: int = 5
+    n_step: Annotated[int, positive] = 5
     """Steps of reward before the value target bootstraps from the target network."""
-    reanalyse_fraction: float = 1.0
+    reanalyse_fraction: Annotated[float, unit_interval] = 1.0
     """Fraction of each batch's sequences that get fresh search policy targets from the current
     network (the rest are masked out of the policy loss); must be > 0 when planning."""
-    target_update_rate: float = 0.01
+    target_update_rate: Annotated[float, fraction] = 0.01
     """EMA step of the target network towards the trained parameters, every update."""
-    target_update_period: int = 0
+    target_update_period: Annotated[int, non_negative] = 0
     """If > 0, copy the parameters into the target network every this many updates instead of
     the EMA."""
-    policy_unimix: float = 0.1
+    policy_unimix: Annotated[float, below_one] = 0.1
     """Uniform mixture of the discrete policy (prior and acting). It keeps every prior above
     `policy_unimix / A`, so that the search, whose Q-term spans about 5 logits (mctx's Gumbel
     scaling; PUCT similarly), can still overturn a confident prior when the values change:
     without it, reanalysed targets that include the prior drive the policy to a point mass the
     search cannot leave (0.1 suffices up to ~17 actions)."""
-    value_bins: int = 255
+    value_bins: Annotated[int, at_least(2)] = 255
     """Two-hot bins of the value head (symlog space); reward bins are `model.reward_bins`."""
-    hidden: int = 128
+    hidden: Annotated[int, positive] = 128
     """Width of the policy and value MLPs."""
-    layers: int = 2
+    layers: Annotated[int, non_negative] = 2
     """Hidden layers of the policy and value MLPs."""
-    value_scale: float = 0.25
+    value_scale: Annotated[float, non_negative] = 0.25
     """Weight of the value loss (MuZero Reanalyse uses 0.25)."""
-    policy_scale: float = 1.0
+    policy_scale: Annotated[float, non_negative] = 1.0
     """Weight of the policy loss."""
-    reward_scale: float = 1.0
+    reward_scale: Annotated[float, non_negative] = 1.0
     """Weight of the unrolled reward loss (on imagined states; the world model's own reward
     term trains the same head on filtered states)."""
-    advantage_temperature: float = 1.0
+    advantage_temperature: Annotated[float, positive] = 1.0
     """planning=False only: temperature of the advantage weights (advantages are divided by
     their batch standard deviation first)."""
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, positive] = 3e-4
     """Adam learning rate of every parameter (world model and prediction heads)."""
-    grad_clip: float = 100.0
+    grad_clip: Annotated[float, positive] = 100.0
     """Global gradient-norm clip."""
     exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
     """Intrinsic reward module and the reward mix, used in the search (reward along the tree)
     and in the value targets."""
 
     def __post_init__(self):
-        if self.unroll_steps < 0 or self.n_step < 1:
-            raise ValueError("need unroll_steps >= 0 and n_step >= 1")
+        domains.check(self)
         if self.planning and self.unroll_steps == 0:
             raise ValueError(
                 "planning=True needs unroll_steps >= 1: the search reads the reward, value and "
                 "policy of imagined states, which only the unrolled losses train"
             )
-        if not 0.0 <= self.reanalyse_fraction <= 1.0:
-            raise ValueError(f"reanalyse_fraction={self.reanalyse_fraction} must be in [0, 1]")
         if self.planning and self.reanalyse_fraction == 0.0:
             raise ValueError(
                 "planning=True needs reanalyse_fraction > 0: the replay stores no search "
                 "statistics, so reanalysed sequences are the only policy targets"
             )
-        if not 0.0 <= self.policy_unimix < 1.0:
-            raise ValueError(f"policy_unimix={self.policy_unimix} must be in [0, 1)")
-        if self.target_update_period < 0 or not 0.0 < self.target_update_rate <= 1.0:
-            raise ValueError("need target_update_period >= 0 and 0 < target_update_rate <= 1")
 
 
 class MuZeroState(NamedTuple):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Annotated, Any, Callable, Literal, NamedTuple
 
 import chex
 import distrax
@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import mctx
 
+from mbxfer import domains
 from mbxfer.agents import networks
 from mbxfer.agents.world_model import LatentState, WorldModel
+from mbxfer.domains import non_negative, positive, unit_interval
 
 Array = chex.Array
 SEARCH_POLICIES = ("muzero", "gumbel")
@@ -51,41 +53,34 @@ class SearchConfig:
     """`gumbel`: `mctx.gumbel_muzero_policy` (sequential halving, improved-policy targets; it
     improves the policy with few simulations, hence the CPU-sized default); `muzero`:
     `mctx.muzero_policy` (PUCT, visit-count targets, Dirichlet noise at the root)."""
-    num_simulations: int = 16
+    num_simulations: Annotated[int, positive] = 16
     """Simulations per search (MuZero used 50; fewer keep CPU runs fast)."""
-    dirichlet_alpha: float = 0.3
+    dirichlet_alpha: Annotated[float, positive] = 0.3
     """Concentration of the Dirichlet noise mixed into the root prior (muzero)."""
-    dirichlet_fraction: float = 0.25
+    dirichlet_fraction: Annotated[float, unit_interval] = 0.25
     """Weight of the Dirichlet noise in the root prior when exploring and reanalysing (muzero;
     as the acting-time targets of MuZero, without it visit targets collapse onto the prior's
     argmax); no noise when evaluating."""
-    pb_c_init: float = 1.25
+    pb_c_init: Annotated[float, non_negative] = 1.25
     """PUCT exploration constant c1 (muzero)."""
-    pb_c_base: float = 19652.0
+    pb_c_base: Annotated[float, positive] = 19652.0
     """PUCT constant c2 (muzero)."""
-    value_range_floor: float = 0.01
+    value_range_floor: Annotated[float, positive] = 0.01
     """Smallest range of sibling Q-values that the min-max normalization of Q divides by
     (mctx's `epsilon`, as EfficientZero's 0.01; both policies): smaller differences count as
     noise and the prior decides, instead of noise deciding every simulation and target."""
-    temperature: float = 1.0
+    temperature: Annotated[float, positive] = 1.0
     """Exploring actions are sampled with probability proportional to visits^(1/temperature)
     (muzero); evaluation takes the most visited action."""
-    max_num_considered_actions: int = 16
+    max_num_considered_actions: Annotated[int, positive] = 16
     """Actions considered at the root by sequential halving (gumbel; capped by the branches)."""
-    gumbel_scale: float = 1.0
+    gumbel_scale: Annotated[float, non_negative] = 1.0
     """Scale of the Gumbel noise at the root when exploring and reanalysing (gumbel)."""
-    sampled_actions: int = 8
+    sampled_actions: Annotated[int, positive] = 8
     """K: candidate actions drawn from the policy at every node (continuous actions only)."""
 
     def __post_init__(self):
-        if self.policy not in SEARCH_POLICIES:
-            raise ValueError(f"policy={self.policy!r} is not one of {SEARCH_POLICIES}")
-        if self.num_simulations < 1 or self.sampled_actions < 1:
-            raise ValueError("num_simulations and sampled_actions must be positive")
-        if self.max_num_considered_actions < 1:
-            raise ValueError("max_num_considered_actions must be positive")
-        if self.value_range_floor <= 0:
-            raise ValueError(f"value_range_floor={self.value_range_floor} must be positive")
+        domains.check(self)
 
 
 class SearchParams(NamedTuple):

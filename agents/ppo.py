@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Optional
+from typing import Annotated, NamedTuple, Optional
 
 import chex
 import haiku as hk
@@ -54,9 +54,10 @@ import rlax
 from acme import specs as acme_specs
 from dm_env import specs
 
-from mbxfer import exploration
+from mbxfer import domains, exploration
 from mbxfer.agents import base, networks, sequences
 from mbxfer.agents import intrinsic as intrinsic_lib
+from mbxfer.domains import finite, non_negative, positive, unit_interval
 from mbxfer.exploration import ExplorationConfig
 
 
@@ -69,73 +70,80 @@ class PPOConfig:
     `symlog(vector)`, or the conv encoder for images).
     """
 
-    rollout_length: int = 128
+    rollout_length: Annotated[int, positive] = 128
     """Steps `T` per environment between updates (the runner's on-policy mode)."""
-    epochs: int = 4
+    epochs: Annotated[int, positive] = 4
     """Passes over each rollout."""
-    minibatches: int = 4
+    minibatches: Annotated[int, positive] = 4
     """Minibatches per pass; `num_envs * rollout_length` must be divisible by it."""
-    discount: float = 0.99
+    discount: Annotated[float, unit_interval] = 0.99
     """Discount per step (multiplied by the environment's discount)."""
-    lambda_: float = 0.95
+    lambda_: Annotated[float, unit_interval] = 0.95
     """GAE lambda."""
-    clip_ratio: float = 0.2
+    clip_ratio: Annotated[float, positive] = 0.2
     """Clipping epsilon of the surrogate objective's probability ratio."""
-    value_clip: float = 0.2
+    value_clip: Annotated[float, non_negative] = 0.2
     """Clip the new value to this distance from the rollout's value in the value loss
     (the pessimistic maximum of clipped and unclipped errors); 0 disables."""
     normalize_advantages: bool = True
     """Normalize advantages to zero mean and unit std within each minibatch."""
-    entropy_coef: float = 0.01
+    entropy_coef: Annotated[float, non_negative] = 0.01
     """Weight of the entropy bonus."""
-    value_coef: float = 0.5
+    value_coef: Annotated[float, non_negative] = 0.5
     """Weight of the value loss."""
     value_normalization: bool = True
     """Regress values normalized by a running mean and std of the value targets (MAPPO's
     value normalization), so that the value loss, its share of the clipped gradient norm and
     `value_clip` do not depend on the reward scale. False regresses raw returns (CleanRL)."""
-    value_norm_decay: float = 0.99
+    value_norm_decay: Annotated[float, unit_interval] = 0.99
     """Decay per update of the running moments of the value targets."""
-    learning_rate: float = 2.5e-4
+    learning_rate: Annotated[float, positive] = 2.5e-4
     """Adam learning rate (one optimizer over policy, value and encoders)."""
-    anneal_steps: int = 0
+    anneal_steps: Annotated[int, non_negative] = 0
     """Decay the learning rate linearly to 0 over this many environment steps of updates
     (counted by `PPOState.updates`, `N * T` steps each, which a protocol's `carry=all` carries
     into the next phase); 0 keeps it constant."""
-    adam_eps: float = 1e-5
+    adam_eps: Annotated[float, positive] = 1e-5
     """Adam epsilon."""
-    max_grad_norm: float = 0.5
+    max_grad_norm: Annotated[float, positive] = 0.5
     """Global gradient-norm clip of each minibatch step."""
-    hidden: int = 64
+    hidden: Annotated[int, positive] = 64
     """Width of the vector encoder's and the heads' hidden layers."""
-    encoder_layers: int = 2
+    encoder_layers: Annotated[int, non_negative] = 2
     """Hidden layers of the vector encoder (an MLP over `symlog(vector)`)."""
-    head_layers: int = 0
+    head_layers: Annotated[int, non_negative] = 0
     """Hidden layers between the embedding and the policy and value outputs."""
-    encoder_depth: int = 16
+    encoder_depth: Annotated[int, positive] = 16
     """Channels of the conv encoder's first layer; each stride-2 layer doubles them."""
-    min_resolution: int = 4
+    min_resolution: Annotated[int, positive] = 4
     """The conv encoder halves the image down to this resolution."""
     share_encoder: bool = False
     """One encoder for policy and value (common for images) instead of one each (CleanRL's
     choice for vector observations)."""
-    init_log_std: float = 0.0
+    init_log_std: Annotated[float, finite] = 0.0
     """Initial log standard deviation of the continuous policy."""
     exploration: ExplorationConfig = dataclasses.field(default_factory=ExplorationConfig)
     """Intrinsic reward module (`rnd` or `none`) and the reward mix. Protocols that pretrain
     reward-free pick `protocol.intrinsic` when this is `none`: set it to `rnd` for PPO."""
 
     def __post_init__(self):
-        for name in ("rollout_length", "epochs", "minibatches", "hidden", "encoder_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.clip_ratio <= 0 or self.value_clip < 0 or self.anneal_steps < 0:
-            raise ValueError("clip_ratio must be positive; value_clip, anneal_steps >= 0")
+        domains.check(self)
         if self.exploration.module == "disagreement":
             raise ValueError(
                 "exploration.module='disagreement' needs a world model, which PPO has not: use "
                 "exploration.module='rnd' with PPO, or a model-based agent (dreamer, muzero)"
             )
+
+    def trial_problems(self, env, train) -> list[str]:
+        """What does not fit a trial's `env` and `train` settings (`config.trial_problems`):
+        each rollout of `env.num_envs * rollout_length` steps splits into `minibatches`."""
+        size = env.num_envs * self.rollout_length
+        if size % self.minibatches:
+            return [
+                f"agent.minibatches={self.minibatches} must divide env.num_envs * "
+                f"agent.rollout_length = {env.num_envs} * {self.rollout_length} = {size}"
+            ]
+        return []
 
 
 class PPOState(NamedTuple):

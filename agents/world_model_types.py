@@ -8,9 +8,12 @@ Shapes: `B` batch, `T` time, `D` deterministic size, `G` x `C` categorical group
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple
 
 import chex
+
+from mbxfer import domains
+from mbxfer.domains import at_least, below_one, non_negative, positive
 
 Array = chex.Array
 Params = Any  # a Haiku parameter tree
@@ -36,45 +39,40 @@ class LossConfig:
     `world_model_losses.LOSS_TERMS`; the fields from `free_bits` on configure the terms.
     """
 
-    reconstruction: float = 1.0
+    reconstruction: Annotated[float, non_negative] = 1.0
     """Observation reconstruction (image MSE summed over pixels, vector MSE in symlog space)."""
-    reward: float = 1.0
+    reward: Annotated[float, non_negative] = 1.0
     """Two-hot cross-entropy of the reward head against the reward received at each step."""
-    continuation: float = 1.0
+    continuation: Annotated[float, non_negative] = 1.0
     """Binary cross-entropy of the continuation head against `1 - is_terminal`."""
-    kl_dynamics: float = 0.5
+    kl_dynamics: Annotated[float, non_negative] = 0.5
     """KL(stop_grad(posterior) || prior): trains the prior to predict the posterior."""
-    kl_representation: float = 0.1
+    kl_representation: Annotated[float, non_negative] = 0.1
     """KL(posterior || stop_grad(prior)): keeps the posterior predictable."""
-    contrastive: float = 0.0
+    contrastive: Annotated[float, non_negative] = 0.0
     """InfoNCE between imagined future latents and the encoder's embeddings of the observed
     future (CoBERL / ReLIC spirit); the other steps of the batch are the negatives."""
-    self_predictive: float = 0.0
+    self_predictive: Annotated[float, non_negative] = 0.0
     """SPR-style: negative cosine similarity between projections of imagined future latents
     and a target network's projections of the filtered future latents (an EMA target when
     the caller passes `target_params`)."""
-    open_loop_heads: float = 0.0
+    open_loop_heads: Annotated[float, non_negative] = 0.0
     """The reward and continuation heads also trained on latents imagined 1..K steps ahead
     with the replayed actions (`open_loop_horizon`), the dynamics receiving their gradient."""
-    free_bits: float = 1.0
+    free_bits: Annotated[float, non_negative] = 1.0
     """Each KL term is clipped below at this many nats per step (DreamerV3)."""
-    self_supervised_horizon: int = 3
+    self_supervised_horizon: Annotated[int, positive] = 3
     """Steps imagined ahead (with the replayed actions) by the contrastive and self-predictive
     terms; predictions that cross an episode start or the window's end are masked."""
-    open_loop_horizon: int = 5
+    open_loop_horizon: Annotated[int, positive] = 5
     """Steps K imagined ahead by the `open_loop_heads` term."""
-    projection_size: int = 64
+    projection_size: Annotated[int, positive] = 64
     """Width of the projection heads of the contrastive and self-predictive terms."""
-    contrastive_temperature: float = 0.1
+    contrastive_temperature: Annotated[float, positive] = 0.1
     """Temperature of the contrastive term's cosine-similarity logits."""
 
     def __post_init__(self):
-        if min(self.self_supervised_horizon, self.open_loop_horizon, self.projection_size) < 1:
-            raise ValueError(
-                "self_supervised_horizon, open_loop_horizon and projection_size must be positive"
-            )
-        if self.contrastive_temperature <= 0:
-            raise ValueError(f"contrastive_temperature={self.contrastive_temperature} must be > 0")
+        domains.check(self)
 
     def scales(self) -> dict[str, float]:
         """Loss-term name -> scale, for every field that is the scale of a term."""
@@ -101,23 +99,23 @@ class WorldModelConfig:
     latent: Literal["rssm", "deterministic"] = "rssm"
     """`rssm`: deterministic GRU state plus categorical stochastic latents (DreamerV2/V3);
     `deterministic`: a GRU state only (MuZero-like), see `LatentState`."""
-    deter: int = 128
+    deter: Annotated[int, positive] = 128
     """Size `D` of the deterministic (GRU) state."""
-    stoch_groups: int = 8
+    stoch_groups: Annotated[int, positive] = 8
     """Number `G` of categorical latent variables (rssm only)."""
-    stoch_classes: int = 8
+    stoch_classes: Annotated[int, positive] = 8
     """Number `C` of classes of each categorical latent (rssm only)."""
-    hidden: int = 128
+    hidden: Annotated[int, positive] = 128
     """Width of every hidden layer (dynamics, heads, vector encoder and decoder)."""
-    mlp_layers: int = 2
+    mlp_layers: Annotated[int, non_negative] = 2
     """Hidden layers of the heads and of the vector encoder/decoder."""
-    encoder_depth: int = 16
+    encoder_depth: Annotated[int, positive] = 16
     """Channels of the first conv layer; each stride-2 layer doubles them."""
-    min_resolution: int = 4
+    min_resolution: Annotated[int, positive] = 4
     """The conv encoder halves the image down to this resolution (the decoder mirrors it)."""
-    unimix: float = 0.01
+    unimix: Annotated[float, below_one] = 0.01
     """Mixed into every categorical as a uniform distribution, so no class has zero mass."""
-    reward_bins: int = 255
+    reward_bins: Annotated[int, at_least(2)] = 255
     """Two-hot bins of the reward head, evenly spaced in symlog space over [-20, 20]."""
     decoder: bool = True
     """Whether the model has an observation decoder (needed by the reconstruction loss)."""
@@ -125,13 +123,7 @@ class WorldModelConfig:
     """Loss scales and free bits."""
 
     def __post_init__(self):
-        if self.latent not in LATENTS:
-            raise ValueError(f"latent={self.latent!r} is not one of {LATENTS}")
-        for name in ("deter", "stoch_groups", "stoch_classes", "hidden", "encoder_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if not 0.0 <= self.unimix < 1.0:
-            raise ValueError(f"unimix={self.unimix} must be in [0, 1)")
+        domains.check(self)
         if not self.decoder and self.losses.reconstruction != 0:
             raise ValueError("decoder=False needs losses.reconstruction=0")
 

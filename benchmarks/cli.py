@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import sys
 import time
@@ -114,6 +115,8 @@ def _cmd_envs(args) -> int:
 
 
 def _cmd_rollout(args) -> int:
+    if args.out:
+        check_out_folder(Path(args.out))
     summary = random_rollout(
         args.env,
         args.episodes,
@@ -175,13 +178,11 @@ def _cmd_eval(args) -> int:
 
 def _run_updates(args) -> dict:
     """Nested config updates from a YAML file, the shortcut flags, then `--set` overrides."""
-    import yaml
-
     from mbxfer.benchmarks import config as config_lib
 
     updates: dict = {}
     if args.config:
-        updates = config_lib.with_agent_mapping(yaml.safe_load(Path(args.config).read_text()) or {})
+        updates = config_lib.read_config_file(Path(args.config))
     shortcuts = {
         "agent": {"name": args.agent} if args.agent is not None else {},
         "seed": args.seed,
@@ -209,10 +210,12 @@ def _cmd_run(args) -> int:
     from mbxfer.benchmarks import loop, runner, trial_folder
 
     config = config_lib.build(_run_updates(args))
-    out = Path(args.out) if args.out else Path("results") / "runs" / config.trial_id()
-    if args.print_config:
+    if args.print_config:  # The config as built (keys, types, domains), runnable here or not.
         print(config_lib.to_yaml(config), end="")
         return 0
+    config_lib.check_runnable(config)  # Phases and environments: refused before anything runs.
+    out = Path(args.out) if args.out else Path("results") / "runs" / config.trial_id()
+    check_out_folder(out)
     print(
         f"trial {config.trial_id()}: {config.agent} on {config.env.name} "
         f"(task {config.env.task}), {config.train.steps} steps -> {out}",
@@ -253,8 +256,17 @@ def _cmd_sweep(args) -> int:
     from mbxfer.benchmarks import sweep, sweep_spec
 
     spec = sweep_spec.load_spec(Path(args.spec), args.scale)
-    plan = sweep_spec.expand(spec)
     out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
+    check_out_folder(out)
+    count = sweep_spec.count_trials(spec)
+    if count > sweep_spec.MAX_TRIALS and not args.yes:
+        raise sweep_spec.SpecError(
+            f"sweep spec {args.spec} expands to {count:,} trials, more than "
+            f"{sweep_spec.MAX_TRIALS:,}: check its axes and grid, or pass --yes to go on"
+        )
+    if count > sweep_spec.MAX_TRIALS:
+        print(f"sweep: checking {count:,} trials (--yes)...", file=sys.stderr, flush=True)
+    plan = sweep_spec.expand(spec)
     if args.dry_run:
         rows = sweep.plan(plan, out)
         print(f"{len(rows)} trials in {out}:")
@@ -314,7 +326,12 @@ def _cmd_sweep(args) -> int:
 
 def _cmd_report(args) -> int:
     from mbxfer.benchmarks import report
+    from mbxfer.benchmarks.config import ConfigError
 
+    if Path(args.results).exists() and not Path(args.results).is_dir():
+        raise ConfigError(f"RESULTS_DIR {args.results} is a file; give the folder of trial folders")
+    if args.out:
+        check_out_folder(Path(args.out))
     argv = ["mbxfer", "report", args.results] + (["--out", args.out] if args.out else [])
     argv += ["--formats", args.formats] if args.formats != "png,pdf" else []
     path = report.write(
@@ -345,18 +362,47 @@ def _cmd_agents(args) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+def _integer(text: str, low: int, high: Optional[int], what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text} is not {what}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a non-negative integer")
-    return value
+    return _integer(text, 0, None, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    from mbxfer.benchmarks.config import MAX_SEED
+
+    return _integer(text, 0, MAX_SEED, f"a seed (an integer in [0, {MAX_SEED}])")
+
+
+def check_out_folder(path: Path, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be one: an existing file, or below a file or a
+    folder this user cannot write to. Creates nothing (a dry run leaves no trace)."""
+    from mbxfer.benchmarks.config import ConfigError
+
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {path} is a file, not a folder; give a folder")
+        return
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{option} {path}: cannot create it, {parent} is not writable")
+            return
 
 
 _EXIT_CODES = (
@@ -375,8 +421,12 @@ class _KeysHelp(argparse.Action):
         from mbxfer.benchmarks import config as config_lib
 
         agent = namespace.agent or "dreamer"
+        try:
+            config = config_lib.build({"agent": agent})
+        except config_lib.ConfigError as error:
+            parser.error(str(error))
         print(f"config keys for --agent {agent} (set with --set key=value):")
-        for line in config_lib.describe(config_lib.build({"agent": agent})):
+        for line in config_lib.describe(config):
             print("  " + plain(line))
         parser.exit()
 
@@ -397,11 +447,16 @@ class _PlainHelpFormatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose help (its subcommands' too) is `plain`."""
+    """An ArgumentParser whose help (its subcommands' too) is `plain`, and whose errors are
+    one line and a pointer to `--help` (exit code 2), not the whole usage block."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _PlainHelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        message = " ".join(plain(message).split())
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,9 +480,9 @@ def _add_run(commands) -> None:
     run.add_argument("--agent", default=None, help="agent name (default dreamer)")
     run.add_argument("--env", default=None, help="environment name (mbxfer envs)")
     run.add_argument("--task", default=None, help="task name; 'none' for reward-free")
-    run.add_argument("--steps", type=int, default=None, help="environment steps")
-    run.add_argument("--seed", type=int, default=None, help="seed")
-    run.add_argument("--num-envs", type=int, default=None, help="environments per batch")
+    run.add_argument("--steps", type=_positive, default=None, help="environment steps")
+    run.add_argument("--seed", type=_seed, default=None, help="seed")
+    run.add_argument("--num-envs", type=_positive, default=None, help="environments per batch")
     run.add_argument("--out", default=None, help="trial folder (default results/runs/<id>)")
     run.add_argument(
         "--protocol",
@@ -501,6 +556,12 @@ def _add_sweep(commands) -> None:
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress line")
     sweep.add_argument(
+        "--yes",
+        action="store_true",
+        help="go on with a sweep of more than 10,000 trials (sweep_spec.MAX_TRIALS; refused "
+        "otherwise)",
+    )
+    sweep.add_argument(
         "--scale",
         default=None,
         help="merge the spec's scales.NAME over it (presets: 'paper' is the published budget)",
@@ -528,7 +589,7 @@ def _add_report(commands) -> None:
         default=1000,
         help="bootstrap resamples per point of learning curves and performance profiles",
     )
-    report.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    report.add_argument("--seed", type=_seed, default=0, help="seed of the bootstrap")
     report.add_argument(
         "--formats",
         default="png,pdf",
@@ -559,9 +620,9 @@ def _add_listings(commands) -> None:
     )
     rollout.add_argument("--env", required=True, help="registered environment name")
     rollout.add_argument("--task", default=None, help="task name (default: reward-free)")
-    rollout.add_argument("--episodes", type=int, default=10, help="episodes to finish")
-    rollout.add_argument("--workers", type=int, default=1, help="subprocess environments")
-    rollout.add_argument("--seed", type=int, default=0, help="seed of envs and policy")
+    rollout.add_argument("--episodes", type=_positive, default=10, help="episodes to finish")
+    rollout.add_argument("--workers", type=_positive, default=1, help="subprocess environments")
+    rollout.add_argument("--seed", type=_seed, default=0, help="seed of envs and policy")
     rollout.add_argument("--out", default=None, help="folder for episodes.jsonl/summary.json")
 
     demo = commands.add_parser(
@@ -628,7 +689,7 @@ def _add_eval(commands) -> None:
     )
     evaluate.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=None,
         help="seed of the episodes (default: the runner's evaluation seed at the checkpoint, "
         "i.e. the trial's own episodes)",
@@ -652,6 +713,7 @@ def _bad_input_errors() -> tuple:
     from mbxfer.benchmarks.checkpoint import IncompatibleCheckpointError
     from mbxfer.benchmarks.config import ConfigError
     from mbxfer.benchmarks.protocols import ProtocolError
+    from mbxfer.benchmarks.yaml_input import YAMLInputError
     from mbxfer.envs.base import ConfigurationError
 
     return (
@@ -660,11 +722,18 @@ def _bad_input_errors() -> tuple:
         ProtocolError,
         UnknownAgentError,
         IncompatibleCheckpointError,
+        YAMLInputError,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one `mbxfer` command; its exit code. Bad input (options, configs, specs, folders)
+    is one to three lines on stderr and exit code 2; anything else is a bug and keeps its
+    traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, --version, --keys (0) and option errors (2).
+        return exit.code if isinstance(exit.code, int) else 0
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     handlers = {
         "run": _cmd_run,
@@ -676,11 +745,24 @@ def main(argv: list[str] | None = None) -> int:
         "rollout": _cmd_rollout,
         "demo": _cmd_demo,
     }
+    import yaml
+
     try:
         return handlers[args.command](args)
     except _bad_input_errors() as error:
         # Registry and config errors already name the problem and the fix.
         print(f"mbxfer: error: {error}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as error:  # A file of a trial folder that is not YAML, say.
+        from mbxfer.benchmarks.yaml_input import describe_error
+
+        if isinstance(error, yaml.MarkedYAMLError):
+            mark = error.problem_mark or error.context_mark
+            name = mark.name if mark is not None and not mark.name.startswith("<") else None
+            text = describe_error(error, None, name or "a YAML file")
+        else:
+            text = " ".join(str(error).split())
+        print(f"mbxfer: error: cannot read YAML: {text}", file=sys.stderr)
         return 2
 
 

@@ -14,12 +14,16 @@ import hashlib
 import json
 import types
 import typing
-from typing import Any, Mapping, Optional
+from collections import abc
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
 
 import yaml
 
-from mbxfer import agents
+from mbxfer import agents, domains
+from mbxfer.benchmarks import yaml_input
 from mbxfer.benchmarks.protocols import ProtocolConfig
+from mbxfer.domains import non_negative, one_of, positive
 
 
 class ConfigError(ValueError):
@@ -36,12 +40,16 @@ class EnvConfig:
     """The task whose reward is trained on. Left out, it is the environment's registered
     default task (`registry.register(..., task=...)`: `reward` for CartPole, Pendulum and
     Meta-World); written as null (`--task none` on the command line), it is reward-free."""
-    num_envs: int = 4
+    num_envs: Annotated[int, positive] = 4
     """Environments stepped as one batch."""
     workers: bool = False
     """Run each environment in its own subprocess (True) or in this process (False)."""
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    """Extra keywords for `envs.registry.make` (e.g. `{size: 5, action_repeat: 2}`)."""
+    """Extra keywords for `envs.registry.make` (e.g. `{size: 5, action_repeat: 2}`); their
+    values are checked against what the environment declares (`mbxfer envs`)."""
+
+    def __post_init__(self):
+        domains.check(self)
 
 
 EVAL_MODES = {"sampled": "explore", "greedy": "eval"}
@@ -52,26 +60,27 @@ EVAL_MODES = {"sampled": "explore", "greedy": "eval"}
 class TrainConfig:
     """The one loop's budget, data ratios, evaluation and checkpoint schedule."""
 
-    steps: int = 20000
+    steps: Annotated[int, positive] = 20000
     """Environment steps to train for (summed over the batch of environments)."""
-    batch_size: int = 16
+    batch_size: Annotated[int, positive] = 16
     """Sequences per update."""
-    sequence_length: int = 32
+    sequence_length: Annotated[int, positive] = 32
     """Steps per replayed sequence."""
-    train_ratio: float = 64.0
-    """Replayed steps trained on per environment step (as in DreamerV3)."""
-    learning_starts: int = 1000
+    train_ratio: Annotated[float, non_negative] = 64.0
+    """Replayed steps trained on per environment step (as in DreamerV3); 0 never updates."""
+    learning_starts: Annotated[int, non_negative] = 1000
     """Environment steps collected before the first update."""
-    ratio_clock: str = "zero"
+    ratio_clock: Annotated[str, one_of("zero", "learning_starts")] = "zero"
     """Which steps `train_ratio` counts: `zero` (every step of the phase, so the first update
     step runs a burst of `learning_starts * train_ratio / (batch_size * sequence_length)`
     updates on the prefill) or `learning_starts` (one update when training starts, then only
     the steps after it, as DreamerV3's `when.Ratio`)."""
-    replay_capacity: int = 100000
-    """Steps the replay buffer holds (over all environments)."""
-    eval_every: int = 5000
+    replay_capacity: Annotated[int, positive] = 100000
+    """Steps the replay buffer holds (over all environments): at least `sequence_length` per
+    environment."""
+    eval_every: Annotated[int, non_negative] = 5000
     """Evaluate every this many environment steps (and at the end); 0 disables."""
-    eval_episodes: Optional[int] = None
+    eval_episodes: Annotated[Optional[int], positive] = None
     """Episodes per evaluation and mode, on separate environments; None takes the
     environment's own default (`envs.registry.register(..., eval_episodes=)`: 32 for the toy
     environments, 4 otherwise)."""
@@ -80,28 +89,20 @@ class TrainConfig:
     (the behaviour policy: actions sampled from the policy, MuZero's search with its
     exploration noise) and/or `greedy` (the mode of the policy / argmax of the search). The
     first mode is the headline score that reports and transfer metrics use."""
-    checkpoint_every: int = 5000
+    checkpoint_every: Annotated[int, positive] = 5000
     """Checkpoint every this many environment steps (and at the end)."""
-    log_every: int = 1000
+    log_every: Annotated[int, positive] = 1000
     """Write training metrics every this many environment steps."""
     video: bool = True
     """Write an open-loop world-model video at the end (image environments, model agents)."""
 
     def __post_init__(self):
+        domains.check(self)
         modes = tuple(self.eval_modes)
         if not modes or len(set(modes)) != len(modes) or not set(modes) <= set(EVAL_MODES):
             raise ValueError(
-                f"train.eval_modes={list(modes)} must list distinct modes of "
+                f"eval_modes={list(modes)} must list distinct modes of "
                 f"{list(EVAL_MODES)}, the headline first"
-            )
-        if self.ratio_clock not in ("zero", "learning_starts"):
-            raise ValueError(
-                f"train.ratio_clock={self.ratio_clock!r} must be one of ['zero', 'learning_starts']"
-            )
-        if self.eval_episodes is not None and self.eval_episodes < 1:
-            raise ValueError(
-                f"train.eval_episodes={self.eval_episodes} must be >= 1 (or null for the "
-                "environment's default)"
             )
 
 
@@ -123,16 +124,16 @@ class LogConfig:
     """The W&B project the trial's run goes to."""
     wandb_entity: Optional[str] = None
     """The W&B user or team; None is the logged-in user's default entity."""
-    wandb_mode: str = "offline"
+    wandb_mode: Annotated[str, one_of(*WANDB_MODES)] = "offline"
     """`offline` (the run is kept in `<trial>/wandb/`, uploaded later by `wandb sync`) or
     `online` (streamed to the W&B server; needs `wandb login`)."""
 
     def __post_init__(self):
-        if self.wandb_mode not in WANDB_MODES:
-            raise ValueError(
-                f"log.wandb_mode={self.wandb_mode!r} must be one of {list(WANDB_MODES)}"
-            )
+        domains.check(self)
 
+
+MAX_SEED = 2**32 - 1
+"""The largest seed: `jax.random.PRNGKey` keeps 32 bits of it (2**32 is seed 0 again)."""
 
 RUN_OPTIONS = ("log",)
 """`TrialConfig` fields that say how a trial is watched, not what it computes: left out of
@@ -146,8 +147,9 @@ class TrialConfig:
 
     agent: str = "dreamer"
     """A name from `agents.names()`."""
-    seed: int = 0
-    """Seeds parameters, environments, replay sampling and action noise."""
+    seed: Annotated[int, domains.in_range(0, MAX_SEED)] = 0
+    """Seeds parameters, environments, replay sampling and action noise (JAX keys hold 32
+    bits, so larger seeds would repeat smaller ones)."""
     env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     protocol: ProtocolConfig = dataclasses.field(default_factory=ProtocolConfig)
@@ -158,6 +160,7 @@ class TrialConfig:
     """Where metrics are mirrored (TensorBoard, W&B); a run option outside the trial id."""
 
     def __post_init__(self):
+        domains.check(self)
         if self.agent_config is None:
             object.__setattr__(self, "agent_config", agents.config_class(self.agent)())
 
@@ -226,9 +229,20 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+INT_LIMIT = 2**63
+"""Integers must lie in (-INT_LIMIT, INT_LIMIT): NumPy and JAX hold them in 64 bits."""
+
+
+def _shown(value: Any) -> str:
+    """`value` for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_value(path: str, value: Any, annotation: Any) -> Any:
     """Coerce `value` to `annotation` or raise ConfigError naming the path and the type."""
     origin = typing.get_origin(annotation)
+    shown = _shown(value)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
@@ -243,37 +257,50 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0])
     if origin is typing.Literal:
-        if value not in typing.get_args(annotation):
-            raise ConfigError(f"{path}={value!r} must be one of {typing.get_args(annotation)}")
+        choices = typing.get_args(annotation)
+        if not isinstance(value, str) or value not in choices:
+            hint = domains.OneOf(choices).hint(value)
+            raise ConfigError(f"{path}={shown} must be one of {choices}{hint}")
         return value
-    if annotation is Any or origin in (Mapping, dict) or annotation in (dict, Mapping):
-        if origin in (Mapping, dict) and not isinstance(value, Mapping):
-            raise ConfigError(f"{path}={value!r} must be a mapping")
+    if origin in (Mapping, abc.Mapping, dict) or annotation in (dict, Mapping, abc.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}={shown} must be a mapping like {{key: value}}")
+        bad = [key for key in value if not isinstance(key, str)]
+        if bad:
+            raise ConfigError(f"{path}: key {bad[0]!r} must be a string (a keyword name)")
+        return dict(value)
+    if annotation is Any:
         return dict(value) if isinstance(value, Mapping) else value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}={value!r} must be true or false")
+            raise ConfigError(f"{path}={shown} must be true or false")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}={value!r} must be an integer")
+            raise ConfigError(f"{path}={shown} must be an integer")
+        if not -INT_LIMIT < value < INT_LIMIT:
+            raise ConfigError(f"{path}={shown} must be an integer of at most 64 bits")
         return value
     if annotation is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string.
+        if isinstance(value, str):  # A quoted number, or YAML 1.1's `3e-4` in old files.
             try:
                 value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}={value!r} must be a number")
+            raise ConfigError(f"{path}={shown} must be a number")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}={value!r} must be a string")
+            hint = f" (quote it: '{value}')" if isinstance(value, (int, float, bool)) else ""
+            raise ConfigError(f"{path}={shown} must be a string{hint}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}={value!r} must be a list")
+            raise ConfigError(f"{path}={shown} must be a list")
+        args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
         return tuple(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, Mapping):
@@ -283,16 +310,21 @@ def _check_value(path: str, value: Any, annotation: Any) -> Any:
 
 
 def _apply(cls: type, base: Any, updates: Mapping[str, Any], prefix: str, problems: list) -> Any:
-    """A new `cls` instance: `base`'s fields updated by the nested `updates` mapping."""
+    """A new `cls` instance: `base`'s fields updated by the nested `updates` mapping. Every
+    problem (unknown key, wrong type, value outside its domain, fields that do not fit
+    together) goes to `problems`; a field with a problem keeps `base`'s value, so that the
+    others are still checked together."""
     hints = _field_types(cls)
+    field_domains = domains.fields_of(cls)
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
     for key, value in updates.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=3, cutoff=0.5)
+            close = difflib.get_close_matches(str(key), list(hints), n=3, cutoff=0.5)
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
             problems.append(
-                f"unknown key {path!r}{hint}; valid keys: {', '.join(prefix + k for k in hints)}"
+                f"unknown key {str(path)!r}{hint}; valid keys: "
+                + ", ".join(prefix + k for k in hints)
             )
             continue
         annotation = hints[key]
@@ -301,25 +333,41 @@ def _apply(cls: type, base: Any, updates: Mapping[str, Any], prefix: str, proble
             values[key] = _apply(type(current), current, value, f"{path}.", problems)
             continue
         try:
-            values[key] = _check_value(path, value, annotation)
+            checked = _check_value(path, value, annotation)
         except ConfigError as error:
             problems.append(str(error))
+            continue
+        problem = field_domains[key].problem(checked)
+        if problem is not None:
+            problems.append(f"{path}={_shown(checked)} {problem}")
+            continue
+        values[key] = checked
     try:
         return cls(**values)
     except (ValueError, TypeError) as error:
-        problems.append(f"{prefix or 'config'}: {error}")
+        where = prefix.rstrip(".")
+        problems.append(f"{where}: {error}" if where else str(error))
         return base
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML."""
+    """`["a.b=1", "c=x"]` -> `{"a": {"b": 1}, "c": "x"}`; values are parsed as YAML
+    (`yaml_input`: `on`, `1:00` and `0x10` stay strings)."""
     nested: dict = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value")
         path, text = item.split("=", 1)
-        value = yaml.safe_load(text) if text else ""
         keys = path.strip().split(".")
+        if not all(key.strip() for key in keys):
+            raise ConfigError(
+                f"override {item!r}: {path.strip()!r} is not a dotted key like train.steps"
+            )
+        keys = [key.strip() for key in keys]
+        try:
+            value = yaml_input.load(text, f"--set {path.strip()}") if text else ""
+        except yaml_input.YAMLInputError as error:
+            raise ConfigError(str(error)) from None
         if keys[0] == "agent" and len(keys) == 1:
             keys = ["agent", "name"]  # `agent=NAME` and `agent.x=...` may be mixed.
         node = nested
@@ -333,11 +381,24 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def build(updates: Mapping[str, Any] | None = None) -> TrialConfig:
-    """A validated `TrialConfig` from nested updates (YAML or parsed overrides)."""
+    """A validated `TrialConfig` from nested updates (YAML or parsed overrides): unknown keys,
+    wrong types, values outside their fields' domains (`mbxfer.domains`) and fields that do
+    not fit together are all reported at once."""
+    if updates is not None and not isinstance(updates, Mapping):
+        raise ConfigError(
+            f"a config must be a mapping of keys (agent:, env:, train:, ...), not {_kind(updates)}"
+        )
     updates = with_agent_mapping(updates or {})
     problems: list[str] = []
-    agent_updates = dict(updates.pop("agent", None) or {})
+    agent_updates = updates.pop("agent", None) or {}
+    if not isinstance(agent_updates, Mapping):
+        raise ConfigError(f"agent={_shown(agent_updates)} must be an agent name or a mapping")
+    agent_updates = dict(agent_updates)
     agent = agent_updates.pop("name", TrialConfig.agent)
+    if not isinstance(agent, str):
+        raise ConfigError(
+            f"agent={_shown(agent)} must be an agent name: one of {', '.join(agents.names())}"
+        )
     try:
         agent_class = agents.config_class(agent)
     except KeyError as error:
@@ -345,12 +406,86 @@ def build(updates: Mapping[str, Any] | None = None) -> TrialConfig:
     defaults = TrialConfig(agent=agent, agent_config=agent_class())
     config = _apply(TrialConfig, defaults, updates, "", problems)
     agent_config = _apply(agent_class, defaults.agent_config, agent_updates, "agent.", problems)
+    if not problems:
+        problems += trial_problems(dataclasses.replace(config, agent_config=agent_config))
     if problems:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise ConfigError(_problem_text(problems))
     env_updates = updates.get("env")
     if not (isinstance(env_updates, Mapping) and "task" in env_updates):
         config = dataclasses.replace(config, env=_with_default_task(config.env))
     return dataclasses.replace(config, agent_config=agent_config)
+
+
+def _problem_text(problems: list[str]) -> str:
+    """One line for one problem; a header and one indented line each for several."""
+    unique = list(dict.fromkeys(problems))
+    if len(unique) == 1:
+        return f"invalid configuration: {unique[0]}"
+    return "invalid configuration:\n  " + "\n  ".join(unique)
+
+
+def trial_problems(config: TrialConfig) -> list[str]:
+    """What does not fit together across the sections of `config` (each section's own fields
+    are checked when it is built): the replay must hold a sequence per environment, and the
+    agent's config may check the trial (`trial_problems(env, train)`, e.g. PPO's minibatches
+    against the batch of environments)."""
+    env, train = config.env, config.train
+    problems = []
+    rollout = getattr(config.agent_config, "rollout_length", None)
+    if rollout is None and train.replay_capacity // env.num_envs < train.sequence_length:
+        problems.append(
+            f"train.replay_capacity={train.replay_capacity} holds "
+            f"{train.replay_capacity // env.num_envs} steps per environment "
+            f"(env.num_envs={env.num_envs}), fewer than train.sequence_length="
+            f"{train.sequence_length}"
+        )
+    check = getattr(config.agent_config, "trial_problems", None)
+    if check is not None:
+        problems += check(env, train)
+    return problems
+
+
+def check_runnable(config: TrialConfig, checked: Optional[dict] = None) -> None:
+    """Raise `ConfigError` naming what the run of `config` would refuse once started: its
+    protocol's phases (`protocols.phases`) and every environment that a phase trains on or
+    evaluates on (`registry.factory`: keyword names and values, tasks, optional
+    dependencies). Builds nothing, so `mbxfer run` and `sweep --dry-run` refuse such a trial
+    before anything starts. `checked` (recipe -> its problem or None) lets a sweep check each
+    environment recipe once."""
+    from mbxfer.benchmarks import protocols
+    from mbxfer.envs import base as env_base
+    from mbxfer.envs import registry
+
+    try:
+        phases = protocols.phases(config)
+    except ValueError as error:  # ProtocolError, and a custom phase's bad field.
+        raise ConfigError(str(error)) from None
+    checked = {} if checked is None else checked
+    problems = []
+    for phase in phases:
+        recipes = [(phase.task, dict(phase.env_kwargs))]
+        for eval_set in phase.eval_sets.values():
+            recipes.append((eval_set.task, {**phase.env_kwargs, **eval_set.kwargs}))
+        for task, extra in recipes:
+            kwargs = {**config.env.kwargs, **extra}
+            key = json.dumps([config.env.name, task, kwargs], sort_keys=True, default=repr)
+            if key not in checked:
+                checked[key] = None
+                bad = [k for k in kwargs if not isinstance(k, str)]
+                try:
+                    if bad:
+                        raise registry.UnknownKeywordError(
+                            f"environment keyword {bad[0]!r} of phase {phase.name!r} must be "
+                            "a string"
+                        )
+                    registry.factory(config.env.name, task=task, **kwargs)
+                except env_base.ConfigurationError as error:
+                    checked[key] = str(error)
+            if checked[key] is not None:
+                problems.append(checked[key])
+    if problems:
+        unique = list(dict.fromkeys(problems))
+        raise ConfigError(unique[0] if len(unique) == 1 else "\n".join(unique))
 
 
 def _with_default_task(env: EnvConfig) -> EnvConfig:
@@ -363,8 +498,63 @@ def _with_default_task(env: EnvConfig) -> EnvConfig:
     return env if task is None else dataclasses.replace(env, task=task)
 
 
-def from_yaml(text: str) -> TrialConfig:
-    return build(yaml.safe_load(text) or {})
+def from_yaml(text: str, source: str = "config") -> TrialConfig:
+    """The `TrialConfig` of YAML `text` (a `--config` file, a trial's `config.yaml`)."""
+    return build(load_yaml(text, source) or {})
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """`yaml_input.load`, its errors as `ConfigError`."""
+    try:
+        return yaml_input.load(text, source)
+    except yaml_input.YAMLInputError as error:
+        raise ConfigError(str(error)) from None
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """The YAML document in file `path` (`what` names it in errors: "--config", "sweep
+    spec"); a missing, unreadable, binary or malformed file is a `ConfigError`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; give a YAML file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read {what} {path}: {error.strerror or error}") from None
+    if len(data) > yaml_input.MAX_CHARS:
+        raise ConfigError(
+            f"{what} {path} has {len(data):,} bytes, more than the "
+            f"{yaml_input.MAX_CHARS:,} a config or spec may have"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text (byte {error.start}); give a YAML file"
+        ) from None
+    return load_yaml(text, f"{what} {path}")
+
+
+def _kind(value: Any) -> str:
+    """`value`'s YAML kind, for messages: `a list`, `an integer`, ..."""
+    kinds = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             list: "a list", bytes: "binary data"}  # fmt: skip
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+def read_config_file(path: Path) -> dict:
+    """Nested config updates from a `--config` YAML file: a mapping (empty file: none)."""
+    loaded = read_yaml_file(path, "--config")
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(
+            f"--config {path} must hold a mapping of config keys (agent:, env:, train:, ...), "
+            f"not {_kind(loaded)}"
+        )
+    return with_agent_mapping(loaded)
 
 
 def to_yaml(config: TrialConfig) -> str:
@@ -418,7 +608,8 @@ def _own_field_docs(cls: type) -> dict[str, str]:
 
 
 def describe(instance: Any, prefix: str = "") -> list[str]:
-    """One line per leaf field: `path (type, default): doc`, recursing into dataclasses."""
+    """One line per leaf field: `path (type and domain, default): doc`, recursing into
+    dataclasses (`train.batch_size (int > 0, default 16): Sequences per update.`)."""
     cls = type(instance)
     docs = field_docs(cls)
     hints = _field_types(cls)
@@ -431,7 +622,11 @@ def describe(instance: Any, prefix: str = "") -> list[str]:
             lines += describe(value, "agent." if path == "agent_config" else f"{path}.")
             continue
         annotation = hints[field.name]
-        kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
-        kind = kind.replace("typing.", "")
+        spec = domains.fields_of(cls)[field.name]
+        if spec.domain is not None or spec.kind in (bool, int, float, str):
+            kind = spec.describe()  # `int > 0`, `float in [0, 1]`, `str, one of a, b`
+        else:
+            kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+            kind = kind.replace("typing.", "").replace("collections.abc.", "")
         lines.append(f"{path} ({kind}, default {value!r}): {docs.get(field.name, '')}")
     return lines

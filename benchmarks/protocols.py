@@ -37,10 +37,12 @@ relabelled to the new task from the task rewards every step stores (`log_task_re
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from typing import Any, Literal, Mapping, NamedTuple, Optional
+from typing import Annotated, Any, Literal, Mapping, NamedTuple, Optional
 
 import jax
+
+from mbxfer import domains
+from mbxfer.domains import finite, non_negative
 
 CARRY = ("all", "world_model", "world_model+policy", "none")
 NAMES = (
@@ -68,17 +70,17 @@ class ProtocolError(ValueError):
 class ProtocolConfig:
     """Which transfer protocol the trial runs (see `benchmarks/protocols.py`)."""
 
-    name: str = "scratch"
+    name: Annotated[str, domains.one_of(*NAMES)] = "scratch"
     """One of scratch, pretrain_finetune, task_transfer, zero_shot, procedural_generalization,
     task_generalization, custom."""
-    pretrain_steps: int = 0
+    pretrain_steps: Annotated[int, non_negative] = 0
     """Environment steps of the first phase (after action repeat); 0: the same as train.steps."""
     pretrain_task: Optional[str] = None
     """task_transfer: the source task A (the finetune task is env.task)."""
     intrinsic: Literal["auto", "disagreement", "rnd"] = "auto"
     """Intrinsic reward of reward-free pretraining, when agent.exploration.module is 'none';
     auto: disagreement for agents with a world model, rnd for the others (PPO)."""
-    intrinsic_scale: float = 1.0
+    intrinsic_scale: Annotated[float, non_negative] = 1.0
     """Weight of the intrinsic reward during reward-free pretraining."""
     carry: Literal["all", "world_model", "world_model+policy", "none"] = "all"
     """What carries over into the finetune phase."""
@@ -86,21 +88,16 @@ class ProtocolConfig:
     """Generalization: environment keywords of training (e.g. {num_levels: 200})."""
     test_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Generalization: environment keywords of the held-out levels or tasks."""
-    zero_shot_updates: int = 200
+    zero_shot_updates: Annotated[int, non_negative] = 200
     """zero_shot: offline updates (reward head fit + policy learning, no env steps)."""
-    threshold: Optional[float] = None
+    threshold: Annotated[Optional[float], finite] = None
     """Score the steps-to-threshold transfer metric counts to (None: not reported)."""
     phases: tuple = ()
     """custom: the phases, each a mapping of `Phase` fields (other protocols ignore it, so a
     sweep can compare custom phases with scratch under one `base`)."""
 
     def __post_init__(self):
-        if self.name not in NAMES:
-            close = difflib.get_close_matches(self.name, NAMES, n=2, cutoff=0.4)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"unknown protocol {self.name!r}{hint}; one of {', '.join(NAMES)}")
-        if self.pretrain_steps < 0:
-            raise ValueError(f"pretrain_steps={self.pretrain_steps} must be >= 0")
+        domains.check(self)
         object.__setattr__(self, "phases", tuple(self.phases))
 
 
@@ -111,36 +108,41 @@ class EvalSet:
     task: Optional[str] = None
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        if not isinstance(self.kwargs, Mapping):
+            raise ValueError(f"eval set kwargs={self.kwargs!r} must be a mapping of keywords")
+
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
     """One stage of a protocol."""
 
     name: str
-    steps: int
+    steps: Annotated[int, non_negative]
     """Environment steps (after action repeat, over the batch); 0: evaluation only."""
     task: Optional[str] = None
     """Task whose reward the agent receives; None is reward-free."""
     env_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Environment keywords over the trial's `env.kwargs` (levels, goal sets, ...)."""
-    extrinsic_scale: Optional[float] = None
+    extrinsic_scale: Annotated[Optional[float], non_negative] = None
     """Weight of the task reward; None: the agent's own (`agent.exploration.extrinsic_scale`)."""
-    intrinsic_scale: Optional[float] = None
+    intrinsic_scale: Annotated[Optional[float], non_negative] = None
     """Weight of the intrinsic reward; None: the agent's own."""
-    carry: str = "all"
+    carry: Annotated[str, domains.one_of(*CARRY)] = "all"
     """What carries over from the previous phase (ignored by the first phase)."""
     eval_sets: Mapping[str, EvalSet] = dataclasses.field(default_factory=dict)
     """Named evaluations; every evaluation runs all of them."""
     keep_replay: bool = False
     """Keep the previous phase's replay (relabelled to this phase's task)."""
-    offline_updates: int = 0
+    offline_updates: Annotated[int, non_negative] = 0
     """Updates with `agent.adapt` (reward head only in the world model) before acting."""
 
     def __post_init__(self):
-        if self.carry not in CARRY:
-            raise ValueError(f"phase {self.name!r}: carry={self.carry!r} must be one of {CARRY}")
-        if self.steps < 0 or self.offline_updates < 0:
-            raise ValueError(f"phase {self.name!r}: steps and offline_updates must be >= 0")
+        found = domains.problems(self)
+        if not isinstance(self.env_kwargs, Mapping):
+            found.append(f"env_kwargs={self.env_kwargs!r} must be a mapping of keywords")
+        if found:
+            raise ValueError(f"phase {self.name!r}: {'; '.join(found)}")
         if not self.steps and not self.offline_updates and not self.eval_sets:
             raise ValueError(f"phase {self.name!r} neither trains nor evaluates")
 
@@ -311,8 +313,10 @@ def _phase_from_mapping(index: int, raw: Mapping, target: Optional[str]) -> Phas
     sets = values.pop("eval_sets", None)
     if sets is None:
         sets = {"eval": {"task": values["task"]}}
-    values["eval_sets"] = {k: EvalSet(**dict(v)) for k, v in dict(sets).items()}
     try:
+        if not isinstance(sets, Mapping) or not all(isinstance(v, Mapping) for v in sets.values()):
+            raise ValueError("eval_sets must map names to {task: ..., kwargs: {...}}")
+        values["eval_sets"] = {str(k): EvalSet(**dict(v)) for k, v in sets.items()}
         return Phase(**values)
     except (TypeError, ValueError) as error:
         raise ProtocolError(f"protocol.phases[{index}]: {error}") from None

@@ -12,25 +12,30 @@
     scales: {paper: {...}}                         # `load_spec(path, scale)` merges one over it
     parts: [{...}, ...]                            # several grids in one spec
 
-`expand(spec)` builds every combination with `config.build` and reports all the problems of
-all trials at once (`SpecError`) before anything runs. `benchmarks/sweep.py` runs the result.
+`expand(spec)` builds every combination with `config.build`, checks what each would refuse
+once running (`config.check_runnable`: protocol phases, environment keywords and tasks) and
+reports all the problems of all trials at once (`SpecError`) before anything runs.
+`count_trials(spec)` says how many trials that is from the axes' lengths alone, so a grid too
+large to expand is caught before it is (`MAX_TRIALS`). `benchmarks/sweep.py` runs the result.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import itertools
-import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
-
-import yaml
 
 from mbxfer.benchmarks import config as config_lib
 
 AXES = ("agents", "envs", "tasks", "protocols", "seeds")
 SPEC_KEYS = (*AXES, "base", "grid", "resources", "name", "description", "scales", "parts")
+MAX_TRIALS = 10_000
+"""Sweeps of more trials are refused unless confirmed (`mbxfer sweep --yes`): a grid that
+large is more often a mistake than a plan, and expanding it takes minutes."""
 
 
 class SpecError(config_lib.ConfigError):
@@ -68,20 +73,54 @@ def load_spec(path: Path, scale: Optional[str] = None) -> dict:
     """The spec in `path`; with `scale`, its `scales: {NAME: {...}}` entry merged over it (a
     preset's CPU-sized default and, e.g., its `paper` scale for clusters in one file)."""
     try:
-        spec = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise SpecError(f"cannot read sweep spec {path}: {error}") from None
+        spec = config_lib.read_yaml_file(Path(path), "sweep spec")
+    except config_lib.ConfigError as error:
+        raise SpecError(str(error)) from None
     if not isinstance(spec, Mapping):
         raise SpecError(f"sweep spec {path} must be a YAML mapping (agents:, envs:, seeds:, ...)")
     spec = dict(spec)
     scales = spec.pop("scales", None) or {}
+    if not isinstance(scales, Mapping):
+        raise SpecError(f"sweep spec {path}: scales must map names to spec mappings")
     if scale is not None:
         if scale not in scales:
             raise SpecError(
                 f"sweep spec {path} has no scale {scale!r}{_close(scale, list(scales) or ['-'])}"
             )
+        if not isinstance(scales[scale], Mapping):
+            raise SpecError(f"sweep spec {path}: scales.{scale} must be a spec mapping")
         spec = config_lib.merge(spec, scales[scale])
     return spec
+
+
+def count_trials(spec: Mapping) -> int:
+    """How many trials `spec` expands to at most (identical trials merge in `expand`), from
+    the lengths of its axes and grid alone: nothing is built, so a huge grid is counted at
+    once. Malformed axes count as one value (`expand` reports them)."""
+    if spec.get("parts") is not None:
+        parts = spec["parts"]
+        if not isinstance(parts, list):
+            return 0
+        shared = {k: v for k, v in spec.items() if k != "parts"}
+        return sum(
+            count_trials(config_lib.merge(copy.deepcopy(shared), part))
+            for part in parts
+            if isinstance(part, Mapping) and "parts" not in part
+        )
+
+    def length(values: Any) -> int:
+        return len(values) if isinstance(values, list) and values else 1
+
+    tasks = length(spec.get("tasks"))
+    envs = spec.get("envs")
+    if isinstance(envs, list) and envs:
+        env_tasks = sum(1 if isinstance(e, Mapping) and "task" in e else tasks for e in envs)
+    else:
+        env_tasks = tasks
+    grid = spec.get("grid")
+    grid_size = math.prod(length(v) for v in grid.values()) if isinstance(grid, Mapping) else 1
+    others = math.prod(length(spec.get(key)) for key in ("agents", "protocols", "seeds"))
+    return others * env_tasks * grid_size
 
 
 def _close(name: str, valid: list[str]) -> str:
@@ -173,7 +212,6 @@ def expand(spec: Mapping) -> Sweep:
     if spec.get("parts") is not None:
         return _expand_parts(spec)
     from mbxfer import agents
-    from mbxfer.envs import base as env_base
     from mbxfer.envs import registry
 
     problems: list[str] = []
@@ -201,7 +239,7 @@ def expand(spec: Mapping) -> Sweep:
     agents_unknown = not agent_axis
 
     trials: dict[str, Trial] = {}
-    checked_envs: set[str] = set()
+    checked_envs: dict = {}
     for agent, env, protocol, seed in itertools.product(
         agent_axis or [None], env_axis or [None], protocols, seeds
     ):
@@ -211,18 +249,12 @@ def expand(spec: Mapping) -> Sweep:
             axes = {"agent": agent, "env": env, "task": task, "protocol": protocol, "seed": seed}
             try:
                 config = config_lib.build(_updates(base, axes, overrides))
-                trial_budget(config)  # Protocol errors (a missing target task, ...) too.
+                # Protocol phases, environment keywords, values and tasks; builds nothing.
+                config_lib.check_runnable(config, checked_envs)
             except (config_lib.ConfigError, ValueError) as error:
                 lines = _problem_lines(error)
                 problems += [p for p in lines if not (agents_unknown and "'agent." in p)]
                 continue
-            recipe = [config.env.name, config.env.task, config.env.kwargs]
-            if json.dumps(recipe, default=str) not in checked_envs:
-                checked_envs.add(json.dumps(recipe, default=str))
-                try:  # Checks environment keywords and optional dependencies; builds nothing.
-                    registry.factory(recipe[0], task=recipe[1], **dict(recipe[2]))
-                except env_base.ConfigurationError as error:
-                    problems.append(str(error))
             labels = {
                 "agent": config.agent,
                 "env": config.env.name,
@@ -257,7 +289,7 @@ def _expand_parts(spec: Mapping) -> Sweep:
             problems.append(f"parts[{index}]: must be a spec mapping without parts")
             continue
         try:
-            sweep = expand(config_lib.merge(json.loads(json.dumps(shared)), part))
+            sweep = expand(config_lib.merge(copy.deepcopy(shared), part))
         except SpecError as error:
             problems += [f"parts[{index}]: {line}" for line in _problem_lines(error)[1:]]
             continue
@@ -273,7 +305,8 @@ def _expand_parts(spec: Mapping) -> Sweep:
 
 def _problem_lines(error: Exception) -> list[str]:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return [line for line in lines if line != "invalid configuration:"]
+    prefix = "invalid configuration:"
+    return [line.removeprefix(prefix).strip() for line in lines if line != prefix]
 
 
 def _resources(value: Any, problems: list[str]) -> Resources:

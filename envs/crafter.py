@@ -28,6 +28,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from mbxfer.domains import at_least, non_negative, positive
 from mbxfer.envs import base
 
 # The order of crafter.constants.achievements (checked when an environment is built).
@@ -69,6 +70,24 @@ class Crafter(base.Environment):
     """Crafter with image observations, 17 discrete actions and 23 tasks."""
 
     TASKS = TASKS
+    DOMAINS = {
+        "size": positive,
+        "area": positive,
+        "view": at_least(4),
+        "length": positive,
+        "seed": non_negative,
+    }
+    """What `envs.registry.factory` checks before anything is built (with `check_keywords`):
+    crafter itself fails on a view below 4 or an empty area, at its first reset."""
+
+    @staticmethod
+    def check_keywords(keywords) -> list[str]:
+        """crafter draws each of the `view` cells of a row with `size // view` pixels, and
+        fails on fewer than 2."""
+        size, view = keywords["size"], keywords["view"]
+        if size // view < 2:
+            return [f"size={size} must be at least 2 * view = {2 * view} (view={view})"]
+        return []
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from mbxfer import domains
 from mbxfer.envs import base, mujoco_render
 
 VERSION_SUFFIX = "-v3"
@@ -121,6 +122,8 @@ class MetaWorld(base.Environment):
         "goals": GOALS,
         "render": mujoco_render.RENDER_MODES,
     }
+    DOMAINS = {"scene": domains.one_of(*SCENES, *(s + VERSION_SUFFIX for s in SCENES))}
+    """What `envs.registry.factory` checks before building (a scene by either of its names)."""
 
     def __init__(
         self,

@@ -20,6 +20,13 @@ attributes, `TASKS` (a tuple of task names, or a function of the keywords that r
 and `CHOICES` (keyword -> its allowed values), plus the modules `register(..., requires=...)`
 names. An entry point that declares no `TASKS` is built once to read them, time-boxed.
 
+`factory(name, **overrides)` checks keyword values before anything is built, from the same
+declarations: the type annotations of the factory's signature, `CHOICES`, `DOMAINS` (keyword ->
+an `mbxfer.domains` domain, e.g. `{"size": at_least(3)}`), the declared `TASKS`, and an
+optional `check_keywords(keywords) -> list[str]` for what depends on several keywords. A bad
+value is a `BadKeywordValueError` naming the keyword and what it accepts, raised where the
+trial is configured (`mbxfer run`, `sweep --dry-run`), never after a simulator was built.
+
 Subprocess workers (`envs.vector`) load the plugins before they build an environment, so a
 plugin's `register_all()` side effects (a gymnasium id it registers, say) exist there too.
 """
@@ -33,11 +40,13 @@ import importlib.metadata
 import importlib.util
 import inspect
 import threading
+import typing
 import warnings
 from typing import Any, Callable, Mapping, Union
 
 import dm_env
 
+from mbxfer import domains
 from mbxfer.envs import base
 from mbxfer.envs.scoring import RETURN, Scorer
 
@@ -68,6 +77,10 @@ class MissingDependencyError(base.ConfigurationError, ImportError):
 
 class UnknownKeywordError(base.ConfigurationError, TypeError):
     pass
+
+
+class BadKeywordValueError(base.ConfigurationError, ValueError):
+    """A keyword value the environment declares it does not accept."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +196,12 @@ def entry(name: str) -> EnvEntry:
 
 
 def factory(name: str, **overrides: Any) -> EnvFactory:
-    """A picklable recipe for `make(name, **overrides)`, checked now rather than in a worker."""
+    """A picklable recipe for `make(name, **overrides)`, checked now rather than in a worker:
+    keyword names, and keyword values against what the entry point declares (see the module
+    docstring); nothing is built."""
     recipe = EnvFactory(entry(name), dict(overrides))
-    _check_keywords(recipe.entry, {**recipe.entry.defaults, **recipe.overrides})
+    own, generic = _check_keywords(recipe.entry, recipe.keywords)
+    _check_values(recipe.entry, own, generic)
     return recipe
 
 
@@ -237,6 +253,103 @@ def _check_keywords(found: EnvEntry, keywords: Mapping[str, Any]):
             f"Accepted: {', '.join(accepted)}."
         )
     return own, generic
+
+
+GENERIC_DOMAINS = {
+    "action_repeat": domains.FieldDomain(int, False, domains.positive),
+    "time_limit": domains.FieldDomain(int, True, domains.non_negative),
+}
+"""The generic keywords' values (`task` and `image_size` are checked on their own):
+`time_limit` 0 or null is no limit."""
+
+
+def _check_values(found: EnvEntry, own: Mapping[str, Any], generic: Mapping[str, Any]) -> None:
+    """Raise `BadKeywordValueError` naming every keyword value `found` declares it refuses."""
+    factory = _resolve(found)
+    problems = []
+    for key, spec in _keyword_domains(factory).items():
+        if key in own:
+            problem = spec.problem(own[key])
+            if problem is not None:
+                problems.append(f"{key}={_shown(own[key])} {problem}")
+    for key, spec in GENERIC_DOMAINS.items():
+        if key in generic and spec.problem(generic[key]) is not None:
+            problems.append(f"{key}={_shown(generic[key])} {spec.problem(generic[key])}")
+    if "image_size" in generic:
+        problems += _image_size_problems(generic["image_size"])
+    if not problems and callable(getattr(factory, "check_keywords", None)):
+        signature_defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(factory).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        problems += factory.check_keywords({**signature_defaults, **own, **generic})
+    if problems:
+        raise BadKeywordValueError(f"environment {found.name!r}: " + "; ".join(problems))
+    task = generic.get("task")
+    tasks = _declared_tasks(factory, own)
+    if task is not None and tasks is not None and task not in tasks:
+        from mbxfer.envs.wrappers import UnknownTaskError
+
+        close = difflib.get_close_matches(str(task), tasks, n=3, cutoff=0.4)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UnknownTaskError(
+            f"environment {found.name!r} has no task {_shown(task)}{hint}; its tasks: "
+            f"{', '.join(tasks)} (or null for reward-free)"
+        )
+
+
+def _keyword_domains(factory: Callable) -> dict[str, domains.FieldDomain]:
+    """Keyword -> its declared type and domain: the signature's annotation, then `CHOICES`
+    and `DOMAINS` of the entry point. Keywords with nothing declared are left out."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # A plugin's annotation that does not resolve: check no types.
+        hints = {}
+    parameters = inspect.signature(factory).parameters
+    choices = dict(getattr(factory, "CHOICES", {}) or {})
+    declared = dict(getattr(factory, "DOMAINS", {}) or {})
+    out = {}
+    for name, parameter in parameters.items():
+        if parameter.kind in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL):
+            continue
+        spec = domains.field_domain(hints.get(name, Any))
+        domain = spec.domain
+        if name in declared:
+            domain = declared[name]
+        elif name in choices:
+            domain = domains.OneOf(tuple(choices[name]))
+        optional = spec.optional or parameter.default is None
+        kind = spec.kind if spec.kind in (bool, int, float, str) else Any
+        if domain is not None or kind is not Any:
+            out[name] = domains.FieldDomain(kind, optional, domain)
+    return out
+
+
+def _image_size_problems(size: Any) -> list[str]:
+    """The generic `image_size`: a side length, a `[height, width]` pair, or 0/null (none)."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        return []
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        return []
+    return [f"image_size={_shown(size)} must be an integer >= 0 (0: keep) or [height, width]"]
+
+
+def _declared_tasks(factory: Callable, own: Mapping[str, Any]) -> tuple[str, ...] | None:
+    declared = getattr(factory, "TASKS", None)
+    if callable(declared):
+        return tuple(declared(own))
+    return tuple(declared) if declared is not None else None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _resolve(found: EnvEntry) -> Callable[..., dm_env.Environment]:

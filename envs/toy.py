@@ -20,6 +20,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from mbxfer.domains import at_least, non_negative, positive
 from mbxfer.envs import base
 
 _MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # noop, up, down, left, right
@@ -76,6 +77,22 @@ class GridWorld(_ToyEnvironment):
 
     TASKS = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
     CHOICES = {"observation": _OBSERVATION_MODES, "start": ("random", "center")}
+    DOMAINS = {
+        "size": at_least(3),
+        "num_items": non_negative,
+        "length": positive,
+        "image_size": positive,
+        "seed": non_negative,
+    }
+    """What `envs.registry.factory` checks before anything is built (with `check_keywords`)."""
+
+    @staticmethod
+    def check_keywords(keywords) -> list[str]:
+        """Problems of keyword values that depend on each other (`registry.factory`)."""
+        size, items = keywords["size"], keywords["num_items"]
+        if items > size * size - 1:
+            return [f"num_items={items} must be at most size * size - 1 = {size * size - 1}"]
+        return []
 
     def __init__(
         self,
@@ -167,6 +184,14 @@ class PointMass(_ToyEnvironment):
 
     TASKS = tuple(f"reach_{c}" for c in _CORNERS)
     CHOICES = {"observation": _OBSERVATION_MODES}
+    DOMAINS = {
+        "length": positive,
+        "image_size": positive,
+        "goal_radius": positive,
+        "dt": positive,
+        "seed": non_negative,
+    }
+    """What `envs.registry.factory` checks before anything is built."""
 
     def __init__(
         self,

@@ -514,7 +514,44 @@ def _declared_tasks(keywords: Mapping[str, Any]) -> tuple[str, ...]:
     return ("reward", *map(str, keywords.get("task_rewards") or {}))
 
 
+_FROM_GYMNASIUM_KEYWORDS = ("gym_id", "seed", "task_rewards", "info_keys", "image_key")
+
+
+def _check_gymnasium_keywords(keywords: Mapping[str, Any]) -> list[str]:
+    """Problems `registry.factory` reports before `from_gymnasium` builds anything: `gym_id`
+    must be registered with gymnasium, and the other keywords (passed to `gymnasium.make`)
+    must be ones that `gymnasium.make` or the environment's constructor takes."""
+    import inspect
+
+    from mbxfer.envs.registry import GENERIC_KEYWORDS
+
+    gym_id = keywords.get("gym_id")
+    try:
+        spec = gymnasium.spec(gym_id)
+    except gymnasium.error.Error as error:
+        return [f"gym_id={gym_id!r}: {error}"]
+    passed = [k for k in keywords if k not in _FROM_GYMNASIUM_KEYWORDS + GENERIC_KEYWORDS]
+    if not passed:
+        return []
+    try:
+        creator = gymnasium.envs.registration.load_env_creator(spec.entry_point)
+        parameters = inspect.signature(creator).parameters
+    except Exception:  # An entry point that does not load here: gymnasium.make will say.
+        return []
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    accepted = set(parameters) | set(inspect.signature(gymnasium.make).parameters) - {"id"}
+    unknown = [k for k in passed if k not in accepted]
+    if unknown:
+        return [
+            f"{gym_id} takes no keyword(s) {', '.join(map(repr, unknown))}; it takes "
+            f"{', '.join(sorted(accepted - {'kwargs'}))}"
+        ]
+    return []
+
+
 from_gymnasium.TASKS = _declared_tasks
+from_gymnasium.check_keywords = _check_gymnasium_keywords
 
 
 def _space(spec: specs.Array) -> gymnasium.spaces.Space:

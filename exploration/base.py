@@ -17,11 +17,14 @@ pretraining is `extrinsic_scale = 0` on an environment made with `task=None`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Mapping, NamedTuple
+from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from mbxfer import domains
+from mbxfer.domains import at_least, non_negative, positive, unit_interval
 
 Array = chex.Array
 MODULES = ("none", "disagreement", "rnd")
@@ -34,26 +37,25 @@ class ExplorationConfig:
     module: Literal["none", "disagreement", "rnd"] = "none"
     """`disagreement`: ensemble disagreement (Plan2Explore); `rnd`: random network
     distillation; `none`: no intrinsic reward (the module is not built)."""
-    extrinsic_scale: float = 1.0
+    extrinsic_scale: Annotated[float, non_negative] = 1.0
     """Weight of the task reward: 0 for reward-free pretraining."""
-    intrinsic_scale: float = 0.0
+    intrinsic_scale: Annotated[float, non_negative] = 0.0
     """Weight of the intrinsic reward; 0 leaves the agent exactly extrinsic-only."""
-    ensemble_size: int = 5
+    ensemble_size: Annotated[int, at_least(2)] = 5
     """Disagreement: number of one-step predictors."""
-    hidden: int = 128
+    hidden: Annotated[int, positive] = 128
     """Width of the predictor (and RND target) MLPs."""
-    layers: int = 2
+    layers: Annotated[int, non_negative] = 2
     """Hidden layers of the predictor (and RND target) MLPs."""
-    rnd_output_size: int = 64
+    rnd_output_size: Annotated[int, positive] = 64
     """RND: size of the random target embedding."""
-    learning_rate: float = 3e-4
+    learning_rate: Annotated[float, positive] = 3e-4
     """Adam learning rate of the module's trained networks."""
-    normalization_decay: float = 0.99
+    normalization_decay: Annotated[float, unit_interval] = 0.99
     """Decay of the running moments that normalize intrinsic rewards (`rlax.create_ema`)."""
 
     def __post_init__(self):
-        if self.module not in MODULES:
-            raise ValueError(f"module={self.module!r} must be one of {MODULES}")
+        domains.check(self)
         if self.intrinsic_scale and self.module == "none":
             raise ValueError(
                 "intrinsic_scale is non-zero but module='none': choose 'disagreement' or 'rnd'"

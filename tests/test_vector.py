@@ -284,8 +284,12 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
 
 
 def test_construction_error_is_reported():
+    # `registry.factory` refuses size=1 up front; a recipe made without it reaches the worker.
+    with pytest.raises(registry.BadKeywordValueError, match="size=1 must be >= 3"):
+        registry.factory("grid", size=1)
+    recipe = registry.EnvFactory(registry.entry("grid"), {"size": 1})
     with pytest.raises(vector.WorkerError, match="size=1 must be at least 3"):
-        vector.VectorEnv(registry.factory("grid", size=1), 1, mode="process")
+        vector.VectorEnv(recipe, 1, mode="process")
 
 
 def test_a_construction_error_is_a_short_message_naming_the_environment(monkeypatch):
@@ -293,8 +297,11 @@ def test_a_construction_error_is_a_short_message_naming_the_environment(monkeypa
     registry.register(
         "test_no_such_gym_id", "mbxfer.envs.wrappers:from_gymnasium", gym_id="MbxferNoSuch-v0"
     )
+    with pytest.raises(base.ConfigurationError, match="MbxferNoSuch"):
+        registry.factory("test_no_such_gym_id")  # Refused up front; the worker's report:
+    recipe = registry.EnvFactory(registry.entry("test_no_such_gym_id"), {})
     with pytest.raises(vector.EnvironmentBuildError) as raised:
-        vector.VectorEnv(registry.factory("test_no_such_gym_id"), 2, mode="process")
+        vector.VectorEnv(recipe, 2, mode="process")
     message = str(raised.value)
     assert len(message.splitlines()) <= 3 and "Traceback" not in message
     assert "'test_no_such_gym_id'" in message and "NameNotFound" in message
