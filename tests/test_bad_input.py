@@ -697,3 +697,14 @@ def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(config_lib, "check_runnable", broken)
     with pytest.raises(ZeroDivisionError):
         cli.main(["run", "--agent", "random", "--out", str(tmp_path)])
+
+
+def test_yes_lets_a_sweep_past_the_trial_limit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sweep_spec, "MAX_TRIALS", 3)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({"base": TINY, "seeds": [0, 1, 2, 3]}))
+    argv = ["sweep", str(path), "--dry-run", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert "4 trials, more than 3" in capsys.readouterr().err
+    assert cli.main([*argv, "--yes"]) == 0
+    assert "4 trials in" in capsys.readouterr().out

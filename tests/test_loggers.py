@@ -136,7 +136,10 @@ def test_the_log_section_is_not_part_of_the_trial(tmp_path):
     assert "log" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
     keys = config_lib.describe(plain)
     assert any(line.startswith("log.tensorboard (bool, default True): Write") for line in keys)
-    assert any(line.startswith("log.wandb_mode (str, default 'offline'):") for line in keys)
+    assert any(
+        line.startswith("log.wandb_mode (str, one of offline, online, default 'offline'):")
+        for line in keys
+    )
     with pytest.raises(config_lib.ConfigError, match=r"log.wandb_mode='cloud' must be one of"):
         _config("random", "log.wandb_mode=cloud")
 
