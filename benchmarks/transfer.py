@@ -185,7 +185,7 @@ def matching_scratch(root: Path, config) -> Optional[Path]:
     for candidate in sorted(Path(root).glob("*/config.yaml")):
         try:
             other = yaml.safe_load(candidate.read_text())
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):  # Not a trial's config.
             continue
         if not isinstance(other, dict) or not (candidate.parent / "done.json").exists():
             continue

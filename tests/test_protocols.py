@@ -375,3 +375,13 @@ def test_a_learning_agent_without_task_or_intrinsic_reward_is_refused(tmp_path, 
         )
     )
     assert [p.task for p in protocols.phases(with_intrinsic)] == [None]
+
+
+def test_twin_search_skips_folders_that_are_not_readable_trials(tmp_path):
+    """A pretrained trial looks for its scratch twin among its sibling folders; one whose
+    config.yaml is binary or not YAML is nobody's twin, not a crash at the end of training."""
+    for name, content in (("binary", b"\x80\x81\xff"), ("garbage", b"{[:")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_bytes(content)
+        (tmp_path / name / "done.json").write_text("{}")
+    assert transfer.matching_scratch(tmp_path, _config("muzero", "pretrain_finetune")) is None
