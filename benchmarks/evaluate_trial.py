@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from mbxfer import agents
-from mbxfer.benchmarks import checkpoint, episodes, protocols
+from mbxfer.benchmarks import checkpoint, episodes, protocols, video
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import phase as phase_lib
 from mbxfer.benchmarks.trial_folder import Resume, RunnerState, load_agent_state
@@ -254,20 +254,6 @@ def _play(agent, act, state, config, recipe, mode: str, seed: int, count: int, v
     return summary, (recorders[0].frames if recorders else None)
 
 
-def write_gif(frames: list, path: Path, frame_ms: int = 100) -> None:
-    """`frames` (uint8 HxWx3) as a looping GIF, `frame_ms` per frame, small images scaled up
-    to about 128 pixels. (GIF merges repeated frames into one shown longer.)"""
-    from PIL import Image
-
-    scale = max(1, 128 // max(frames[0].shape[:2]))
-    images = [
-        Image.fromarray(np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1))
-        for frame in frames
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
-
-
 def default_name(chosen: Checkpoint, request: Request) -> str:
     """`phase1`, `step-000000000240-phase0`, ... plus what changes the episodes or the policy:
     `phase1_task-reach_top_left_episodes-8_seed-3_greedy`."""
@@ -334,7 +320,7 @@ def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> di
             by_mode[mode] = summary
             if frames:
                 path = out / f"{name}-{set_name}-{mode}.gif"
-                write_gif(frames, path)
+                video.write_gif(frames, path)
                 videos[f"{set_name}/{mode}"] = path.name
         results[set_name] = {
             "task": eval_set.task,
@@ -384,7 +370,7 @@ def summary_lines(result: dict) -> list[str]:
             if key != scoring.DEFAULT_KEY and key in summary:
                 text += f"  {key} {summary[key]:.3f}"
             lines.append(text)
-    for video in result.get("videos", {}).values():
-        lines.append(f"  video: {Path(result['path']).parent / video}")
+    for gif in result.get("videos", {}).values():
+        lines.append(f"  video: {Path(result['path']).parent / gif}")
     lines.append(f"wrote {result['path']}")
     return lines
