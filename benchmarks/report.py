@@ -144,7 +144,9 @@ def write(
     notes: list[str] = []
     trials = load_trials(results, notes)
     if not trials:
-        raise ReportError(f"no trial folders (*/config.yaml) below {results}")
+        left = "; ".join(" ".join(note.split()) for note in notes)  # One line.
+        left_out = f" ({left})" if left else ""
+        raise ReportError(f"no trial folders to report (*/config.yaml) below {results}{left_out}")
     (out / "plots").mkdir(parents=True, exist_ok=True)
     findings = analyse(trials, reps, curve_reps, seed, notes)
     figures = _Figures(out, formats)

@@ -4,6 +4,7 @@ recorded and left out of reports, and results get the modes the umask gives."""
 import argparse
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -140,6 +141,13 @@ def test_failed_run_is_recorded_and_left_out_of_the_report(tmp_path, capsys, mon
     assert "Read 2 trial folders" in text and "(1 finished, 1 unfinished)" in text
     assert f"- {notes[0]}" in text
     assert "| random | 1 | incomplete |" in text  # The stopped trial, still listed.
+
+    # A folder holding only the failed trial: the error says which trial was left out.
+    only = tmp_path / "only_failed"
+    only.mkdir()
+    shutil.copytree(failed, only / "failed")
+    assert cli.main(["report", str(only)]) == 2
+    assert "skipped 1 failed trial folder" in capsys.readouterr().err
 
     # The same command again resumes the trial; finished, it is no longer marked failed.
     assert cli.main(argv) == 0
