@@ -287,3 +287,16 @@ def test_nonfinite_training_stops_with_exit_3_and_keeps_the_last_finite_checkpoi
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert saved == ["step-000000000080-phase0"]  # before learning_starts; none after the NaN
     assert all(np.all(np.isfinite(leaf)) for leaf in _final_leaves(out) if leaf.dtype.kind == "f")
+
+
+def test_gifs_show_each_frame_for_its_milliseconds(tmp_path):
+    """The world-model video and `mbxfer eval --video` share one writer; frame times are
+    milliseconds (imageio's duration=0.2 gave 0 ms frames)."""
+    from PIL import Image
+
+    from mbxfer.benchmarks import video
+
+    frames = [np.full((8, 8, 3), i * 40, np.uint8) for i in range(4)]
+    video.write_gif(frames, tmp_path / "v.gif", frame_ms=200)
+    with Image.open(tmp_path / "v.gif") as gif:
+        assert gif.n_frames == 4 and gif.info["duration"] == 200
