@@ -20,6 +20,14 @@ Read this file first: it is the whole interface between `envs` and the rest of m
 * Actions are one `specs.DiscreteArray` or one float32 `specs.BoundedArray` in [-1, 1].
 * Termination and truncation are told apart by the discount of the LAST step:
   0 when the episode terminated, 1 when it was cut by a time limit.
+* Optionally, `get_state()` / `set_state(state)`: a picklable value holding everything that
+  decides the environment's future given the actions (the episode so far, RNGs, physics),
+  and its restoration, such that after `set_state(get_state())` on a fresh copy built with
+  the same keywords every following `step` and `reset` returns what the original would
+  have. Checkpoints save it, so a training run resumes mid-episode instead of resetting
+  every environment. An environment without it raises `StateNotSupported`; checkpoints then
+  reseed and reset the environments (exact too, but they cut the running episodes), and the
+  trial's `done.json` says so. A wrapper with state of its own (a step counter) adds it.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ class ConfigurationError(Exception):
     """Bad user input (unknown name, keyword or value); the message names the fix."""
 
 
+class StateNotSupported(Exception):
+    """This environment cannot save and restore its state (`Environment.get_state`)."""
+
+
 class Environment(dm_env.Environment, abc.ABC):
     """A dm_env.Environment that knows its tasks and can be reseeded."""
 
@@ -54,6 +66,15 @@ class Environment(dm_env.Environment, abc.ABC):
     @abc.abstractmethod
     def seed(self, seed: int) -> None:
         """Reseed: the following `reset` starts the episode sequence of this seed."""
+
+    def get_state(self) -> Any:
+        """Everything that decides this environment's future given the actions, picklable;
+        see the module docstring. Raises `StateNotSupported` unless the family has it."""
+        raise StateNotSupported(f"{type(self).__name__} cannot save its state")
+
+    def set_state(self, state: Any) -> None:
+        """Restore a state `get_state` gave (of a copy built with the same keywords)."""
+        raise StateNotSupported(f"{type(self).__name__} cannot restore a state")
 
     def reward_spec(self) -> specs.Array:
         return specs.Array((), np.float32, name="reward")
@@ -84,6 +105,12 @@ class Wrapper(Environment):
 
     def step(self, action) -> dm_env.TimeStep:
         return self._env.step(action)
+
+    def get_state(self) -> Any:
+        return self._env.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._env.set_state(state)
 
     def observation_spec(self):
         return self._env.observation_spec()
