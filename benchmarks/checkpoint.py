@@ -4,6 +4,8 @@
         state.npz      the agent state's leaves (params, optimizer states, ...)
         runner.json    counters, rng, log file offsets, config hash
         replay.npz     the replay buffer, including its sampler's rng
+        running.pkl    the episodes running at the checkpoint (environment states, the
+                       timestep, the acting carry), when the environments can save them
         manifest.json  written last: every other file's size and CRC-32
     <trial>/checkpoints/latest   the name of the newest complete checkpoint
 
@@ -294,10 +296,13 @@ def save(
     save_replay: Optional[Callable[[Path], None]] = None,
     keep: int = 2,
     name: Optional[str] = None,
+    files: Optional[dict[str, bytes]] = None,
 ) -> Path:
     """Write checkpoint `step` under `directory` (folder `name`, by default `step-<step>`;
     names must start with `step-` and sort in writing order by their numbers); returns its
     folder.
+
+    `files`: more files to write into it (name -> contents), covered by the manifest.
 
     Afterwards the `keep` newest checkpoints up to this one are kept; checkpoints after it
     are removed too: they exist only when the run resumed from an older one (`latest` set
@@ -325,6 +330,11 @@ def save(
         (staging / "runner.json").write_text(json.dumps(payload, indent=1))
         if save_replay is not None:
             save_replay(staging / "replay.npz")
+        for file_name, contents in (files or {}).items():
+            with open(staging / file_name, "wb") as file:
+                file.write(contents)
+                file.flush()
+                os.fsync(file.fileno())
         mode = file_mode()
         for written in staging.iterdir():  # save_replay may write through a private temp file.
             os.chmod(written, mode)

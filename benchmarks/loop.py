@@ -5,9 +5,14 @@ schedule says are due, track episodes.
 
 It knows no files and no trial configuration. What it carries from step to step is the
 explicit `LoopState`; what happens at a due log, evaluation or checkpoint is the caller's,
-through `Hooks` (benchmarks/phase.py writes the trial folder there). Resume is exact because everything
-random is in `LoopState.rng` and every checkpoint restarts the environments from seeds derived
-from the step count (`restart`), in the resumed run and the uninterrupted one alike.
+through `Hooks` (benchmarks/phase.py writes the trial folder there). Resume is exact because
+everything random is in `LoopState.rng` and a checkpoint holds the episodes running at it
+(`Running`: the environments' own state, the batch's timestep, the agent's acting carry and the
+running returns), so a resumed run continues them as the uninterrupted run does. Environments
+that cannot save their state (`envs.base.StateNotSupported`, e.g. envpool's Procgen) are instead
+restarted at every checkpoint from seeds derived from the step count (`restart`), in the
+resumed run and the uninterrupted one alike (`Cut`): exact as well, but the running episodes
+end unrecorded.
 """
 
 from __future__ import annotations
@@ -86,12 +91,48 @@ class Learner(NamedTuple):
     """A training batch from the replay (relabelled as the phase asks)."""
 
 
+class Running(NamedTuple):
+    """The episodes running at a checkpoint, which a resumed run continues."""
+
+    envs: Any
+    """The batch's `get_state()`."""
+    timestep: Any
+    """The batch's current timestep (the one acted on next), numpy."""
+    carry: Any
+    """The agent's acting carry (`initial_carry`'s structure), numpy."""
+    returns: np.ndarray
+    lengths: np.ndarray
+    """The episode tracker's running sums."""
+
+
+class Cut(NamedTuple):
+    """A checkpoint of environments that cannot save their state: they restart after it."""
+
+    reason: str
+
+
+def running(envs, timestep, carry, tracker: episodes_lib.EpisodeTracker) -> Running | Cut:
+    """What a checkpoint saves of the running episodes; `Cut` when the environments cannot."""
+    try:
+        env_state = envs.get_state()
+    except env_base.StateNotSupported as error:
+        return Cut(str(error))
+    return Running(
+        env_state,
+        jax.tree_util.tree_map(np.array, timestep),
+        jax.device_get(carry),
+        tracker.returns.copy(),
+        tracker.lengths.copy(),
+    )
+
+
 class Plan(NamedTuple):
     """How long the loop runs and when it does what."""
 
     steps: int
     seed: int
-    """Environments are (re)seeded with `seed + 7919 * env_steps` (see `restart`)."""
+    """Environments that cannot save their state are reseeded at checkpoints with
+    `seed + 7919 * env_steps` (see `restart`)."""
     updates: schedule.Updates
     log: schedule.Every
     evaluate: schedule.Every
@@ -115,7 +156,7 @@ class Hooks(Protocol):
 
     def evaluate(self, state: LoopState) -> None: ...
 
-    def checkpoint(self, state: LoopState) -> None: ...
+    def checkpoint(self, state: LoopState, episodes: Running | Cut) -> None: ...
 
     def step(self, state: LoopState, ended: bool) -> bool:
         """Called after every batch step; True stops the loop now (as a kill would)."""
@@ -186,17 +227,32 @@ def window_metrics(state: LoopState, window: Window, summarize) -> dict:
     return record
 
 
-def run(envs, replay, learner: Learner, state: LoopState, plan: Plan, hooks: Hooks):
+def run(
+    envs,
+    replay,
+    learner: Learner,
+    state: LoopState,
+    plan: Plan,
+    hooks: Hooks,
+    resumed: Running | None = None,
+):
     """Run from `state` until `plan.steps` environment steps; `(state, finished)`, where
-    `finished` is False when `hooks.step` stopped the loop early."""
+    `finished` is False when `hooks.step` stopped the loop early. `resumed`: the episodes a
+    checkpoint saved, continued instead of restarting the environments."""
     num_envs = envs.num_envs
     on_policy = isinstance(plan.updates, schedule.OnPolicy)
     off_policy = isinstance(plan.updates, schedule.ReplayRatio)
     spec = envs.action_spec()
     placeholder_action = np.zeros((num_envs,) + spec.shape, spec.dtype)
-    timestep = restart(envs, plan.seed, state.env_steps)
-    carry = learner.initial_carry(num_envs)
     tracker = episodes_lib.EpisodeTracker(num_envs)
+    if resumed is None:
+        timestep = restart(envs, plan.seed, state.env_steps)
+        carry = learner.initial_carry(num_envs)
+    else:
+        envs.set_state(resumed.envs)
+        timestep = resumed.timestep
+        carry = jax.tree_util.tree_map(jnp.asarray, resumed.carry)
+        tracker.returns, tracker.lengths = resumed.returns.copy(), resumed.lengths.copy()
     window = Window([], [], state.env_steps, time.time())
     while state.env_steps < plan.steps:
         rng, act_key = jax.random.split(state.rng)
@@ -239,9 +295,11 @@ def run(envs, replay, learner: Learner, state: LoopState, plan: Plan, hooks: Hoo
         if plan.evaluate.due(state.env_steps, num_envs, ended):
             hooks.evaluate(state)
         if checkpoint_due:
-            hooks.checkpoint(state)
-            timestep = restart(envs, plan.seed, state.env_steps)
-            tracker.reset()
+            episodes = running(envs, timestep, carry, tracker)
+            hooks.checkpoint(state, episodes)
+            if isinstance(episodes, Cut):
+                timestep = restart(envs, plan.seed, state.env_steps)
+                tracker.reset()
         if hooks.step(state, ended):
             return state, False
     return state, True

@@ -22,7 +22,13 @@ from mbxfer import agents
 from mbxfer.agents.replay import Replay
 from mbxfer.benchmarks import checkpoint, episodes, loggers, loop, protocols, schedule, video
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks.trial_folder import PhaseLog, Resume, TrialFolder, load_agent_state
+from mbxfer.benchmarks.trial_folder import (
+    PhaseLog,
+    Resume,
+    TrialFolder,
+    load_agent_state,
+    load_running,
+)
 from mbxfer.envs import registry, scoring, vector
 
 
@@ -95,6 +101,8 @@ class Phase:
         self.final_evals: dict = {}
         self.bar = None
         self.stopped_at: Optional[int] = None
+        self.checkpoints: Optional[str] = None
+        self.resumed: Optional[loop.Running] = None
 
     # -- the phase ----------------------------------------------------------------------
     def run(self, carried, resume: Optional[Resume]):
@@ -117,7 +125,8 @@ class Phase:
             self._sample,
         )
         self._open_bar(state.env_steps)
-        state, finished = loop.run(self.envs, self.replay, learner, state, self._plan(), self)
+        plan = self._plan()
+        state, finished = loop.run(self.envs, self.replay, learner, state, plan, self, self.resumed)
         if self.bar is not None:
             self.bar.close()
         if not finished:
@@ -180,6 +189,7 @@ class Phase:
                 replay = previous_replay
         self.replay = replay if replay is not None else self._new_replay()
         state = loop.LoopState(agent_state, loop_key, episodes.Coverage())
+        self.resumed = None
         if resume is None:
             return state
         agent_state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
@@ -193,6 +203,10 @@ class Phase:
             if not self.phase.keep_replay:
                 self.replay = self._new_replay()
             return state._replace(agent=agent_state)
+        running = load_running(resume.folder)
+        if running is not None:
+            self.resumed = loop.Running(**running)
+            self.checkpoints = "continued episodes"
         return loop.LoopState(
             agent_state,
             jnp.asarray(saved.rng, jnp.uint32),
@@ -245,6 +259,8 @@ class Phase:
             "episodes": state.episodes,
             **state.coverage.metrics(),
             "final_eval": self.final_evals,
+            # What the checkpoints inside the phase did to the running episodes, if any.
+            **({"checkpoints": self.checkpoints} if self.checkpoints else {}),
             # Reward-free phases: how much the exploration achieved (e.g. the Crafter score).
             "training_episodes": scoring.summarize(records, self.recipe, self.envs.tasks),
         }
@@ -295,8 +311,13 @@ class Phase:
         if self.bar is not None and "return_mean" in first:
             self.bar.set_postfix(eval_return=f"{first['return_mean']:.2f}")
 
-    def checkpoint(self, state: loop.LoopState) -> None:
-        self.log_to.save(state, self.replay, self.history, phase_done=False)
+    def checkpoint(self, state: loop.LoopState, running) -> None:
+        if isinstance(running, loop.Cut):
+            self.checkpoints = f"reset environments ({running.reason})"
+            running = None
+        else:
+            self.checkpoints = "continued episodes"
+        self.log_to.save(state, self.replay, self.history, phase_done=False, running=running)
 
     def step(self, state: loop.LoopState, ended: bool) -> bool:
         watch = self.watch

@@ -34,11 +34,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import socket
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, TextIO
 
+import dm_env
 import numpy as np
 import yaml
 
@@ -47,6 +49,7 @@ from mbxfer.benchmarks import config as config_lib
 
 LOGS = ("metrics", "eval", "episodes")
 MARKER = "checkpointed.json"
+RUNNING = "running.pkl"
 """Written with a trial's first checkpoint: without `checkpoints/`, such a trial is refused."""
 SUMMARY_KEYS = {"env_steps": int, "updates": int, "episodes": int, "trial_id": str}
 """What every `done.json` the runner ever wrote holds (with these types)."""
@@ -276,8 +279,11 @@ class TrialFolder:
             log.close()
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save(self, state: RunnerState, total_steps: int, agent_state: Any, replay) -> Path:
-        """An atomic checkpoint of the agent, the replay and `state` at `total_steps`."""
+    def save(
+        self, state: RunnerState, total_steps: int, agent_state: Any, replay, files=None
+    ) -> Path:
+        """An atomic checkpoint of the agent, the replay and `state` at `total_steps`, with
+        `files` (name -> bytes) beside them."""
         saved = checkpoint.save(
             self.out / "checkpoints",
             total_steps,
@@ -285,6 +291,7 @@ class TrialFolder:
             dataclasses.asdict(state),
             replay.save,
             name=f"step-{total_steps:012d}-phase{state.phase_index}",
+            files=files,
         )
         if not (self.out / MARKER).exists():
             record = {"first": saved.name, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -323,8 +330,10 @@ class PhaseLog:
         """This phase's training episodes so far (a resumed phase's include those before)."""
         return [r for r in self.folder.read("episodes") if r["phase_index"] == self.index]
 
-    def save(self, state, replay, history: dict, phase_done: bool) -> Path:
-        """Checkpoint the loop's `state` (a `benchmarks.loop.LoopState`) and `replay`."""
+    def save(self, state, replay, history: dict, phase_done: bool, running=None) -> Path:
+        """Checkpoint the loop's `state` (a `benchmarks.loop.LoopState`) and `replay`, and
+        the episodes `running` at a checkpoint inside the phase (a `benchmarks.loop.Running`),
+        when the environments could save them."""
         runner_state = RunnerState(
             **self.tag,
             phase_done=phase_done,
@@ -336,9 +345,33 @@ class PhaseLog:
             coverage=state.coverage.state(),
             history=history,
         )
+        files = None if running is None else {RUNNING: dump_running(running)}
         return self.folder.save(
-            runner_state, self.steps_before + state.env_steps, state.agent, replay
+            runner_state, self.steps_before + state.env_steps, state.agent, replay, files
         )
+
+
+def dump_running(running) -> bytes:
+    """`running.pkl`'s contents: the fields of a `loop.Running` as plain values (no class of
+    ours is pickled, so renaming one never makes a checkpoint unreadable)."""
+    fields = running._asdict()
+    fields["timestep"] = fields["timestep"]._asdict()
+    return pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+
+
+def load_running(folder: Path) -> Optional[dict]:
+    """The fields `dump_running` saved in checkpoint `folder` (`timestep` a
+    `dm_env.TimeStep`), or None when it has none (environments without state, a checkpoint
+    at a phase's end, or one written before mbxfer saved running episodes)."""
+    path = Path(folder) / RUNNING
+    if not path.exists():
+        return None
+    try:
+        fields = pickle.loads(path.read_bytes())
+        fields["timestep"] = dm_env.TimeStep(**fields["timestep"])
+    except (OSError, pickle.UnpicklingError, EOFError, TypeError, KeyError, ValueError) as error:
+        raise checkpoint.corrupt(Path(folder), f"{RUNNING} is unreadable: {error}") from None
+    return fields
 
 
 def load_agent_state(resume: Resume, fresh: Any) -> Any:

@@ -17,11 +17,18 @@ memory addresses, and picks the creature to despawn by index into it, so the sam
 actions gave different episodes in different processes. `_ordered_chunks` gives every world
 insertion-ordered chunks (the same creatures, a fixed order), which makes an episode a
 function of the seed and the actions (tests/test_crafter.py runs it in two processes).
+
+State (`get_state`): the world (material and object maps, creatures, chunks, daylight, its
+RNG), the player and crafter's episode counters, pickled in one go so that the creatures and
+the world keep sharing one RNG; textures and renderers are not saved (rebuilt from the
+keywords). About 40 kB.
 """
 
 from __future__ import annotations
 
 import collections
+import io
+import pickle
 from typing import Mapping, Sequence
 
 import dm_env
@@ -125,6 +132,31 @@ class Crafter(base.Environment):
         _ordered_chunks(self._env._world)
         self._needs_reset = True
 
+    _ENV_STATE = ("_step", "_episode", "_player", "_last_health", "_unlocked", "_seed")
+    """crafter.Env's attributes that change as it runs (the rest is built from keywords)."""
+
+    def get_state(self) -> bytes:
+        world = self._env._world
+        # The world's own attributes, without `reset` (the instance attribute set by
+        # `_ordered_chunks`, rebuilt by `seed`); the world object itself is referenced by
+        # every creature and restored in place (`_WorldPickler`).
+        world_state = {k: v for k, v in vars(world).items() if k != "reset"}
+        env_state = {name: getattr(self._env, name) for name in self._ENV_STATE}
+        mine = {"needs_reset": self._needs_reset, "counts": getattr(self, "_counts", None)}
+        buffer = io.BytesIO()
+        _WorldPickler(buffer, world).dump((world_state, env_state, mine))
+        return buffer.getvalue()
+
+    def set_state(self, state: bytes) -> None:
+        world = self._env._world
+        world_state, env_state, mine = _WorldUnpickler(io.BytesIO(state), world).load()
+        vars(world).update(world_state)
+        for name, value in env_state.items():
+            setattr(self._env, name, value)
+        self._needs_reset = mine["needs_reset"]
+        if mine["counts"] is not None:
+            self._counts = mine["counts"]
+
     def reset(self) -> dm_env.TimeStep:
         image = self._env.reset()
         self._needs_reset = False
@@ -168,6 +200,30 @@ class Crafter(base.Environment):
     def world_fingerprint(self) -> bytes:
         """The current world's material map, for checking that generation is reproducible."""
         return self._env._world._mat_map.tobytes()
+
+
+class _WorldPickler(pickle.Pickler):
+    """Pickles references to the live `world` as a token instead of the world itself."""
+
+    def __init__(self, file, world):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self._world = world
+
+    def persistent_id(self, obj):
+        return "world" if obj is self._world else None
+
+
+class _WorldUnpickler(pickle.Unpickler):
+    """Resolves `_WorldPickler`'s token to the world being restored into."""
+
+    def __init__(self, file, world):
+        super().__init__(file)
+        self._world = world
+
+    def persistent_load(self, pid):
+        if pid != "world":
+            raise pickle.UnpicklingError(f"unknown reference {pid!r} in a Crafter state")
+        return self._world
 
 
 def success_rates(achievement_counts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -28,6 +28,10 @@ block, so the splits are disjoint by construction (the original protocol tests o
 unbounded distribution, which repeats a training level with probability
 `num_levels / 2**31` per episode). `log_level_id` lets an evaluator check it.
 `normalized_return` uses the per-game constants of Cobbe et al. 2020 (appendix).
+
+State: envpool can neither save nor restore a game mid-level, so Procgen has no `get_state`
+(`StateNotSupported`): a checkpoint reseeds and resets the games (resume stays exact, the
+episodes running at the checkpoint are cut), and a trial's `done.json` records it.
 """
 
 from __future__ import annotations
@@ -158,6 +162,9 @@ def _make_pool(game, distribution_mode, num_levels, start_level, num_envs, seed)
     )
 
 
+_NO_STATE = "envpool's Procgen games cannot save their state; checkpoints reseed and reset them"
+
+
 class ProcgenBatch:
     """`num_envs` Procgen games in one envpool, with the interface of `envs.vector.VectorEnv`.
 
@@ -228,6 +235,13 @@ class ProcgenBatch:
         self._check_open()
         self._needs_reset = False
         return self._convert(self._pool.reset())
+
+    def get_state(self) -> Any:
+        """envpool cannot save or restore its games: checkpoints reseed and reset them."""
+        raise base.StateNotSupported(_NO_STATE)
+
+    def set_state(self, state: Any) -> None:
+        raise base.StateNotSupported(_NO_STATE)
 
     def step(self, actions) -> dm_env.TimeStep:
         self._check_open()

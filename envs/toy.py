@@ -16,6 +16,8 @@ times per second.
 
 from __future__ import annotations
 
+import copy
+
 import dm_env
 import numpy as np
 from dm_env import specs
@@ -51,6 +53,22 @@ class _ToyEnvironment(base.Environment):
         self._rng = np.random.default_rng(seed)
         self._needs_reset = True
 
+    _STATE: tuple[str, ...] = ("_needs_reset", "_steps", "_position")
+    """The attributes that change as the environment runs (besides `_rng`)."""
+
+    def get_state(self) -> dict:
+        state = {"rng": self._rng.bit_generator.state}
+        state.update({name: copy.deepcopy(getattr(self, name)) for name in self._STATE
+                      if hasattr(self, name)})  # fmt: skip
+        return state
+
+    def set_state(self, state: dict) -> None:
+        state = dict(state)
+        self._rng = np.random.default_rng()
+        self._rng.bit_generator.state = state.pop("rng")
+        for name, value in state.items():
+            setattr(self, name, copy.deepcopy(value))
+
     def _observe(self, task_rewards: np.ndarray) -> dict:
         observation = {}
         if self._observation in ("image", "both"):
@@ -76,6 +94,7 @@ class GridWorld(_ToyEnvironment):
     """A `size` x `size` grid, `num_items` items, 5 discrete actions."""
 
     TASKS = tuple(f"reach_{c}" for c in _CORNERS) + ("collect_items",)
+    _STATE = _ToyEnvironment._STATE + ("_items", "_item_present")
     CHOICES = {"observation": _OBSERVATION_MODES, "start": ("random", "center")}
     DOMAINS = {
         "size": at_least(3),
@@ -183,6 +202,7 @@ class PointMass(_ToyEnvironment):
     """A point in [-1, 1]^2 with velocity; the action is a force in [-1, 1]^2."""
 
     TASKS = tuple(f"reach_{c}" for c in _CORNERS)
+    _STATE = _ToyEnvironment._STATE + ("_velocity",)
     CHOICES = {"observation": _OBSERVATION_MODES}
     DOMAINS = {
         "length": positive,

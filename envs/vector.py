@@ -29,6 +29,10 @@ with a warning, and the episode it was in ends as truncated (LAST, reward 0, dis
 last observation repeated). `close()` (also on garbage collection and at interpreter exit)
 stops every worker and unlinks the shared memory. Workers also exit when the parent dies,
 because their pipe closes; multiprocessing's resource tracker then unlinks the block.
+
+`get_state()` / `set_state(state)` save and restore every environment of the batch
+(`envs.base.Environment.get_state`), including a reset a worker made ahead of time; a state
+taken in one mode restores in the other. `StateNotSupported` when the environment has none.
 """
 
 from __future__ import annotations
@@ -233,6 +237,15 @@ def _worker(connection, factory, seed: int, environment_variables: dict) -> None
             if command == "seed":
                 next_first = None
                 result = env.seed(payload)
+            elif command == "get_state":
+                try:
+                    result = (env.get_state(), next_first)
+                except base.StateNotSupported as error:
+                    _send(connection, ("unsupported", str(error)))
+                    continue
+            elif command == "set_state":
+                env_state, next_first = payload
+                result = env.set_state(env_state)
             elif command == "spec":
                 result = (env.observation_spec(), env.action_spec(), tuple(env.tasks))
             elif command == "attach":
@@ -317,6 +330,8 @@ class _Process:
         status, payload = _receive(self.connection)
         if status == "error":
             raise WorkerError(f"the environment raised in its worker:\n{payload}")
+        if status == "unsupported":
+            raise base.StateNotSupported(payload)
         return payload
 
     def close(self, timeout: float = 2.0) -> None:
@@ -356,6 +371,7 @@ class VectorEnv:
         self._closed = False
         if mode == "inline":
             self._envs = [factory(seed=seed + i) for i in range(num_envs)]
+            self._firsts: list[Optional[dm_env.TimeStep]] = [None] * num_envs
             first = self._envs[0]
             self._specs = (first.observation_spec(), first.action_spec(), tuple(first.tasks))
         else:
@@ -398,17 +414,57 @@ class VectorEnv:
 
     def seed(self, seed: int) -> None:
         """Reseed environment `i` with `seed + i`; the next `step` or `reset` starts anew."""
-        if self._closed:
-            raise RuntimeError("this VectorEnv is closed")
+        self._check_open()
         if self.mode == "inline":
             for i, env in enumerate(self._envs):
                 env.seed(seed + i)
+            self._firsts = [None] * self.num_envs
         else:
             for i, worker in enumerate(self._workers):
                 worker.send("seed", seed + i)
             for worker in self._workers:
                 worker.receive()
         self._needs_reset[:] = True
+
+    def get_state(self) -> dict:
+        """Every environment's state (`envs.base.Environment.get_state`) and which of them
+        reset at the next call; `StateNotSupported` when the environment has none."""
+        self._check_open()
+        if self.mode == "inline":
+            states = [(env.get_state(), first) for env, first in zip(self._envs, self._firsts)]
+        else:
+            for worker in self._workers:
+                worker.send("get_state")
+            states, unsupported = [], None
+            for worker in self._workers:  # Read every reply: the pipes stay in step.
+                try:
+                    states.append(worker.receive())
+                except base.StateNotSupported as error:
+                    unsupported = error
+            if unsupported is not None:
+                raise unsupported
+        return {"envs": states, "needs_reset": self._needs_reset.copy()}
+
+    def set_state(self, state: dict) -> None:
+        """Restore what `get_state` gave, from a batch of as many environments of the same
+        keywords (in either mode); the next `step` continues every episode where it was."""
+        self._check_open()
+        states = state["envs"]
+        if len(states) != self.num_envs:
+            raise ValueError(
+                f"a state of {len(states)} environments, this batch has {self.num_envs}"
+            )
+        if self.mode == "inline":
+            for env, (env_state, _) in zip(self._envs, states):
+                env.set_state(env_state)
+            self._firsts = [first for _, first in states]
+        else:
+            for worker, env_state in zip(self._workers, states):
+                worker.send("set_state", env_state)
+            for worker in self._workers:
+                worker.receive()
+        self._needs_reset = np.array(state["needs_reset"], bool)
+        self._previous = None
 
     def step(self, actions) -> dm_env.TimeStep:
         actions = np.asarray(actions)
@@ -420,17 +476,25 @@ class VectorEnv:
         ]
         return self._run(commands)
 
-    def _run(self, commands) -> dm_env.TimeStep:
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this VectorEnv is closed")
+
+    def _run(self, commands) -> dm_env.TimeStep:
+        self._check_open()
         if self.mode == "inline":
             timesteps = [
-                env.reset() if command == "reset" else env.step(payload)
-                for env, (command, payload) in zip(self._envs, commands)
+                self._reset_inline(i) if command == "reset" else env.step(payload)
+                for i, (env, (command, payload)) in enumerate(zip(self._envs, commands))
             ]
             self._needs_reset = np.array([timestep.last() for timestep in timesteps])
             return stack(timesteps)
         return self._run_processes(commands)
+
+    def _reset_inline(self, i: int) -> dm_env.TimeStep:
+        # A state restored from process mode may hold a reset its worker had done already.
+        first, self._firsts[i] = self._firsts[i], None
+        return self._envs[i].reset() if first is None else first
 
     def _run_processes(self, commands) -> dm_env.TimeStep:
         crashed = set()

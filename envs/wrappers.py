@@ -12,6 +12,7 @@ Dict and Discrete observations, more tasks and `info` entries: see `FromGymnasiu
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import dm_env
@@ -155,6 +156,13 @@ class TimeLimit(base.Wrapper):
             self._truncated = True
             return timestep._replace(step_type=dm_env.StepType.LAST)
         return timestep
+
+    def get_state(self) -> tuple:
+        return self._env.get_state(), self._steps, self._truncated
+
+    def set_state(self, state: tuple) -> None:
+        inner, self._steps, self._truncated = state
+        self._env.set_state(inner)
 
 
 class ResizeImage(base.Wrapper):
@@ -407,6 +415,21 @@ class FromGymnasium(base.Environment):
 
     def seed(self, seed: int) -> None:
         self._next_seed = seed
+
+    def get_state(self) -> bytes:
+        """The gymnasium environment pickled whole (classic control, toy text and most
+        pure-Python environments pickle); `StateNotSupported` when it does not."""
+        try:
+            return pickle.dumps((self._env, self._next_seed, self._needs_reset))
+        except (pickle.PicklingError, TypeError, AttributeError, ValueError) as error:
+            name = getattr(self._env.spec, "id", None) or type(self._env.unwrapped).__name__
+            message = f"gymnasium environment {name} does not pickle: {error}"
+            raise base.StateNotSupported(message) from None
+
+    def set_state(self, state: bytes) -> None:
+        env, self._next_seed, self._needs_reset = pickle.loads(state)
+        self._env.close()
+        self._env = env
 
     def reset(self) -> dm_env.TimeStep:
         observation, info = self._env.reset(seed=self._next_seed)

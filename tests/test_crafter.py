@@ -1,10 +1,13 @@
-"""Crafter: the score formula, task rewards, numba-compiled world generation, random agent."""
+"""Crafter: the score formula, task rewards, numba-compiled world generation, random agent,
+saved state and a killed trial resumed mid-episode."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import env_state
 import numpy as np
 import pytest
 
@@ -176,3 +179,91 @@ def test_only_the_gym_notice_is_silenced():
     )
     assert "other output" in stderr and "another warning" in stderr
     assert "unmaintained" not in stderr
+
+
+def test_a_restored_copy_continues_the_episode_exactly():
+    """The world, its creatures and their shared RNG, the player and the episode counters:
+    a fresh Crafter of another seed, set to the state, plays on identically (across deaths
+    and the new worlds after them)."""
+    original = registry.make("crafter", task="reward", seed=3)
+    actions = env_state.random_actions(original.action_spec(), 900)
+    original.reset()
+    for action in actions[:150]:
+        original.step(action)
+    copy = registry.make("crafter", task="reward", seed=8)
+    assert env_state.assert_same_future(original, copy, actions) >= 2
+
+
+def _crafter_trial(out, *extra):
+    return [
+        sys.executable, "-m", "mbxfer", "run", "--agent", "random", "--env", "crafter",
+        "--task", "reward", "--steps", "800", "--seed", "0", "--out", str(out), "--no-progress",
+        "--set", "env.num_envs=2", "--set", "env.workers=true", "--set", "train.eval_every=400",
+        "--set", "train.eval_episodes=2", "--set", "train.checkpoint_every=200",
+        *extra,
+    ]  # fmt: skip
+
+
+def _log(path):
+    drop = ("env_steps_per_second",)
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in drop}
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_checkpoints_do_not_reset_crafter_and_a_stopped_trial_resumes_mid_episode(tmp_path):
+    """In process: a Crafter trial with a checkpoint every 200 steps plays the episodes of
+    one without checkpoints, and stopped after its first checkpoint and resumed it writes the
+    logs of the uninterrupted one (the real SIGKILL, in worker processes, is the slow test
+    below)."""
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import runner
+
+    def trial(name, *extra, stop_after=None):
+        overrides = [
+            "agent=random", "env.name=crafter", "env.task=reward", "env.num_envs=2",
+            "train.steps=500", "train.eval_every=500", "train.eval_episodes=1",
+            "train.checkpoint_every=200", *extra,
+        ]  # fmt: skip
+        config = config_lib.build(config_lib.parse_overrides(overrides))
+        return runner.run(config, tmp_path / name, progress=False, stop_after=stop_after)
+
+    uninterrupted = trial("uninterrupted")
+    trial("plain", "train.checkpoint_every=10000")
+    assert trial("stopped", stop_after=200) == {"stopped_at": 200}
+    assert trial("stopped") == uninterrupted
+    assert uninterrupted["phases"][0]["checkpoints"] == "continued episodes"
+    for log in ("episodes.jsonl", "eval.jsonl", "metrics.jsonl"):
+        assert _log(tmp_path / "stopped" / log) == _log(tmp_path / "uninterrupted" / log), log
+    for log in ("episodes.jsonl", "eval.jsonl"):
+        assert _log(tmp_path / "plain" / log) == _log(tmp_path / "uninterrupted" / log), log
+    # Some episode ran through a checkpoint (every 200 steps of the batch, 100 per env).
+    ends = [
+        (e["total_env_steps"], e["length"]) for e in _log(tmp_path / "plain" / "episodes.jsonl")
+    ]
+    assert any(end // 200 != (end - 2 * length) // 200 for end, length in ends)
+
+
+@pytest.mark.slow
+def test_a_killed_crafter_trial_resumes_mid_episode_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real `mbxfer run` on Crafter (environments in worker processes) after its
+    first checkpoint; the resumed trial writes the logs of the uninterrupted one."""
+    import signal
+    import time
+
+    subprocess.run(_crafter_trial(tmp_path / "uninterrupted"), check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_crafter_trial(killed), stderr=subprocess.PIPE, text=True)
+    pointer, deadline = killed / "checkpoints" / "latest", time.time() + 300
+    while time.time() < deadline and process.poll() is None and not pointer.exists():
+        time.sleep(0.01)
+    assert process.poll() is None, f"the run ended before it was killed: {process.stderr.read()}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "done.json").exists()
+    subprocess.run(_crafter_trial(killed), check=True, capture_output=True)
+    done = json.loads((tmp_path / "uninterrupted" / "done.json").read_text())
+    assert done["phases"][0]["checkpoints"] == "continued episodes"
+    for log in ("episodes.jsonl", "eval.jsonl", "metrics.jsonl"):
+        assert _log(killed / log) == _log(tmp_path / "uninterrupted" / log), log

@@ -134,6 +134,57 @@ def test_trial_killed_between_its_last_checkpoint_and_done_json_finishes_on_resu
     assert (folder / "metrics.jsonl").read_text() == metrics
 
 
+RANDOM = tiny_configs.overrides(
+    "random", "train.steps=300", "train.eval_every=150", "env.kwargs={size: 5, length: 35}"
+)
+
+
+def _random_trial(folder, *extra):
+    config = config_lib.build(config_lib.parse_overrides([*RANDOM, *extra]))
+    return runner.run(config, folder, progress=False)
+
+
+def test_checkpoints_cut_no_episode(tmp_path):
+    """Checkpoints every 40 steps inside 35-step episodes on 2 environments: the trial is
+    the same as one without checkpoints, every episode counted; stopped and resumed too."""
+    plain = _random_trial(tmp_path / "plain", "train.checkpoint_every=100000")
+    checkpointed = _random_trial(tmp_path / "checkpointed")
+    assert checkpointed["phases"][0]["checkpoints"] == "continued episodes"
+    assert "checkpoints" not in plain["phases"][0]
+    episodes = _lines(tmp_path / "checkpointed" / "episodes.jsonl")
+    assert len(episodes) == 2 * (150 // 35) and {e["length"] for e in episodes} == {35}
+    for log in ("episodes.jsonl", "eval.jsonl"):
+        assert _lines(tmp_path / "checkpointed" / log) == _lines(tmp_path / "plain" / log)
+    resumed = tmp_path / "resumed"
+    config = config_lib.build(config_lib.parse_overrides(RANDOM))
+    assert runner.run(config, resumed, progress=False, stop_after=120) == {"stopped_at": 120}
+    assert runner.run(config, resumed, progress=False) == checkpointed
+    for log in ("episodes.jsonl", "eval.jsonl", "metrics.jsonl"):
+        assert _lines(resumed / log) == _lines(tmp_path / "checkpointed" / log)
+
+
+def test_environments_without_state_are_reset_at_checkpoints_and_done_json_says_so(
+    tmp_path, monkeypatch
+):
+    from mbxfer.envs import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("stateless_grid", "env_state:StatelessGrid")
+    extra = ("env.name=stateless_grid",)
+    summary = _random_trial(tmp_path / "cut", *extra)
+    assert summary["phases"][0]["checkpoints"].startswith("reset environments (")
+    assert "cannot save its state" in summary["phases"][0]["checkpoints"]
+    episodes = _lines(tmp_path / "cut" / "episodes.jsonl")
+    assert len(episodes) < 2 * (150 // 35)  # Episodes running at a checkpoint are lost.
+    config = config_lib.build(config_lib.parse_overrides([*RANDOM, *extra]))
+    assert runner.run(config, tmp_path / "resumed", progress=False, stop_after=120) == {
+        "stopped_at": 120
+    }
+    runner.run(config, tmp_path / "resumed", progress=False)
+    for log in ("episodes.jsonl", "eval.jsonl"):
+        assert _lines(tmp_path / "resumed" / log) == _lines(tmp_path / "cut" / log)
+
+
 def _cli(capsys, *argv):
     code = cli.main(list(argv))
     return code, capsys.readouterr().err

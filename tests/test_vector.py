@@ -9,10 +9,11 @@ import textwrap
 import time
 
 import dm_env
+import env_state
 import numpy as np
 import pytest
 
-from mbxfer.envs import base, registry, vector
+from mbxfer.envs import base, registry, toy, vector
 
 
 def _alive(pid):
@@ -123,6 +124,35 @@ def test_seed_after_a_last_step_restarts_the_same_way_in_both_modes():
         np.testing.assert_array_equal(
             fresh.reset().observation["image"], batches["process"][4].observation["image"]
         )
+
+
+@pytest.mark.parametrize(
+    "saved_in, restored_in", [("process", "process"), ("process", "inline"), ("inline", "process")]
+)
+def test_a_batch_state_restores_every_episode_in_either_mode(saved_in, restored_in):
+    """Taken right after a LAST step too, when a worker has already reset its environment."""
+    recipe = registry.factory("grid", length=3)
+    actions = np.random.default_rng(0).integers(5, size=(12, 2))
+    with vector.VectorEnv(recipe, 2, mode=saved_in, seed=5) as original:
+        last = _rollout(original, 3)[-1]
+        assert last.step_type.tolist() == [2, 2]
+        with vector.VectorEnv(recipe, 2, mode=restored_in, seed=77) as restored:
+            assert env_state.assert_same_future(original, restored, actions) >= 4
+
+
+class Stateless(toy.GridWorld):
+    """A grid that cannot save its state (module level: workers unpickle it by name)."""
+
+    def get_state(self):
+        return base.Environment.get_state(self)
+
+
+def test_a_batch_of_environments_without_state_says_so():
+    with vector.VectorEnv(Stateless, 2, mode="process") as envs:
+        envs.reset()
+        with pytest.raises(base.StateNotSupported, match="Stateless cannot save"):
+            envs.get_state()
+        assert envs.step([0, 0]).step_type.tolist() == [1, 1]  # The pipes are still in step.
 
 
 def test_batches_are_copies_that_later_steps_do_not_overwrite():

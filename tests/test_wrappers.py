@@ -1,6 +1,7 @@
 """Wrappers and the gymnasium adapters, on real environments."""
 
 import dm_env
+import env_state
 import gymnasium
 import numpy as np
 import pytest
@@ -234,3 +235,54 @@ def test_unsupported_observation_spaces_are_named():
 
     with pytest.raises(wrappers.UnsupportedSpaceError, match="'note' is Text"):
         wrappers.FromGymnasium(_Texts())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("grid", {"time_limit": 7}),  # The wrapper's own step count is part of the state.
+        ("point_mass_image", {"action_repeat": 2}),
+        ("cartpole", {}),
+        ("pendulum", {}),
+    ],
+)
+def test_a_restored_copy_continues_the_episode_exactly(name, kwargs):
+    original = registry.make(name, seed=1, **kwargs)
+    actions = env_state.random_actions(original.action_spec(), 400)
+    original.reset()
+    for action in actions[:23]:  # Mid-episode.
+        original.step(action)
+    copy = registry.make(name, seed=99, **kwargs)  # Another seed: the state must override it.
+    assert env_state.assert_same_future(original, copy, actions) >= 2
+
+
+def test_a_state_taken_right_after_the_last_step_restores_the_reset():
+    original = registry.make("grid", seed=1, time_limit=5)
+    original.reset()
+    for _ in range(5):
+        timestep = original.step(0)
+    assert timestep.last()
+    copy = registry.make("grid", seed=2, time_limit=5)
+    env_state.assert_same_future(original, copy, [1, 2, 3])
+
+
+def test_a_gymnasium_environment_that_does_not_pickle_says_so():
+    import threading
+
+    class Locked(gymnasium.Env):
+        observation_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        action_space = gymnasium.spaces.Discrete(2)
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            return np.zeros(2, np.float32), 0.0, False, False, {}
+
+    env = wrappers.FromGymnasium(Locked())
+    with pytest.raises(base.StateNotSupported, match="does not pickle"):
+        env.get_state()
