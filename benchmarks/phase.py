@@ -48,19 +48,58 @@ def make_envs(config: config_lib.TrialConfig, num_envs: int, seed: int, recipe=N
     return vector.make(recipe, num_envs, mode=mode, seed=seed)
 
 
+class EvalEnvs:
+    """A trial's evaluation environments: each batch (recipe and size) is built at its first
+    evaluation and reseeded for the later ones, so worker processes and simulators are made
+    once per trial, not once per evaluation. Reseeding starts the same episodes as building
+    anew with that seed (`envs.base.Environment.seed`; tests/test_vector.py checks every family)."""
+
+    def __init__(self, config: config_lib.TrialConfig):
+        self._config = config
+        self._batches: dict = {}
+
+    def get(self, recipe: registry.EnvFactory, num_envs: int, seed: int):
+        """A batch of `num_envs` environments of `recipe`, seeded with `seed`."""
+        key = (recipe.entry.name, repr(sorted(recipe.overrides.items())), num_envs)
+        envs = self._batches.get(key)
+        if envs is None:
+            envs = self._batches[key] = make_envs(self._config, num_envs, seed, recipe)
+        else:
+            envs.seed(seed)
+        return envs
+
+    def close(self) -> None:
+        for envs in self._batches.values():
+            envs.close()
+        self._batches.clear()
+
+
 def evaluate(
-    agent, act, state, config, seed: int, recipe=None, mode: str = "sampled", count=None, wrap=None
+    agent,
+    act,
+    state,
+    config,
+    seed: int,
+    recipe=None,
+    mode: str = "sampled",
+    count=None,
+    wrap=None,
+    eval_envs: Optional[EvalEnvs] = None,
 ) -> dict:
     """Evaluation episodes (`count`, else `train.eval_episodes`, else the environment's
-    default) on fresh environments seeded with `seed`, the agent acting in evaluation `mode`
-    (`sampled` or `greedy`, `config_lib.EVAL_MODES`); see `episodes.evaluate`. `wrap` may wrap
-    the policy (`mbxfer eval --video` records frames through it) without changing its actions."""
+    default) on environments seeded with `seed` (from `eval_envs`, else built for this
+    evaluation), the agent acting in evaluation `mode` (`sampled` or `greedy`,
+    `config_lib.EVAL_MODES`); see `episodes.evaluate`. `wrap` may wrap the policy
+    (`mbxfer eval --video` records frames through it) without changing its actions."""
     recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
     count = count or config.train.eval_episodes or recipe.entry.eval_episodes
     policy = episodes.AgentPolicy(agent, act, state, config_lib.EVAL_MODES[mode], seed)
     if wrap is not None:
         policy = wrap(policy)
-    with make_envs(config, min(count, config.env.num_envs), seed, recipe) as envs:
+    num_envs = min(count, config.env.num_envs)
+    if eval_envs is not None:
+        return episodes.evaluate(eval_envs.get(recipe, num_envs, seed), recipe, policy, count)
+    with make_envs(config, num_envs, seed, recipe) as envs:
         return episodes.evaluate(envs, recipe, policy, count)
 
 
@@ -81,8 +120,9 @@ class Phase:
     own reward mix (`protocols.agent_config_for`)."""
 
     def __init__(self, config, phases, index: int, folder: TrialFolder, agent_config,
-                 history: dict, watch: Watch, stack):  # fmt: skip
+                 history: dict, watch: Watch, stack, eval_envs: EvalEnvs):  # fmt: skip
         self.config, self.folder, self.index, self.phase = config, folder, index, phases[index]
+        self.eval_envs = eval_envs
         self.history, self.watch = history, watch
         steps_before = sum(p["env_steps"] for p in history["phases"][:index])
         self.log_to = PhaseLog(folder, self.phase.name, index, steps_before)
@@ -300,7 +340,8 @@ class Phase:
             seed = episodes.evaluation_seed(config.seed, set_name, eval_set.task, state.env_steps)
             by_mode = {}
             for mode in train.eval_modes:
-                summary = evaluate(self.agent, self.act, state.agent, config, seed, recipe, mode)
+                summary = evaluate(self.agent, self.act, state.agent, config, seed, recipe, mode,
+                                   eval_envs=self.eval_envs)  # fmt: skip
                 self.log_to.evaluation(state.env_steps, set_name, mode, summary)
                 by_mode[mode] = summary
             headline = train.eval_modes[0]

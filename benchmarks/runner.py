@@ -28,7 +28,7 @@ import jax
 
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import executors, loggers, protocols, transfer
-from mbxfer.benchmarks.phase import Phase, Watch
+from mbxfer.benchmarks.phase import EvalEnvs, Phase, Watch
 from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
 from mbxfer.envs import registry
 
@@ -89,6 +89,8 @@ class _Trial:
     def __init__(self, config, phases, folder: TrialFolder, watch: Watch, stack):
         self.config, self.phases, self.folder, self.watch = config, phases, folder, watch
         self.stack = stack
+        self.eval_envs = EvalEnvs(config)
+        stack.callback(self.eval_envs.close)
         self.agent_config = protocols.with_module(config.agent_config, phases, config.protocol)
         self.history: dict = {"phases": []}
 
@@ -102,12 +104,12 @@ class _Trial:
             start = resume.state.next_phase
         if start == len(self.phases):  # Killed after the last phase's end, before done.json.
             last = Phase(self.config, self.phases, start - 1, self.folder, self.agent_config,
-                         self.history, self.watch, self.stack)  # fmt: skip
+                         self.history, self.watch, self.stack, self.eval_envs)  # fmt: skip
             return self._finish(*last.ended(resume))
         carried = None
         for index in range(start, len(self.phases)):
             phase = Phase(self.config, self.phases, index, self.folder, self.agent_config,
-                          self.history, self.watch, self.stack)  # fmt: skip
+                          self.history, self.watch, self.stack, self.eval_envs)  # fmt: skip
             carried = phase.run(carried, resume if index == start else None)
             if carried is None:
                 return {"stopped_at": phase.stopped_at}

@@ -155,6 +155,33 @@ def test_a_batch_of_environments_without_state_says_so():
         assert envs.step([0, 0]).step_type.tolist() == [1, 1]  # The pipes are still in step.
 
 
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("grid", {"time_limit": 6}),
+        ("point_mass_image", {}),
+        ("cartpole", {}),
+        ("crafter", {"size": 32}),
+        ("metaworld", {"scene": "reach"}),
+        ("robodesk", {"observation": "state"}),
+    ],
+)
+def test_reseeding_a_used_batch_plays_what_a_new_batch_of_that_seed_plays(name, kwargs):
+    """What lets a trial keep its evaluation environments alive (`phase.EvalEnvs`)."""
+    recipe = registry.factory(name, **kwargs)
+    spec = recipe(seed=0).action_spec()
+    actions = np.stack([env_state.random_actions(spec, 40, seed=i) for i in range(2)], axis=1)
+    with vector.VectorEnv(recipe, 2, mode="inline", seed=3) as used:
+        used.reset()
+        for action in actions[::-1]:
+            used.step(action)
+        used.seed(11)
+        with vector.VectorEnv(recipe, 2, mode="inline", seed=11) as new:
+            env_state.assert_same_timestep(used.reset(), new.reset(), "reset")
+            for i, action in enumerate(actions):
+                env_state.assert_same_timestep(used.step(action), new.step(action), f"step {i}")
+
+
 def test_batches_are_copies_that_later_steps_do_not_overwrite():
     with vector.VectorEnv(registry.factory("grid", length=50), 2, mode="process") as envs:
         first = envs.reset()
