@@ -20,7 +20,9 @@ def write_open_loop(agent, state, replay, out: Path, rng, context: int = 5) -> d
     batch = replay.sample(4)
     length = batch["is_first"].shape[1]
     horizon = length - context
-    imagined = jax.device_get(agent.open_loop(state, batch, context, horizon, rng))
+    # One compiled call (run op by op, a rollout of Crafter's decoder took seconds).
+    open_loop = jax.jit(agent.open_loop, static_argnums=(2, 3))
+    imagined = jax.device_get(open_loop(state, batch, context, horizon, rng))
     real = batch["observation"]["image"][:, context:].astype(np.float32) / 255.0
     predicted = np.clip(np.asarray(imagined["image"]), 0.0, 1.0)
     error = ((real - predicted) ** 2).mean(axis=(0, 2, 3, 4))
