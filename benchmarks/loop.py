@@ -26,7 +26,7 @@ import numpy as np
 
 from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import episodes as episodes_lib
-from mbxfer.benchmarks import schedule
+from mbxfer.benchmarks import schedule, timing
 from mbxfer.envs import base as env_base
 
 _RESEED_OFFSET = 7_919
@@ -235,10 +235,12 @@ def run(
     plan: Plan,
     hooks: Hooks,
     resumed: Running | None = None,
+    timer=timing.NO_TIMER,
 ):
     """Run from `state` until `plan.steps` environment steps; `(state, finished)`, where
     `finished` is False when `hooks.step` stopped the loop early. `resumed`: the episodes a
-    checkpoint saved, continued instead of restarting the environments."""
+    checkpoint saved, continued instead of restarting the environments. `timer(part)` wraps
+    each part of an iteration (`benchmarks.timing`)."""
     num_envs = envs.num_envs
     on_policy = isinstance(plan.updates, schedule.OnPolicy)
     off_policy = isinstance(plan.updates, schedule.ReplayRatio)
@@ -264,16 +266,20 @@ def run(
             # parameters, with this step as the bootstrap row.
             replay.add(replay_step(timestep, placeholder_action))
             if plan.updates.due(state.env_steps):
-                batch = replay.latest(plan.updates.rollout + 1)
-                state = update(learner, state, batch, window.updates)
-            action, carry = learner.act(state.agent, carry, step, act_key, "explore")
-            action = np.asarray(action)
+                with timer("update"):
+                    batch = replay.latest(plan.updates.rollout + 1)
+                    state = update(learner, state, batch, window.updates)
+            with timer("act"):
+                action, carry = learner.act(state.agent, carry, step, act_key, "explore")
+                action = np.asarray(action)
             replay.set_newest_action(action)
         else:
-            action, carry = learner.act(state.agent, carry, step, act_key, "explore")
-            action = np.asarray(action)
+            with timer("act"):
+                action, carry = learner.act(state.agent, carry, step, act_key, "explore")
+                action = np.asarray(action)
             replay.add(replay_step(timestep, action))
-        timestep = envs.step(action)
+        with timer("env"):
+            timestep = envs.step(action)
         finished = tracker.observe(timestep)
         state = state._replace(
             env_steps=state.env_steps + num_envs, episodes=state.episodes + len(finished)
@@ -284,19 +290,23 @@ def run(
         window.episodes.extend(finished)
         if off_policy and replay.num_windows:
             for _ in range(plan.updates.owed(state.env_steps, state.updates)):
-                state = update(learner, state, learner.sample(), window.updates)
+                with timer("update"):
+                    state = update(learner, state, learner.sample(), window.updates)
 
         ended = state.env_steps >= plan.steps
         checkpoint_due = plan.checkpoint.due(state.env_steps, num_envs) and not ended
         # Metrics are also flushed at checkpoints, so a resumed run writes the same lines.
         if plan.log.due(state.env_steps, num_envs, ended) or checkpoint_due:
-            hooks.log(state, window)
+            with timer("log"):
+                hooks.log(state, window)
             window = window._replace(episodes=[], updates=[])
         if plan.evaluate.due(state.env_steps, num_envs, ended):
-            hooks.evaluate(state)
+            with timer("evaluate"):
+                hooks.evaluate(state)
         if checkpoint_due:
-            episodes = running(envs, timestep, carry, tracker)
-            hooks.checkpoint(state, episodes)
+            with timer("checkpoint"):
+                episodes = running(envs, timestep, carry, tracker)
+                hooks.checkpoint(state, episodes)
             if isinstance(episodes, Cut):
                 timestep = restart(envs, plan.seed, state.env_steps)
                 tracker.reset()

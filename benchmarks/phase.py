@@ -13,14 +13,23 @@ evaluates its starting point (the jumpstart of transfer metrics), runs the loop
 from __future__ import annotations
 
 import sys
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, ContextManager, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from mbxfer import agents
 from mbxfer.agents.replay import Replay
-from mbxfer.benchmarks import checkpoint, episodes, loggers, loop, protocols, schedule, video
+from mbxfer.benchmarks import (
+    checkpoint,
+    episodes,
+    loggers,
+    loop,
+    protocols,
+    schedule,
+    timing,
+    video,
+)
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks.trial_folder import (
     PhaseLog,
@@ -104,13 +113,15 @@ def evaluate(
 
 
 class Watch(NamedTuple):
-    """What the caller watches the trial with: a progress bar, a stop, a step callback, and
-    the mirrors of its logs (TensorBoard, W&B), synced after each log and evaluation."""
+    """What the caller watches the trial with: a progress bar, a stop, a step callback, the
+    mirrors of its logs (TensorBoard, W&B), synced after each log and evaluation, and a timer
+    of its parts (`benchmarks.timing`)."""
 
     progress: bool
     stop_after: Optional[int]
     on_step: Optional[Callable[[int], None]]
     mirrors: loggers.Mirrors
+    timer: Callable[[str], ContextManager] = timing.NO_TIMER
 
 
 class Phase:
@@ -129,11 +140,12 @@ class Phase:
         self.seed = config.seed + 100_003 * index
         num_envs = self.config.env.num_envs
         self.recipe = env_recipe(self.config, self.phase.task, self.phase.env_kwargs)
-        self.envs = make_envs(self.config, num_envs, self.seed, self.recipe)
-        stack.callback(self.envs.close)  # Also closed at the end of the phase.
-        agent_config = protocols.agent_config_for(agent_config, self.phase, config.protocol)
-        spec = vector.environment_spec(self.envs)
-        self.agent = agents.make(self.config.agent, spec, agent_config)
+        with watch.timer("build"):
+            self.envs = make_envs(self.config, num_envs, self.seed, self.recipe)
+            stack.callback(self.envs.close)  # Also closed at the end of the phase.
+            agent_config = protocols.agent_config_for(agent_config, self.phase, config.protocol)
+            spec = vector.environment_spec(self.envs)
+            self.agent = agents.make(self.config.agent, spec, agent_config)
         self.act = jax.jit(self.agent.act, static_argnums=4)
         self.task_index = None
         if self.phase.keep_replay and self.phase.task is not None:
@@ -148,16 +160,20 @@ class Phase:
     def run(self, carried, resume: Optional[Resume]):
         """Run the phase from `carried` (the previous phase's state and replay) or `resume`;
         `(state, replay, self)` at its end, None when stopped early."""
-        state = self._start(carried, resume)
+        timer = self.watch.timer
+        with timer("init"):
+            state = self._start(carried, resume)
         if self.phase.offline_updates and state.env_steps == 0:
-            state = self._adapt(state)
+            with timer("update"):
+                state = self._adapt(state)
         train = self.config.train
         if (
             state.env_steps == 0
             and self.phase.eval_sets
             and (train.eval_every or not self.phase.steps)
         ):
-            self.evaluate(state)  # The phase's starting point (jumpstart).
+            with timer("evaluate"):
+                self.evaluate(state)  # The phase's starting point (jumpstart).
         learner = loop.Learner(
             self.act,
             jax.jit(loop.finite_checked(self.agent.update)),
@@ -166,12 +182,15 @@ class Phase:
         )
         self._open_bar(state.env_steps)
         plan = self._plan()
-        state, finished = loop.run(self.envs, self.replay, learner, state, plan, self, self.resumed)
+        state, finished = loop.run(
+            self.envs, self.replay, learner, state, plan, self, self.resumed, timer
+        )
         if self.bar is not None:
             self.bar.close()
         if not finished:
             return None
-        self._end(state)
+        with timer("checkpoint"):
+            self._end(state)
         return state.agent, self.replay, self
 
     def _plan(self) -> loop.Plan:

@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Optional
 
 import jax
 
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import executors, loggers, protocols, transfer
+from mbxfer.benchmarks import executors, loggers, protocols, timing, transfer
 from mbxfer.benchmarks.phase import EvalEnvs, Phase, Watch
 from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
 from mbxfer.envs import registry
@@ -58,6 +58,7 @@ def run(
     stop_after: Optional[int] = None,
     on_step: Optional[Callable[[int], None]] = None,
     start_from: Optional[Path] = None,
+    timer: Callable[[str], ContextManager] = timing.NO_TIMER,
 ) -> dict:
     """Train (or resume) one trial in `out`, phase after phase; returns the final summary.
 
@@ -65,7 +66,7 @@ def run(
     writing `done.json`), as a kill would; `on_step` is called with the total step count each
     iteration. `start_from` is a phase-boundary checkpoint (`<trial>/phase0.ckpt`) of a trial
     whose earlier phases are this trial's: the trial starts at the next phase from it instead
-    of re-running them.
+    of re-running them. `timer` times the trial's parts (`benchmarks.timing`; benchmarks).
     """
     phases = protocols.phases(config)  # Protocol errors before anything is written.
     enable_compilation_cache()
@@ -79,7 +80,7 @@ def run(
         stack.callback(folder.close)
         # Opened on the logs as cut back to `resume`: the mirrors replay them from the start.
         mirrors = stack.enter_context(loggers.open_mirrors(config, folder.out))
-        watch = Watch(progress, stop_after, on_step, mirrors)
+        watch = Watch(progress, stop_after, on_step, mirrors, timer)
         return _Trial(config, phases, folder, watch, stack).run(resume)
 
 
@@ -142,7 +143,8 @@ class _Trial:
                 self.folder.out, config, self.phases[last_phase].name, last_phase,
                 self.folder.read("eval"), score_key,
             )  # fmt: skip
-        video = phase.video(state, replay)
+        with self.watch.timer("video"):
+            video = phase.video(state, replay)
         if video is not None:
             summary["video"] = video
             self.watch.mirrors.video(

@@ -351,3 +351,39 @@ def test_gifs_show_each_frame_for_its_milliseconds(tmp_path):
     video.write_gif(frames, tmp_path / "v.gif", frame_ms=200)
     with Image.open(tmp_path / "v.gif") as gif:
         assert gif.n_frames == 4 and gif.info["duration"] == 200
+
+
+def test_a_timed_trial_records_its_parts_and_writes_what_an_untimed_one_writes(tmp_path):
+    from mbxfer.benchmarks import timing
+    from mbxfer.benchmarks.perf import trial_time
+
+    config = config_lib.build(config_lib.parse_overrides(tiny_configs.overrides("dreamer")))
+    timer = timing.Timeline()
+    start = time.perf_counter()
+    timed = runner.run(config, tmp_path / "timed", progress=False, timer=timer)
+    wall = time.perf_counter() - start
+    seconds = timer.seconds()
+    assert {"build", "init", "act", "env", "update", "evaluate", "log", "checkpoint"} <= set(
+        seconds
+    )
+    assert sum(seconds.values()) <= wall
+    assert timer.first("update").start > timer.first("act").start  # Updates start later.
+    assert runner.run(config, tmp_path / "untimed", progress=False) == timed
+    for log in ("metrics.jsonl", "eval.jsonl", "episodes.jsonl"):
+        assert _lines(tmp_path / "timed" / log) == _lines(tmp_path / "untimed" / log)
+    # The benchmark's table from one such run.
+    result = {"wall_seconds": wall, "outside_core": 0.5, "steps_per_second": 3.0,
+              "hours_per_million": 92.6, "split_seconds": {**dict.fromkeys(trial_time.PARTS, 0.0),
+              **seconds, "other": 0.0}}  # fmt: skip
+    table = trial_time.report({"dreamer": [result]})
+    assert table.splitlines()[2].startswith("| dreamer |") and "92.6" in table
+
+
+def test_the_trial_time_benchmark_builds_the_presets_trials():
+    from mbxfer.benchmarks.perf import trial_time
+
+    name, agent, extra = trial_time.parse_variant("small=dreamer,agent.model.deter=64")
+    config = trial_time.trial_config(agent, 1400, extra)
+    assert (name, config.agent, config.train.steps) == ("small", "dreamer", 1400)
+    assert config.agent_config.model.deter == 64 and config.env.name == "crafter"
+    assert config.train.batch_size == 8 and config.train.sequence_length == 32
