@@ -164,9 +164,14 @@ def _actions(steps, seed=0):
         ({"scene": "basketball"}, 40, 20),  # Its goal is a view of a site's position.
     ],
     ids=[
-        "mid-episode", "after-last", "across-reset", "goal-set", "goal-hidden", "before-reset",
+        "mid-episode",
+        "after-last",
+        "across-reset",
+        "goal-set",
+        "goal-hidden",
+        "before-reset",
         "attribute-views",
-    ],  # fmt: skip
+    ],
 )
 def test_restored_state_continues_bit_for_bit(kwargs, saved_after, then):
     def make(seed):
