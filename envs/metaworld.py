@@ -34,6 +34,12 @@ cameras are flipped vertically, as the images Meta-World users know (mujoco-py e
 `log_success` (float32, the scene's success flag). Episodes last 500 steps and end as a
 truncation (discount 1); success does not end them. Versions: metaworld 3.1.1 with its pinned
 mujoco 3.3.0 (see constraints.txt); results are not comparable across Meta-World versions.
+
+Saved state (`get_state`, ~7 kB, see `envs.mujoco_state`): MuJoCo's integration state (with the
+solver's warm start), the body and site positions Meta-World's resets move, every state
+attribute of the Meta-World environment (its goal sampler, goal, initial object and hand
+positions, path length, frame-stacking buffer) and this wrapper's goal-set generator and step
+count, so a restored copy continues mid-episode bit for bit (tests/test_metaworld.py).
 """
 
 from __future__ import annotations

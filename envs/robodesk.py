@@ -31,6 +31,12 @@ RoboDesk's cropped view directly at the target size). Episodes are 500 steps and
 truncation (discount 1). Installing RoboDesk pulls the legacy `gym` (its base class);
 RoboDesk 1.0.0 uses `PIL.Image.ANTIALIAS`, removed in Pillow 10, for which this module adds
 the alias `Image.LANCZOS` (the same filter) if it is missing.
+
+Saved state (`get_state`, ~10 kB, see `envs.mujoco_state`): MuJoCo's integration state (with
+the solver's warm start) of the scene and of RoboDesk's inverse-kinematics copy, RoboDesk's
+attributes (step count, success, the `original_pos` views), the saved numpy random state its
+resets draw from and the once-only success flags, so a restored copy continues mid-episode
+bit for bit (tests/test_robodesk.py).
 """
 
 from __future__ import annotations
