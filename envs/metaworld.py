@@ -34,16 +34,24 @@ cameras are flipped vertically, as the images Meta-World users know (mujoco-py e
 `log_success` (float32, the scene's success flag). Episodes last 500 steps and end as a
 truncation (discount 1); success does not end them. Versions: metaworld 3.1.1 with its pinned
 mujoco 3.3.0 (see constraints.txt); results are not comparable across Meta-World versions.
+
+Saved state (`get_state`, ~7 kB, see `envs.mujoco_state`): MuJoCo's integration state (with the
+solver's warm start), the body and site positions Meta-World's resets move, every state
+attribute of the Meta-World environment (its goal sampler, goal, initial object and hand
+positions, path length, frame-stacking buffer) and this wrapper's goal-set generator and step
+count, so a restored copy continues mid-episode bit for bit (tests/test_metaworld.py).
 """
 
 from __future__ import annotations
+
+import copy
 
 import dm_env
 import numpy as np
 from dm_env import specs
 
 from mbxfer import domains
-from mbxfer.envs import base, mujoco_render
+from mbxfer.envs import base, mujoco_render, mujoco_state
 
 VERSION_SUFFIX = "-v3"
 SCENES = (
@@ -63,6 +71,11 @@ OBSERVATIONS = ("state", "pixels", "both")
 GOALS = ("random", "train", "test")
 STATE_SIZE = 39
 EPISODE_LENGTH = 500  # Meta-World's max_path_length.
+# Model fields Meta-World's resets edit (object bodies and goal sites are moved there); the next
+# reset simulates 50 steps with them before moving them again, so they are part of the state.
+_EDITED_MODEL_FIELDS = ("body_pos", "site_pos")
+# Attributes that only record how the environment was built (for pickling it), not state.
+_CONSTRUCTION_ATTRIBUTES = ("_ezpickle_args", "_ezpickle_kwargs", "fullpath")
 
 # Named groups, in Meta-World 3.1.1's order (tests/test_metaworld.py checks them against it).
 TASK_SETS = {
@@ -106,6 +119,11 @@ def scene_id(scene: str) -> str:
     return name + VERSION_SUFFIX
 
 
+def _owners(raw) -> dict:
+    """The MuJoCo objects whose arrays Meta-World's attributes may be views of."""
+    return {"data": raw.data, "model": raw.model}
+
+
 def _choice(name: str, value: str, allowed) -> str:
     if value not in allowed:
         raise base.ConfigurationError(f"{name}={value!r} must be one of {', '.join(allowed)}")
@@ -145,6 +163,7 @@ class MetaWorld(base.Environment):
         self._render = mujoco_render.check_render_mode(render)
         self._size, self._camera = size, camera
         self._goal_observable = goal_observable
+        self._goal_seed = goal_seed
         mujoco_render.configure_headless()
         metaworld = optional.require("metaworld", "metaworld", "metaworld")
         from metaworld import env_dict
@@ -184,6 +203,46 @@ class MetaWorld(base.Environment):
         self._rng = np.random.default_rng(seed)
         self._env.seed(int(seed))
         self._needs_reset = True
+
+    def _keywords(self) -> dict:
+        """The constructor keywords a state belongs to (all but the seed)."""
+        return {
+            "scene": self.scene,
+            "observation": self._observation,
+            "goals": self._goals,
+            "goal_seed": self._goal_seed,
+            "goal_observable": self._goal_observable,
+            "size": self._size,
+            "camera": self._camera,
+            "render": self._render,
+        }
+
+    def get_state(self) -> dict:
+        """Physics, the model's moved bodies and sites, every plain attribute of the Meta-World
+        environment (goal sampler, goal, initial positions, path length, frame-stacking buffer)
+        and this wrapper's generator and counters; see `envs.mujoco_state`."""
+        raw = self._env
+        return {
+            "keywords": self._keywords(),
+            "physics": mujoco_state.get_physics(raw.model, raw.data),
+            "model": mujoco_state.get_model_fields(raw.model, _EDITED_MODEL_FIELDS),
+            "attributes": mujoco_state.get_attributes(
+                raw, _owners(raw), skip=_CONSTRUCTION_ATTRIBUTES
+            ),
+            "rng": copy.deepcopy(self._rng.bit_generator.state),
+            "steps": self._steps,
+            "needs_reset": self._needs_reset,
+        }
+
+    def set_state(self, state: dict) -> None:
+        mujoco_state.check_keywords("Meta-World", state, self._keywords())
+        raw = self._env
+        mujoco_state.set_model_fields(raw.model, state["model"])
+        mujoco_state.set_attributes(raw, state["attributes"], _owners(raw))
+        self._set_observability()
+        mujoco_state.set_physics(raw.model, raw.data, state["physics"])
+        self._rng.bit_generator.state = copy.deepcopy(state["rng"])
+        self._steps, self._needs_reset = int(state["steps"]), bool(state["needs_reset"])
 
     def _set_observability(self) -> None:
         partially_observable = not self._goal_observable

@@ -31,15 +31,23 @@ RoboDesk's cropped view directly at the target size). Episodes are 500 steps and
 truncation (discount 1). Installing RoboDesk pulls the legacy `gym` (its base class);
 RoboDesk 1.0.0 uses `PIL.Image.ANTIALIAS`, removed in Pillow 10, for which this module adds
 the alias `Image.LANCZOS` (the same filter) if it is missing.
+
+Saved state (`get_state`, ~10 kB, see `envs.mujoco_state`): MuJoCo's integration state (with
+the solver's warm start) of the scene and of RoboDesk's inverse-kinematics copy, RoboDesk's
+attributes (step count, success, the `original_pos` views), the saved numpy random state its
+resets draw from and the once-only success flags, so a restored copy continues mid-episode
+bit for bit (tests/test_robodesk.py).
 """
 
 from __future__ import annotations
+
+import copy
 
 import dm_env
 import numpy as np
 from dm_env import specs
 
-from mbxfer.envs import base, mujoco_render
+from mbxfer.envs import base, mujoco_render, mujoco_state
 
 TASKS = (
     "open_slide", "open_drawer", "push_green", "stack", "upright_block_off_table",
@@ -75,6 +83,17 @@ def _desk_class():
     return Desk
 
 
+def _pointers(physics):
+    """The `mujoco.MjModel` and `mujoco.MjData` of a dm_control physics."""
+    return physics.model.ptr, physics.data.ptr
+
+
+def _owners(desk) -> dict:
+    """The MuJoCo objects whose arrays RoboDesk's attributes may be views of."""
+    model, data = _pointers(desk.physics)
+    return {"data": data, "ik_data": desk.physics_copy.data.ptr, "model": model}
+
+
 class RoboDesk(base.Environment):
     """The RoboDesk scene with all 9 core tasks; 5-D actions in [-1, 1]."""
 
@@ -100,6 +119,7 @@ class RoboDesk(base.Environment):
                 )
         self._render = mujoco_render.check_render_mode(render)
         self._reward_type, self._observation, self._size = reward, observation, size
+        self._episode_length = episode_length
         self._desk = _desk_class()(reward="dense", episode_length=episode_length, image_size=size)
         self._physics = self._desk.physics
         self._renderer = None
@@ -107,6 +127,7 @@ class RoboDesk(base.Environment):
             self._renderer = mujoco_render.Renderer(self._physics.model.ptr, size, size, fast=True)
             self._camera = self._free_camera()
         self._needs_reset = True
+        self._succeeded = np.zeros(len(TASKS), bool)
         self.seed(seed)
 
     def _free_camera(self):
@@ -127,6 +148,42 @@ class RoboDesk(base.Environment):
     def seed(self, seed: int) -> None:
         self._random_state = np.random.RandomState(seed).get_state()
         self._needs_reset = True
+
+    def _keywords(self) -> dict:
+        """The constructor keywords a state belongs to (all but the seed)."""
+        return {
+            "reward": self._reward_type,
+            "observation": self._observation,
+            "size": self._size,
+            "render": self._render,
+            "episode_length": self._episode_length,
+        }
+
+    def get_state(self) -> dict:
+        """Physics of the scene and of RoboDesk's inverse-kinematics copy, every plain attribute
+        of RoboDesk (step count, success), the saved numpy random state its resets draw from
+        and this wrapper's flags; see `envs.mujoco_state`."""
+        desk = self._desk
+        return {
+            "keywords": self._keywords(),
+            "physics": mujoco_state.get_physics(*_pointers(desk.physics)),
+            "ik_physics": mujoco_state.get_physics(*_pointers(desk.physics_copy)),
+            # `original_pos` holds views of the bodies' positions (an upstream quirk kept).
+            "attributes": mujoco_state.get_attributes(desk, _owners(desk)),
+            "random_state": copy.deepcopy(self._random_state),
+            "succeeded": self._succeeded.copy(),
+            "needs_reset": self._needs_reset,
+        }
+
+    def set_state(self, state: dict) -> None:
+        mujoco_state.check_keywords("RoboDesk", state, self._keywords())
+        desk = self._desk
+        mujoco_state.set_attributes(desk, state["attributes"], _owners(desk))
+        mujoco_state.set_physics(*_pointers(desk.physics), state["physics"])
+        mujoco_state.set_physics(*_pointers(desk.physics_copy), state["ik_physics"])
+        self._random_state = copy.deepcopy(state["random_state"])
+        self._succeeded = np.array(state["succeeded"], bool)
+        self._needs_reset = bool(state["needs_reset"])
 
     def reset(self) -> dm_env.TimeStep:
         outside = np.random.get_state()

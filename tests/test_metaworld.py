@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import state_checks
 from gymnasium.utils.env_checker import check_env
 
 from mbxfer.envs import base, metaworld, registry, wrappers
@@ -142,3 +143,102 @@ def test_every_scene_meets_the_contract(scene):
 @pytest.mark.parametrize("scene", metaworld.TASK_SETS["MT10"]["train"])
 def test_scripted_policies_on_mt10(scene):
     assert success_rate(scene) >= 0.8
+
+
+# --- Saved state (`get_state` / `set_state`): a restored copy continues bit for bit. ---
+
+
+def _actions(steps, seed=0):
+    return np.random.default_rng(seed).uniform(-1, 1, (steps, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, saved_after, then",
+    [
+        ({"scene": "pick-place"}, 60, 40),  # Mid-episode (contacts, frame stack, goal).
+        ({"scene": "lever-pull"}, 500, 30),  # Right after the LAST step: a reset is next.
+        ({"scene": "button-press"}, 480, 40),  # Across a reset (moved bodies, new goal).
+        ({"scene": "reach", "goals": "train"}, 490, 20),  # ML1 goal set, hidden-goal flag.
+        ({"scene": "reach", "goal_observable": False}, 30, 10),
+        ({"scene": "push"}, 0, 30),  # Built and seeded, never reset.
+        ({"scene": "basketball"}, 40, 20),  # Its goal is a view of a site's position.
+    ],
+    ids=[
+        "mid-episode",
+        "after-last",
+        "across-reset",
+        "goal-set",
+        "goal-hidden",
+        "before-reset",
+        "attribute-views",
+    ],
+)
+def test_restored_state_continues_bit_for_bit(kwargs, saved_after, then):
+    def make(seed):
+        return registry.make("metaworld", task="reward", seed=seed, **kwargs)
+
+    actions = _actions(saved_after + then)
+    expected, state, actual = state_checks.continue_from_state(make, actions, saved_after)
+    state_checks.assert_identical(expected, actual)
+    if saved_after in (500, 480):
+        assert any(timestep[0] == 0 for timestep in expected)  # A reset was compared too.
+
+
+def test_restored_state_continues_bit_for_bit_with_pixels():
+    def make(seed):
+        return registry.make("metaworld", scene="door-open", observation="both", seed=seed)
+
+    expected, _, actual = state_checks.continue_from_state(make, _actions(30), 20)
+    state_checks.assert_identical(expected, actual)
+
+
+def test_state_is_small_and_continues_in_another_process():
+    import pickle
+
+    kwargs = {"scene": "pick-place", "task": "reward"}
+    actions = _actions(50)
+    expected, state, _ = state_checks.continue_from_state(
+        lambda seed: registry.make("metaworld", seed=seed, **kwargs), actions, 30
+    )
+    assert len(pickle.dumps(state)) < 20_000  # No model, no images.
+    actual = state_checks.continue_in_another_process("metaworld", kwargs, state, actions[30:])
+    state_checks.assert_identical(expected, actual)
+
+
+def test_a_state_restores_into_the_same_keywords_only():
+    state = registry.make("metaworld", scene="reach").get_state()
+    with pytest.raises(base.ConfigurationError, match="scene='reach-v3'"):
+        registry.make("metaworld", scene="push").set_state(state)
+    with pytest.raises(base.ConfigurationError, match="goal_observable=True"):
+        registry.make("metaworld", scene="reach", goal_observable=False).set_state(state)
+    with pytest.raises(base.ConfigurationError, match="not a saved Meta-World state"):
+        registry.make("metaworld", scene="reach").set_state([1, 2])
+
+
+@pytest.mark.slow  # ~30 s
+@pytest.mark.parametrize("scene", metaworld.SCENES)
+def test_every_scene_restores_bit_for_bit(scene):
+    """Each scene keeps its own attributes and moves its own bodies: across a reset."""
+
+    def make(seed):
+        return registry.make("metaworld", scene=scene, task="reward", seed=seed)
+
+    expected, _, actual = state_checks.continue_from_state(make, _actions(520), 490)
+    state_checks.assert_identical(expected, actual)
+
+
+@pytest.mark.slow  # ~10 s: two training processes.
+def test_two_runs_give_identical_logs(tmp_path):
+    arguments = (
+        "--agent", "random", "--env", "metaworld", "--task", "reward", "--steps", "240",
+        "--num-envs", "2", "--seed", "3",
+        "--set", "env.kwargs={scene: pick-place, time_limit: 50}",
+        "--set", "train.log_every=40", "--set", "train.eval_every=120",
+        "--set", "train.eval_episodes=2", "--set", "train.checkpoint_every=120",
+        "--set", "train.video=false",
+    )  # fmt: skip
+    for name in ("first", "second"):
+        state_checks.run_trial(tmp_path / name, *arguments)
+    first, second = state_checks.logs(tmp_path / "first"), state_checks.logs(tmp_path / "second")
+    assert first["episodes.jsonl"] and first["eval.jsonl"] and first["metrics.jsonl"]
+    assert first == second

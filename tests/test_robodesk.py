@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import state_checks
 from gymnasium.utils.env_checker import check_env
 
 from mbxfer.envs import base, registry, robodesk, scoring, wrappers
@@ -139,3 +140,104 @@ def test_runner_scores_the_selected_task():
         summary = scoring.summarize(records, registry.factory("robodesk", task=task), env.tasks)
         assert summary["success_rate"] == expected, task
         assert summary["task_success_rates"]["open_slide"] == 1.0
+
+
+# --- Saved state (`get_state` / `set_state`): a restored copy continues bit for bit. ---
+
+
+@pytest.mark.parametrize(
+    "kwargs, saved_after, then",
+    [
+        ({"observation": "state"}, 20, 20),  # Mid-episode (IK copy, warm start, views).
+        ({"observation": "state", "episode_length": 15}, 15, 20),  # After LAST: reset next.
+        ({"observation": "state", "episode_length": 15}, 8, 25),  # Across two resets.
+        ({"observation": "state", "reward": "success", "episode_length": 15}, 12, 10),
+        ({"observation": "state", "reward": "sparse"}, 0, 15),  # Never reset.
+    ],
+    ids=["mid-episode", "after-last", "across-resets", "success-reward", "before-reset"],
+)
+def test_restored_state_continues_bit_for_bit(kwargs, saved_after, then):
+    def make(seed):
+        return registry.make("robodesk", seed=seed, **kwargs)
+
+    actions = _actions(steps=saved_after + then)
+    expected, _, actual = state_checks.continue_from_state(make, actions, saved_after)
+    state_checks.assert_identical(expected, actual)
+    if "episode_length" in kwargs:
+        assert any(timestep[0] == 0 for timestep in expected)  # A reset was compared too.
+
+
+def test_restored_state_continues_bit_for_bit_with_pixels():
+    def make(seed):
+        return registry.make("robodesk", observation="both", episode_length=12, seed=seed)
+
+    expected, _, actual = state_checks.continue_from_state(make, _actions(steps=20), 8)
+    state_checks.assert_identical(expected, actual)
+
+
+def test_success_flags_and_reset_randomness_are_part_of_the_state():
+    """The once-only success reward is not paid again after a restore, and the restored
+    copy's resets draw from the saved random state, not its own seed's."""
+    env = registry.make("robodesk", observation="state", reward="success", episode_length=4)
+    env.reset()
+    env.unwrapped.raw.physics.named.data.qpos["slide_joint"] = 0.6
+    index = robodesk.TASKS.index("open_slide")
+    assert env.step(np.zeros(5, np.float32)).observation[base.TASK_REWARDS_KEY][index] == 1.0
+    copy = registry.make("robodesk", observation="state", reward="success", episode_length=4)
+    copy.set_state(env.get_state())
+    rewards = [copy.step(np.zeros(5, np.float32)) for _ in range(4)]
+    assert [t.observation[base.TASK_REWARDS_KEY][index] for t in rewards[:3]] == [0.0] * 3
+    assert rewards[-1].first()
+    np.testing.assert_array_equal(
+        rewards[-1].observation["vector"],
+        [env.step(np.zeros(5, np.float32)) for _ in range(4)][-1].observation["vector"],
+    )
+
+
+def test_state_is_small_and_continues_in_another_process():
+    import pickle
+
+    kwargs = {"observation": "state", "episode_length": 20}
+    actions = _actions(steps=30)
+    expected, state, _ = state_checks.continue_from_state(
+        lambda seed: registry.make("robodesk", seed=seed, **kwargs), actions, 12
+    )
+    assert len(pickle.dumps(state)) < 20_000  # No model, no images.
+    actual = state_checks.continue_in_another_process("robodesk", kwargs, state, actions[12:])
+    state_checks.assert_identical(expected, actual)
+
+
+def test_a_state_restores_into_the_same_keywords_only():
+    state = registry.make("robodesk", observation="state").get_state()
+    with pytest.raises(base.ConfigurationError, match="episode_length=500"):
+        registry.make("robodesk", observation="state", episode_length=20).set_state(state)
+    with pytest.raises(base.ConfigurationError, match="not a saved RoboDesk state"):
+        registry.make("robodesk", observation="state").set_state(None)
+
+
+@pytest.mark.slow  # ~15 s: RoboDesk's own 120x120 render, crop and resize each step.
+def test_restored_state_continues_bit_for_bit_with_faithful_pixels():
+    def make(seed):
+        return registry.make(
+            "robodesk", observation="image", render="faithful", episode_length=6, seed=seed
+        )
+
+    expected, _, actual = state_checks.continue_from_state(make, _actions(steps=10), 4)
+    state_checks.assert_identical(expected, actual)
+
+
+@pytest.mark.slow  # ~10 s: two training processes.
+def test_two_runs_give_identical_logs(tmp_path):
+    arguments = (
+        "--agent", "random", "--env", "robodesk", "--task", "open_drawer", "--steps", "160",
+        "--num-envs", "2", "--seed", "3",
+        "--set", "env.kwargs={observation: state, episode_length: 30}",
+        "--set", "train.log_every=40", "--set", "train.eval_every=80",
+        "--set", "train.eval_episodes=2", "--set", "train.checkpoint_every=80",
+        "--set", "train.video=false",
+    )  # fmt: skip
+    for name in ("first", "second"):
+        state_checks.run_trial(tmp_path / name, *arguments)
+    first, second = state_checks.logs(tmp_path / "first"), state_checks.logs(tmp_path / "second")
+    assert first["episodes.jsonl"] and first["eval.jsonl"] and first["metrics.jsonl"]
+    assert first == second
