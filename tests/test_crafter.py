@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-import env_state
 import numpy as np
 import pytest
+import state_checks
 
 from mbxfer.benchmarks.cli import random_rollout
 from mbxfer.envs import crafter, registry
@@ -186,12 +186,12 @@ def test_a_restored_copy_continues_the_episode_exactly():
     a fresh Crafter of another seed, set to the state, plays on identically (across deaths
     and the new worlds after them)."""
     original = registry.make("crafter", task="reward", seed=3)
-    actions = env_state.random_actions(original.action_spec(), 900)
+    actions = state_checks.random_actions(original.action_spec(), 900)
     original.reset()
     for action in actions[:150]:
         original.step(action)
     copy = registry.make("crafter", task="reward", seed=8)
-    assert env_state.assert_same_future(original, copy, actions) >= 2
+    assert state_checks.assert_same_future(original, copy, actions) >= 2
 
 
 def _crafter_trial(out, *extra):

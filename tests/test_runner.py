@@ -169,7 +169,7 @@ def test_environments_without_state_are_reset_at_checkpoints_and_done_json_says_
     from mbxfer.envs import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    registry.register("stateless_grid", "env_state:StatelessGrid")
+    registry.register("stateless_grid", "state_checks:StatelessGrid")
     extra = ("env.name=stateless_grid",)
     summary = _random_trial(tmp_path / "cut", *extra)
     assert summary["phases"][0]["checkpoints"].startswith("reset environments (")

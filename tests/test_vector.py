@@ -9,9 +9,9 @@ import textwrap
 import time
 
 import dm_env
-import env_state
 import numpy as np
 import pytest
+import state_checks
 
 from mbxfer.envs import base, registry, toy, vector
 
@@ -137,7 +137,7 @@ def test_a_batch_state_restores_every_episode_in_either_mode(saved_in, restored_
         last = _rollout(original, 3)[-1]
         assert last.step_type.tolist() == [2, 2]
         with vector.VectorEnv(recipe, 2, mode=restored_in, seed=77) as restored:
-            assert env_state.assert_same_future(original, restored, actions) >= 4
+            assert state_checks.assert_same_future(original, restored, actions) >= 4
 
 
 class Stateless(toy.GridWorld):
@@ -170,16 +170,16 @@ def test_reseeding_a_used_batch_plays_what_a_new_batch_of_that_seed_plays(name, 
     """What lets a trial keep its evaluation environments alive (`phase.EvalEnvs`)."""
     recipe = registry.factory(name, **kwargs)
     spec = recipe(seed=0).action_spec()
-    actions = np.stack([env_state.random_actions(spec, 40, seed=i) for i in range(2)], axis=1)
+    actions = np.stack([state_checks.random_actions(spec, 40, seed=i) for i in range(2)], axis=1)
     with vector.VectorEnv(recipe, 2, mode="inline", seed=3) as used:
         used.reset()
         for action in actions[::-1]:
             used.step(action)
         used.seed(11)
         with vector.VectorEnv(recipe, 2, mode="inline", seed=11) as new:
-            env_state.assert_same_timestep(used.reset(), new.reset(), "reset")
+            state_checks.assert_same_timestep(used.reset(), new.reset(), "reset")
             for i, action in enumerate(actions):
-                env_state.assert_same_timestep(used.step(action), new.step(action), f"step {i}")
+                state_checks.assert_same_timestep(used.step(action), new.step(action), f"step {i}")
 
 
 def test_batches_are_copies_that_later_steps_do_not_overwrite():

@@ -1,10 +1,10 @@
 """Wrappers and the gymnasium adapters, on real environments."""
 
 import dm_env
-import env_state
 import gymnasium
 import numpy as np
 import pytest
+import state_checks
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env
 
@@ -248,12 +248,12 @@ def test_unsupported_observation_spaces_are_named():
 )
 def test_a_restored_copy_continues_the_episode_exactly(name, kwargs):
     original = registry.make(name, seed=1, **kwargs)
-    actions = env_state.random_actions(original.action_spec(), 400)
+    actions = state_checks.random_actions(original.action_spec(), 400)
     original.reset()
     for action in actions[:23]:  # Mid-episode.
         original.step(action)
     copy = registry.make(name, seed=99, **kwargs)  # Another seed: the state must override it.
-    assert env_state.assert_same_future(original, copy, actions) >= 2
+    assert state_checks.assert_same_future(original, copy, actions) >= 2
 
 
 def test_a_state_taken_right_after_the_last_step_restores_the_reset():
@@ -263,7 +263,7 @@ def test_a_state_taken_right_after_the_last_step_restores_the_reset():
         timestep = original.step(0)
     assert timestep.last()
     copy = registry.make("grid", seed=2, time_limit=5)
-    env_state.assert_same_future(original, copy, [1, 2, 3])
+    state_checks.assert_same_future(original, copy, [1, 2, 3])
 
 
 def test_a_gymnasium_environment_that_does_not_pickle_says_so():
