@@ -22,6 +22,7 @@ import numpy as np
 from dm_env import specs
 
 from mbxfer.agents.base import ActInput
+from mbxfer.benchmarks import timing
 from mbxfer.envs import base as env_base
 from mbxfer.envs import scoring
 
@@ -141,11 +142,16 @@ def start_digest(observation, index: int) -> int:
 
 
 def play(
-    envs, policy: Policy, episodes: int, on_episode: Optional[Callable[[dict], None]] = None
+    envs,
+    policy: Policy,
+    episodes: int,
+    on_episode: Optional[Callable[[dict], None]] = None,
+    timer=timing.NO_TIMER,
 ) -> list[dict]:
     """Act with `policy` in `envs` (from a reset) until `episodes` episodes have ended; their
     records, in the order they ended, each with `start`: the digest of its first observation.
-    `on_episode` is called with each record as it ends."""
+    `on_episode` is called with each record as it ends; `timer` times `eval_act` and
+    `eval_env` (`benchmarks.timing`)."""
     num_envs = envs.num_envs
     tracker = EpisodeTracker(num_envs)
     carry = policy.initial_carry(num_envs)
@@ -153,8 +159,11 @@ def play(
     starts = [start_digest(timestep.observation, i) for i in range(num_envs)]
     records: list[dict] = []
     while len(records) < episodes:
-        action, carry = policy(timestep, carry)
-        timestep = envs.step(np.asarray(action))
+        with timer("eval_act"):
+            action, carry = policy(timestep, carry)
+            action = np.asarray(action)
+        with timer("eval_env"):
+            timestep = envs.step(action)
         for record, i in zip(tracker.observe(timestep), np.flatnonzero(timestep.step_type == 2)):
             record["start"] = starts[i]
             if len(records) < episodes and on_episode is not None:
@@ -165,11 +174,11 @@ def play(
     return records[:episodes]
 
 
-def evaluate(envs, recipe, policy: Policy, episodes: int) -> dict:
+def evaluate(envs, recipe, policy: Policy, episodes: int, timer=timing.NO_TIMER) -> dict:
     """`episodes` evaluation episodes of `policy` in `envs` (freshly made, environment
     `recipe`), summarized by `envs.scoring`; `start_digest` fingerprints the episodes' first
     observations: equal digests mean the same start states."""
-    records = play(envs, policy, episodes)
+    records = play(envs, policy, episodes, timer=timer)
     summary = scoring.summarize(records, recipe, envs.tasks)
     summary["start_digest"] = zlib.crc32(json.dumps([r["start"] for r in records]).encode())
     return summary

@@ -94,6 +94,7 @@ def evaluate(
     count=None,
     wrap=None,
     eval_envs: Optional[EvalEnvs] = None,
+    timer=timing.NO_TIMER,
 ) -> dict:
     """Evaluation episodes (`count`, else `train.eval_episodes`, else the environment's
     default) on environments seeded with `seed` (from `eval_envs`, else built for this
@@ -107,9 +108,10 @@ def evaluate(
         policy = wrap(policy)
     num_envs = min(count, config.env.num_envs)
     if eval_envs is not None:
-        return episodes.evaluate(eval_envs.get(recipe, num_envs, seed), recipe, policy, count)
+        envs = eval_envs.get(recipe, num_envs, seed)
+        return episodes.evaluate(envs, recipe, policy, count, timer)
     with make_envs(config, num_envs, seed, recipe) as envs:
-        return episodes.evaluate(envs, recipe, policy, count)
+        return episodes.evaluate(envs, recipe, policy, count, timer)
 
 
 class Watch(NamedTuple):
@@ -360,7 +362,7 @@ class Phase:
             by_mode = {}
             for mode in train.eval_modes:
                 summary = evaluate(self.agent, self.act, state.agent, config, seed, recipe, mode,
-                                   eval_envs=self.eval_envs)  # fmt: skip
+                                   eval_envs=self.eval_envs, timer=self.watch.timer)  # fmt: skip
                 self.log_to.evaluation(state.env_steps, set_name, mode, summary)
                 by_mode[mode] = summary
             headline = train.eval_modes[0]

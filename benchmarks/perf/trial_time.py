@@ -12,10 +12,11 @@ compilation cache (the run a user makes first), then timed, so compile time is e
 on every later trial. The timed run records every part through `benchmarks.timing`.
 
 Printed per variant: env steps/s once learning (from the first update to the end of the
-loop), the split of the trial's whole wall time into update, act, env step, evaluation,
-checkpoint, build (environments and agent), init (parameters), video, log and other, the
-share outside update + act + env (the issue's target: <= 10%), and the projected hours to 1M
-environment steps at the learning rate of steps. Variants alternate per round (`--rounds`),
+loop), the split of the trial's whole wall time into update, act, env step, evaluation
+episodes (their acting and stepping), the rest of evaluation (reseeding, scoring), checkpoint,
+build (environments and agent), init (parameters), video, log and other; the share outside
+update + act + env, and outside those and the evaluation episodes (the fixed costs); and the
+projected hours to 1M environment steps at the learning rate of steps. Variants alternate per round (`--rounds`),
 so a ratio between them is measured side by side on a shared machine.
 """
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "crafter_1h.yaml"
 CORE = ("update", "act", "env")
-PARTS = ("update", "act", "env", "evaluate", "checkpoint", "build", "init", "video", "log")
+PARTS = ("update", "act", "env", "eval episodes", "eval other", "checkpoint", "build", "init",
+         "video", "log")  # fmt: skip
 
 
 def trial_config(agent: str, steps: int, overrides: list[str]):
@@ -80,11 +82,16 @@ def timed_trial(config, folder: Path) -> dict:
             "hours_per_million": 1e6 / (steps / duration) / 3600,
         }
     split = {part: seconds.get(part, 0.0) for part in PARTS}
+    # Evaluation: its episodes (acting and stepping) and the rest (reseeding, scoring).
+    split["eval episodes"] = seconds.get("eval_act", 0.0) + seconds.get("eval_env", 0.0)
+    split["eval other"] = seconds.get("evaluate", 0.0) - split["eval episodes"]
     split["other"] = max(wall - sum(split.values()), 0.0)
+    core = sum(split[p] for p in CORE)
     return {
         "wall_seconds": wall,
         "split_seconds": split,
-        "outside_core": 1.0 - sum(split[p] for p in CORE) / wall,
+        "outside_core": 1.0 - core / wall,
+        "fixed": 1.0 - (core + split["eval episodes"]) / wall,
         "updates": summary["updates"],
         **learning,
     }
@@ -126,7 +133,8 @@ def _median(runs: list[dict], key: str) -> float:
 
 def report(results: dict[str, list[dict]]) -> str:
     """A Markdown table: one row per variant, medians over its rounds."""
-    header = ["variant", "wall s", "steps/s learning", "h per 1M", "outside update+act+env"]
+    header = ["variant", "wall s", "steps/s learning", "h per 1M", "outside update+act+env",
+              "outside those and eval episodes"]  # fmt: skip
     header += [f"{p} %" for p in (*PARTS, "other")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in results.items():
@@ -141,6 +149,7 @@ def report(results: dict[str, list[dict]]) -> str:
             f"{_median(runs, 'steps_per_second'):.2f}",
             f"{_median(runs, 'hours_per_million'):.1f}",
             f"{100 * _median(runs, 'outside_core'):.1f}%",
+            f"{100 * _median(runs, 'fixed'):.1f}%",
             *[f"{share:.1f}" for share in shares],
         ]
         lines.append("| " + " | ".join(row) + " |")
