@@ -128,3 +128,38 @@ def test_every_game_runs(game, mode):
         for key, spec in env.observation_spec().items():
             spec.validate(timestep.observation[key])
     env.close()
+
+
+def test_a_procgen_trial_is_reproducible_and_its_checkpoints_reseed_exactly(tmp_path):
+    """envpool cannot save its games: checkpoints reseed them (done.json says so), and a trial
+    stopped after a checkpoint and resumed writes the logs of two uninterrupted ones."""
+    import json
+
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import runner
+
+    overrides = [
+        "agent=random", "env.name=procgen", "env.task=reward", "env.num_envs=4",
+        "env.kwargs={game: coinrun, num_levels: 20}", "train.steps=400",
+        "train.eval_every=0", "train.checkpoint_every=100",
+    ]  # fmt: skip
+    config = config_lib.build(config_lib.parse_overrides(overrides))
+
+    def logs(folder):
+        return {
+            name: [
+                {k: v for k, v in json.loads(line).items() if k != "env_steps_per_second"}
+                for line in (folder / name).read_text().splitlines()
+            ]
+            for name in ("metrics.jsonl", "episodes.jsonl")
+        }
+
+    first = runner.run(config, tmp_path / "first", progress=False)
+    assert runner.run(config, tmp_path / "second", progress=False) == first
+    assert runner.run(config, tmp_path / "resumed", progress=False, stop_after=200) == {
+        "stopped_at": 200
+    }
+    assert runner.run(config, tmp_path / "resumed", progress=False) == first
+    assert first["phases"][0]["checkpoints"].startswith("reset environments (envpool")
+    assert logs(tmp_path / "second") == logs(tmp_path / "first")
+    assert logs(tmp_path / "resumed") == logs(tmp_path / "first")
