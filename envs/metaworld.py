@@ -140,7 +140,12 @@ class MetaWorld(base.Environment):
         "goals": GOALS,
         "render": mujoco_render.RENDER_MODES,
     }
-    DOMAINS = {"scene": domains.one_of(*SCENES, *(s + VERSION_SUFFIX for s in SCENES))}
+    DOMAINS = {
+        "scene": domains.one_of(*SCENES, *(s + VERSION_SUFFIX for s in SCENES)),
+        "size": domains.positive,
+        "goal_seed": domains.non_negative,
+        "seed": domains.non_negative,
+    }
     """What `envs.registry.factory` checks before building (a scene by either of its names)."""
 
     def __init__(

@@ -42,6 +42,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from mbxfer import domains
 from mbxfer.envs import base
 
 GAMES = (
@@ -302,6 +303,12 @@ class Procgen(base.Environment):
 
     TASKS = TASKS
     CHOICES = {"game": GAMES, "distribution_mode": DISTRIBUTION_MODES}
+    DOMAINS = {
+        "num_levels": domains.in_range(0, 2**31 - 1),
+        "start_level": domains.in_range(0, 2**31 - 1),
+        "seed": domains.non_negative,
+    }
+    """What `envs.registry.factory` checks before anything is built (level seeds are int32)."""
 
     def __init__(
         self,

@@ -47,6 +47,7 @@ import dm_env
 import numpy as np
 from dm_env import specs
 
+from mbxfer import domains
 from mbxfer.envs import base, mujoco_render, mujoco_state
 
 TASKS = (
@@ -99,6 +100,12 @@ class RoboDesk(base.Environment):
 
     TASKS = TASKS
     CHOICES = {"reward": REWARDS, "observation": OBSERVATIONS, "render": mujoco_render.RENDER_MODES}
+    DOMAINS = {
+        "size": domains.positive,
+        "episode_length": domains.positive,
+        "seed": domains.non_negative,
+    }
+    """What `envs.registry.factory` checks before anything is built."""
 
     def __init__(
         self,
