@@ -139,3 +139,12 @@ class StatelessGrid:
                 return base.Environment.get_state(self)
 
         return _Stateless(**kwargs)
+
+
+def assert_two_runs_identical(tmp_path: Path, *arguments: str) -> None:
+    """Two `mbxfer run ARGUMENTS` into two folders write the same logs (none of them empty)."""
+    for name in ("first", "second"):
+        run_trial(tmp_path / name, *arguments)
+    first, second = logs(tmp_path / "first"), logs(tmp_path / "second")
+    assert first["episodes.jsonl"] and first["eval.jsonl"] and first["metrics.jsonl"]
+    assert first == second

@@ -236,8 +236,4 @@ def test_two_runs_give_identical_logs(tmp_path):
         "--set", "train.eval_episodes=2", "--set", "train.checkpoint_every=80",
         "--set", "train.video=false",
     )  # fmt: skip
-    for name in ("first", "second"):
-        state_checks.run_trial(tmp_path / name, *arguments)
-    first, second = state_checks.logs(tmp_path / "first"), state_checks.logs(tmp_path / "second")
-    assert first["episodes.jsonl"] and first["eval.jsonl"] and first["metrics.jsonl"]
-    assert first == second
+    state_checks.assert_two_runs_identical(tmp_path, *arguments)
