@@ -5,7 +5,9 @@
         runner.json    counters, rng, log file offsets, config hash
         replay.npz     the replay buffer, including its sampler's rng
         running.pkl    the episodes running at the checkpoint (environment states, the
-                       timestep, the acting carry), when the environments can save them
+                       timestep, the acting carry), when the environments can save them;
+                       a pickle (environments' states are arbitrary Python objects): resume
+                       only trial folders you trust, as with any pickle
         manifest.json  written last: every other file's size and CRC-32
     <trial>/checkpoints/latest   the name of the newest complete checkpoint
 
