@@ -302,6 +302,10 @@ class Procgen(base.Environment):
 
     TASKS = TASKS
     CHOICES = {"game": GAMES, "distribution_mode": DISTRIBUTION_MODES}
+    MEMBER_KEYWORD = "game"
+    MEMBER_SETS = {"procgen16": GAMES}
+    """Mixtures (`envs.mixture`): `members="procgen16"` (all 16 games) or a list of games,
+    each game on its own envpool (one pool plays one game)."""
 
     def __init__(
         self,

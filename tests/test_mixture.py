@@ -1,0 +1,208 @@
+"""Mixtures of environments in one batch (`envs.mixture`): members, weights, specs, state, scores."""
+
+import numpy as np
+import pytest
+import state_checks
+
+from mbxfer.envs import base, mixture, registry, scoring, vector
+
+GRID_MEMBERS = [{"num_items": 1, "name": "one"}, {"num_items": 3, "name": "three"}]
+
+
+def _scripted_success(env, episodes: int) -> dict:
+    """Meta-World's scripted policy of each episode's member, through a `Mixture`:
+    successes and episodes per member."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    from mbxfer.envs import metaworld
+
+    policies = {name: ENV_POLICY_MAP[metaworld.scene_id(name)]() for name in env.names}
+    played: dict = {}
+    for _ in range(episodes):
+        timestep = env.reset()
+        name = env.names[int(timestep.observation[mixture.MEMBER_KEY])]
+        policy, success = policies[name], 0
+        while not timestep.last():
+            timestep = env.step(policy.get_action(timestep.observation["vector"]))
+            if timestep.observation["log_success"] > 0:
+                success = 1
+                break
+        wins, count = played.get(name, (0, 0))
+        played[name] = (wins + success, count + 1)
+    return played
+
+
+def _grid(**more):
+    return registry.factory("grid", members=GRID_MEMBERS, task="collect_items", length=10, **more)
+
+
+def test_copies_cycle_through_members_from_their_seed():
+    with vector.make(_grid(), 4, mode="inline", seed=0) as envs:
+        assert envs.observation_spec()[mixture.MEMBER_KEY].dtype == np.int32
+        members = [envs.reset().observation[mixture.MEMBER_KEY].tolist()]
+        for _ in range(11):  # Episodes of 10 steps: the 11th step starts the next episode.
+            timestep = envs.step(np.zeros(4, np.int64))
+        members.append(timestep.observation[mixture.MEMBER_KEY].tolist())
+    assert members == [[0, 1, 0, 1], [1, 0, 1, 0]]
+
+
+def test_members_differ_in_their_keywords():
+    env = registry.make("grid", members=GRID_MEMBERS, task="collect_items", seed=0)
+    items = [env.member_env(i).unwrapped._num_items for i in range(2)]
+    assert env.names == ("one", "three") and items == [1, 3]
+    env.close()
+
+
+def test_weights_pick_members_by_weight():
+    env = registry.make("grid", members=GRID_MEMBERS, member_weights={"three": 1.0}, seed=3)
+    assert {int(env.reset().observation[mixture.MEMBER_KEY]) for _ in range(5)} == {1}
+    env = registry.make("grid", members=GRID_MEMBERS, member_weights=[3, 1], seed=3)
+    drawn = [int(env.reset().observation[mixture.MEMBER_KEY]) for _ in range(400)]
+    assert 0.65 < drawn.count(0) / 400 < 0.85
+
+
+@pytest.mark.parametrize(
+    "members, weights, message",
+    [
+        (GRID_MEMBERS, [1.0], "list of 2 weights"),
+        (GRID_MEMBERS, {"tree": 1.0}, "did you mean 'three'"),
+        (GRID_MEMBERS, [0, 0], "not all 0"),
+        ([{"num_items": 1}, {"num_items": 1}], None, "more than once"),
+        ("ML10/train", None, "declares no member set|has no member set"),
+        (["a", "b"], None, "declares no member keyword"),
+        ([], None, "non-empty list"),
+    ],
+)
+def test_bad_members_or_weights_are_refused_with_the_fix(members, weights, message):
+    with pytest.raises(base.ConfigurationError, match=message):
+        registry.factory("grid", members=members, member_weights=weights)
+
+
+def test_weights_without_members_are_refused():
+    with pytest.raises(base.ConfigurationError, match="set members too"):
+        registry.factory("grid", member_weights=[1, 2])
+
+
+def test_a_member_keyword_value_is_checked_before_building():
+    with pytest.raises(base.ConfigurationError, match="member 'bad'.*size"):
+        registry.factory("grid", members=[{"size": 5}, {"size": 1, "name": "bad"}])
+
+
+@pytest.mark.parametrize(
+    "members, differs",
+    [
+        ([{"size": 3}, {"size": 5}], r"'size=3' and 'size=5'.*observation 'vector'"),
+        ([{"name": "grid"}, {"env": "point_mass", "name": "point"}], r"'grid' and 'point'.*action"),
+    ],
+)
+def test_members_with_different_specs_are_refused_naming_them(members, differs):
+    with pytest.raises(mixture.MixtureError, match=differs):
+        registry.make("grid", members=members)
+
+
+def test_state_continues_mid_episode_and_across_member_changes():
+    actions = state_checks.random_actions(registry.make("grid").action_spec(), 60)
+    make = lambda seed: registry.make(  # noqa: E731
+        "grid", members=GRID_MEMBERS, member_weights=[1, 2], task="collect_items", length=7,
+        seed=seed,
+    )  # fmt: skip
+    for saved_after in (3, 7, 25):
+        expected, state, actual = state_checks.continue_from_state(make, actions, saved_after)
+        state_checks.assert_identical(expected, actual)
+    assert state["current"] is not None
+
+
+def test_state_of_a_batch_restores_in_the_other_mode():
+    actions = [np.arange(3) % 5] * 30
+    with vector.make(_grid(), 3, mode="inline", seed=1) as original:
+        for action in actions[:13]:
+            original.step(action)
+        with vector.make(_grid(), 3, mode="process", seed=9) as restored:
+            state_checks.assert_same_future(original, restored, actions)
+
+
+def test_scores_are_grouped_by_member_and_averaged_over_members():
+    recipe = registry.factory("metaworld", members=["reach", "push"], task="reward")
+    records = [
+        {"return": 1.0, "length": 5, "log_success": 1.0, "log_member": 0},
+        {"return": 3.0, "length": 5, "log_success": 0.0, "log_member": 1},
+        {"return": 5.0, "length": 5, "log_success": 0.0, "log_member": 1},
+        {"return": 7.0, "length": 5, "log_success": 1.0, "log_member": 1},
+    ]
+    summary = scoring.summarize(records, recipe)
+    assert summary["members"]["reach"]["success_rate"] == 1.0
+    assert summary["members"]["push"]["episodes"] == 3
+    assert summary["success_rate"] == pytest.approx((1.0 + 1 / 3) / 2)  # Each member once.
+    assert summary["return_mean"] == 4.0  # Pooled.
+
+
+def test_metaworld_sets_resolve_to_scenes():
+    from mbxfer.envs import metaworld
+
+    members = mixture.resolve("metaworld", "ML10/test")
+    assert [m.name for m in members] == list(metaworld.TASK_SETS["ML10"]["test"])
+    assert len(mixture.resolve("metaworld", "ML45/train")) == 45
+    assert [m.overrides for m in mixture.resolve("metaworld", "metaworld:reach,push-v3")] == [
+        {"scene": "reach"},
+        {"scene": "push-v3"},
+    ]
+    with pytest.raises(mixture.MixtureError, match="Did you mean: ML10/train"):
+        registry.factory("metaworld", members="ML10/trian")
+
+
+@pytest.mark.parametrize(
+    "num_envs, weights, counts",
+    [(4, None, [2, 2]), (5, None, [3, 2]), (8, [3, 1], [6, 2]), (3, [1, 0], [3, 0])],
+)
+def test_slots_of_natively_batched_members(num_envs, weights, counts):
+    normalized = None if weights is None else np.asarray(weights) / np.sum(weights)
+    assert mixture.slot_counts(num_envs, normalized, 2) == counts
+
+
+def test_too_few_slots_for_natively_batched_members_is_refused():
+    with pytest.raises(mixture.MixtureError, match="num_envs >= 3"):
+        mixture.slot_counts(2, None, 3)
+
+
+# -- Meta-World: the scripted policies through the mixture --------------------------------------
+def test_scripted_policies_succeed_through_the_mixture_on_ml10_train():
+    pytest.importorskip("metaworld", reason="pip install 'mbxfer[metaworld]'")
+    env = registry.make("metaworld", members="ML10/train", task="success", seed=0)
+    played = _scripted_success(env, 50)  # Cycled: 5 episodes per scene.
+    env.close()
+    assert sorted(played) == sorted(env.names) and all(n == 5 for _, n in played.values())
+    assert sum(wins for wins, _ in played.values()) / 50 >= 0.9, played
+
+
+@pytest.mark.slow
+def test_scripted_policies_succeed_through_the_mixture_on_ml45_train():
+    pytest.importorskip("metaworld", reason="pip install 'mbxfer[metaworld]'")
+    env = registry.make("metaworld", members="ML45/train", task="success", seed=0)
+    played = _scripted_success(env, 45 * 4)
+    env.close()
+    assert sum(wins for wins, _ in played.values()) / (45 * 4) >= 0.9, played
+
+
+# -- Procgen: one envpool per game ----------------------------------------------------------------
+def test_procgen_games_share_a_batch_on_one_pool_each():
+    pytest.importorskip("envpool", reason="pip install 'mbxfer[procgen]'")
+    recipe = registry.factory(
+        "procgen", members="procgen:coinrun,starpilot", task="reward", num_levels=10
+    )
+    with vector.make(recipe, 4, seed=0) as envs:
+        assert isinstance(envs, mixture.MixtureBatch)
+        timestep = envs.reset()
+        assert timestep.observation[mixture.MEMBER_KEY].tolist() == [0, 0, 1, 1]
+        assert timestep.observation["image"].shape == (4, 64, 64, 3)
+        timestep = envs.step(np.zeros(4, np.int32))
+        assert timestep.step_type.shape == (4,)
+        with pytest.raises(base.StateNotSupported):
+            envs.get_state()
+    records = [
+        {"return": 10.0, "length": 9, "log_success": 1.0, "log_member": 0, "log_level_id": 1},
+        {"return": 64.0, "length": 9, "log_success": 0.0, "log_member": 1, "log_level_id": 2},
+    ]
+    summary = scoring.summarize(records, recipe)
+    assert summary["members"]["coinrun"]["normalized_return"] == pytest.approx(1.0)
+    assert summary["members"]["starpilot"]["normalized_return"] == pytest.approx(1.0)
+    assert summary["normalized_return"] == pytest.approx(1.0)
