@@ -20,10 +20,12 @@ Which environment plays which member:
 
 * Families built copy by copy (Meta-World, RoboDesk, the toy environments): every copy of the
   batch is a `Mixture` holding one environment per member, and each episode picks its member
-  at reset. Without `member_weights` the copy cycles through the members in order, starting at
-  its seed modulo the number of members (so a batch of copies seeded `s, s+1, ...` covers the
-  members evenly, and an evaluation of `k * len(members)` episodes plays each member `k`
-  times); with weights, each reset draws the member by weight from the copy's seeded generator
+  at reset. Without `member_weights` the members are cycled: the copy seeded `s + i` of a batch
+  of `n` (`envs.vector.make` tells each copy `n`) plays members `s + i`, `s + i + n`,
+  `s + i + 2n`, ... modulo the number of members, so the batch's episodes, round after round,
+  go through the members in order, as if episode `j` of the batch played member `s + j`; an
+  evaluation of `k * len(members)` episodes of equal length plays each member `k` times.
+  With weights, each reset draws the member by weight from the copy's seeded generator
   (Meta-World's ML benchmarks sample a training task per episode in the same way).
 * Families batched natively (Procgen on envpool, which cannot mix games in one pool): the
   batch's slots are split among the members (`MixtureBatch`), a contiguous block of slots per
@@ -55,7 +57,9 @@ from mbxfer.envs import base
 
 MEMBERS = "members"
 WEIGHTS = "member_weights"
-KEYWORDS = (MEMBERS, WEIGHTS)
+STRIDE = "member_stride"
+"""Set by `envs.vector.make` to the batch size, so the copies of a batch cycle in step."""
+KEYWORDS = (MEMBERS, WEIGHTS, STRIDE)
 MEMBER_KEY = "log_member"
 _SEED_SALT = 0x6D6978  # Keeps member seeds apart from the seeds of plain copies.
 
@@ -258,6 +262,7 @@ class Mixture(base.Environment):
         self.members, member_recipes = recipes(env_name, keywords)
         self.names = tuple(member.name for member in self.members)
         self._weights = weights(self.members, keywords.get(WEIGHTS))
+        self._stride = int(keywords.get(STRIDE) or 1)
         self._envs = []
         try:
             for index, recipe in enumerate(member_recipes):
@@ -278,17 +283,16 @@ class Mixture(base.Environment):
 
     def seed(self, seed: int) -> None:
         self._rng = np.random.default_rng([_SEED_SALT, int(seed)])
-        self._episodes = int(seed) % len(self._envs)  # Cycling starts at the seed's member.
+        self._next = int(seed) % len(self._envs)  # Cycling starts at the seed's member.
         for index, env in enumerate(self._envs):
             env.seed(member_seed(seed, index))
         self._current, self._needs_reset = None, True
 
     def _next_member(self) -> int:
-        if self._weights is None:
-            index = self._episodes % len(self._envs)
-        else:
-            index = int(self._rng.choice(len(self._envs), p=self._weights))
-        self._episodes += 1
+        if self._weights is not None:
+            return int(self._rng.choice(len(self._envs), p=self._weights))
+        index = self._next
+        self._next = (self._next + self._stride) % len(self._envs)
         return index
 
     def reset(self) -> dm_env.TimeStep:
@@ -312,7 +316,7 @@ class Mixture(base.Environment):
             "envs": [env.get_state() for env in self._envs],
             "current": self._current,
             "needs_reset": self._needs_reset,
-            "episodes": self._episodes,
+            "next": self._next,
             "rng": self._rng.bit_generator.state,
         }
 
@@ -324,7 +328,7 @@ class Mixture(base.Environment):
         for env, env_state in zip(self._envs, state["envs"]):
             env.set_state(env_state)
         self._current, self._needs_reset = state["current"], bool(state["needs_reset"])
-        self._episodes = int(state["episodes"])
+        self._next = int(state["next"])
         self._rng = np.random.default_rng()
         self._rng.bit_generator.state = state["rng"]
 

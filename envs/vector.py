@@ -600,6 +600,10 @@ def make(
     native = _native_batch(factory, num_envs, seed, mode)
     if native is not None:
         return native
+    if _is_mixture(factory):  # Its copies cycle through the members in step (envs.mixture).
+        factory = dataclasses.replace(
+            factory, overrides={**factory.overrides, "member_stride": num_envs}
+        )
     return VectorEnv(factory, num_envs, mode=mode, seed=seed)
 
 
@@ -628,6 +632,12 @@ def _native_batch(factory, num_envs: int, seed: int, mode: str = "process"):
     if make_batch is None:
         return None
     return make_batch(num_envs, seed, {**factory.entry.defaults, **factory.overrides})
+
+
+def _is_mixture(factory) -> bool:
+    from mbxfer.envs import mixture, registry
+
+    return isinstance(factory, registry.EnvFactory) and mixture.is_mixture(factory.keywords)
 
 
 def _has_native_batch(factory) -> bool:

@@ -43,7 +43,19 @@ def test_copies_cycle_through_members_from_their_seed():
         for _ in range(11):  # Episodes of 10 steps: the 11th step starts the next episode.
             timestep = envs.step(np.zeros(4, np.int64))
         members.append(timestep.observation[mixture.MEMBER_KEY].tolist())
-    assert members == [[0, 1, 0, 1], [1, 0, 1, 0]]
+    assert members == [[0, 1, 0, 1], [0, 1, 0, 1]]  # Stride 4 over 2 members.
+
+
+def test_a_batch_plays_the_members_in_order_round_after_round():
+    members = [{"num_items": n} for n in range(5)]
+    recipe = registry.factory("grid", members=members, length=3)
+    with vector.make(recipe, 3, mode="inline", seed=7) as envs:
+        played = envs.reset().observation[mixture.MEMBER_KEY].tolist()
+        for _ in range(8):
+            timestep = envs.step(np.zeros(3, np.int64))
+            if (timestep.step_type == 0).all():
+                played += timestep.observation[mixture.MEMBER_KEY].tolist()
+    assert played == [(7 + j) % 5 for j in range(9)]
 
 
 def test_members_differ_in_their_keywords():
@@ -206,3 +218,48 @@ def test_procgen_games_share_a_batch_on_one_pool_each():
     assert summary["members"]["coinrun"]["normalized_return"] == pytest.approx(1.0)
     assert summary["members"]["starpilot"]["normalized_return"] == pytest.approx(1.0)
     assert summary["normalized_return"] == pytest.approx(1.0)
+
+
+# -- protocols over sets --------------------------------------------------------------------------
+def test_task_generalization_over_a_named_set_evaluates_and_finetunes_on_its_held_out_side():
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import protocols
+
+    config = config_lib.TrialConfig(
+        agent="random",
+        env=config_lib.EnvConfig(name="metaworld", task="reward"),
+        protocol=protocols.ProtocolConfig(
+            name="task_generalization", train_kwargs={"members": "ML10/train"}
+        ),
+    )
+    train, finetune = protocols.phases(config)
+    assert train.env_kwargs == {"members": "ML10/train"}
+    assert train.eval_sets["test"].kwargs == {"members": "ML10/test"}
+    assert finetune.env_kwargs == {"members": "ML10/test"}
+
+
+def test_generalization_gap_reports_members_on_both_sides():
+    from mbxfer.benchmarks import transfer
+
+    def split(score, members):
+        return {"normalized_return": score, "members": members}
+
+    same = transfer.generalization_gap(
+        {
+            "train": split(0.5, {"coinrun": {"normalized_return": 0.6}}),
+            "test": split(0.2, {"coinrun": {"normalized_return": 0.1}}),
+        },
+        "normalized_return",
+    )
+    assert same["gap"] == pytest.approx(0.3)
+    assert same["members"]["coinrun"]["gap"] == pytest.approx(0.5)
+    different = transfer.generalization_gap(
+        {
+            "train": split(1.0, {"reach": {"normalized_return": 1.0}}),
+            "test": split(0.0, {"lever-pull": {"normalized_return": 0.0}}),
+        },
+        "normalized_return",
+    )
+    assert different["train_members"] == {"reach": 1.0}
+    assert different["test_members"] == {"lever-pull": 0.0}
+    assert "members" not in different
