@@ -24,6 +24,7 @@ from dm_env import specs
 from mbxfer.agents.base import ActInput
 from mbxfer.envs import base as env_base
 from mbxfer.envs import scoring
+from mbxfer.envs.mixture import MEMBER_KEY
 
 _EVAL_SEED_OFFSET = 1_000_003
 
@@ -152,10 +153,17 @@ def play(
     timestep = envs.reset()
     starts = [start_digest(timestep.observation, i) for i in range(num_envs)]
     records: list[dict] = []
+    # A mixture (envs/mixture.py) counts at most its share of episodes per environment, so
+    # members with short episodes do not crowd out the others.
+    quota = -(-episodes // num_envs) if MEMBER_KEY in timestep.observation else episodes
+    counted = np.zeros(num_envs, np.int64)
     while len(records) < episodes:
         action, carry = policy(timestep, carry)
         timestep = envs.step(np.asarray(action))
         for record, i in zip(tracker.observe(timestep), np.flatnonzero(timestep.step_type == 2)):
+            if counted[i] >= quota:
+                continue
+            counted[i] += 1
             record["start"] = starts[i]
             if len(records) < episodes and on_episode is not None:
                 on_episode(record)

@@ -263,3 +263,13 @@ def test_generalization_gap_reports_members_on_both_sides():
     assert different["train_members"] == {"reach": 1.0}
     assert different["test_members"] == {"lever-pull": 0.0}
     assert "members" not in different
+
+
+def test_evaluation_counts_each_environment_its_share_so_short_members_do_not_crowd_out():
+    from mbxfer.benchmarks import episodes
+
+    recipe = registry.factory("grid", members=[{"length": 3}, {"length": 20}])
+    with vector.make(recipe, 2, mode="inline", seed=0) as envs:
+        policy = episodes.RandomPolicy(envs.action_spec(), seed=0)
+        records = episodes.play(envs, policy, 6)
+    assert sorted(r[mixture.MEMBER_KEY] for r in records) == [0, 0, 0, 1, 1, 1]
