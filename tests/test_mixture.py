@@ -273,3 +273,87 @@ def test_evaluation_counts_each_environment_its_share_so_short_members_do_not_cr
         policy = episodes.RandomPolicy(envs.action_spec(), seed=0)
         records = episodes.play(envs, policy, 6)
     assert sorted(r[mixture.MEMBER_KEY] for r in records) == [0, 0, 0, 1, 1, 1]
+
+
+# -- the report: sets, members, heatmap -----------------------------------------------------------
+def _procgen_trial(root, seed, train_scores, test_scores):
+    """A finished procedural_generalization trial folder over two games, as the runner writes."""
+    import json
+
+    import yaml
+
+    from mbxfer.benchmarks import config as config_lib
+    from mbxfer.benchmarks import transfer
+
+    folder = root / f"trial{seed}"
+    folder.mkdir()
+    config = {
+        "agent": {"name": "random"},
+        "seed": seed,
+        "env": {"name": "procgen", "task": "reward", "num_envs": 4, "workers": False,
+                "kwargs": {"members": "coinrun,starpilot"}},
+        "train": {"steps": 200, "eval_modes": ["sampled"]},
+        "protocol": {"name": "procedural_generalization",
+                     "train_kwargs": {"num_levels": 200},
+                     "test_kwargs": {"start_level": 200, "num_levels": 1000}},
+    }  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    finals = {}
+    for eval_set, scores in (("train", train_scores), ("test", test_scores)):
+        members = {game: {"episodes": 2, "normalized_return": v} for game, v in scores.items()}
+        finals[eval_set] = {
+            "phase": "train", "phase_index": 0, "eval_set": eval_set, "mode": "sampled",
+            "env_steps": 200, "total_env_steps": 200, "episodes": 4, "return_mean": 1.0,
+            "normalized_return": float(np.mean(list(scores.values()))), "members": members,
+        }  # fmt: skip
+    lines = [json.dumps(record) for record in finals.values()]
+    (folder / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    done = {
+        "env_steps": 200,
+        "updates": 0,
+        "episodes": 4,
+        "trial_id": config_lib.trial_id_of(config),
+        "phases": [{"name": "train", "index": 0, "env_steps": 200, "final_eval": finals}],
+        "generalization_gap": transfer.generalization_gap(finals, "normalized_return"),
+    }
+    (folder / "done.json").write_text(json.dumps(done))
+
+
+def _two_seeds(root):
+    _procgen_trial(root, 0, {"coinrun": 0.6, "starpilot": 0.2}, {"coinrun": 0.2, "starpilot": 0.1})
+    _procgen_trial(root, 1, {"coinrun": 0.8, "starpilot": 0.4}, {"coinrun": 0.4, "starpilot": 0.1})
+
+
+def test_member_table_groups_by_set_and_member_and_draws_a_heatmap(tmp_path):
+    from mbxfer.benchmarks import plots, report
+    from mbxfer.benchmarks.results import load_trials
+
+    _two_seeds(tmp_path)
+    trials = load_trials(tmp_path)
+    rows = report.member_table(trials)[("procgen", "reward")]
+    train = "procedural_generalization / random · train (coinrun,starpilot)"
+    assert rows[train] == pytest.approx({"coinrun": 0.7, "starpilot": 0.3})
+    figure = plots.plot_member_heatmap("procgen / reward", rows, "normalized_return")
+    image = figure.axes[0].images[0].get_array()
+    assert image.shape == (2, 2) and image[0, 0] == pytest.approx(0.7)
+
+
+@pytest.mark.slow
+def test_report_shows_sets_members_gaps_and_the_heatmap(tmp_path):
+    import csv
+
+    from mbxfer.benchmarks import report
+    from mbxfer.benchmarks.results import load_trials
+
+    _two_seeds(tmp_path)
+    gaps = {r["member"]: r for r in report.gap_table(load_trials(tmp_path), reps=200, seed=0)}
+    assert gaps["coinrun"]["gap"] == pytest.approx(0.4) and gaps["all"]["seeds"] == 2
+    assert gaps["all"]["gap"] == pytest.approx(np.mean([0.25, 0.35]))
+    assert gaps["all"]["gap_low"] <= gaps["all"]["gap"] <= gaps["all"]["gap_high"]
+    text = report.write(tmp_path, reps=200, curve_reps=50, formats="png").read_text()
+    assert "## Sets and members" in text and "plots/members_procgen_reward.png" in text
+    assert (tmp_path / "plots" / "members_procgen_reward.png").stat().st_size > 1000
+    with open(tmp_path / "generalization.csv") as file:
+        assert {r["member"] for r in csv.DictReader(file)} == {"all", "coinrun", "starpilot"}
+    with open(tmp_path / "members.csv") as file:
+        assert len(list(csv.DictReader(file))) == 4
