@@ -357,3 +357,38 @@ def test_report_shows_sets_members_gaps_and_the_heatmap(tmp_path):
         assert {r["member"] for r in csv.DictReader(file)} == {"all", "coinrun", "starpilot"}
     with open(tmp_path / "members.csv") as file:
         assert len(list(csv.DictReader(file))) == 4
+
+
+# -- presets --------------------------------------------------------------------------------------
+PRESETS = ("anand2022_metaworld", "anand2022_procgen", "walker2023_robodesk")
+
+
+def _dry_run(preset, tmp_path, *scale):
+    from mbxfer.benchmarks import cli
+
+    path = state_checks.ROOT / "benchmarks" / "configs" / f"{preset}.yaml"
+    arguments = ["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run", *scale]
+    assert cli.main(arguments) == 0
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generalization_presets_dry_run(preset, tmp_path):
+    _dry_run(preset, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", PRESETS)
+def test_generalization_presets_dry_run_at_paper_scale(preset, tmp_path):
+    _dry_run(preset, tmp_path, "--scale", "paper")
+
+
+def test_robodesk_preset_finetunes_every_task_from_one_pretraining_per_agent():
+    from mbxfer.benchmarks import sweep, sweep_spec
+
+    path = state_checks.ROOT / "benchmarks" / "configs" / "walker2023_robodesk.yaml"
+    plan = sweep_spec.expand(sweep_spec.load_spec(path))
+    finetuned = [t for t in plan.trials if t.config.protocol.name == "custom"]
+    starts = sweep.shared_starts(plan.trials)
+    leaders = {starts.get(t.trial_id, (t.trial_id, 0))[0] for t in finetuned}
+    assert len(finetuned) == 4 * 9 and len(leaders) == 4  # One pretraining per agent (1 seed).
+    assert {t.config.env.task for t in finetuned} == set(registry.describe("robodesk").tasks)
