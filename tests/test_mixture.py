@@ -176,6 +176,52 @@ def test_too_few_slots_for_natively_batched_members_is_refused():
         mixture.slot_counts(2, None, 3)
 
 
+# -- the environment contract (envs/base.py) through a mixture ----------------------------------------
+MIXED = {
+    "grid": {"members": GRID_MEMBERS, "length": 9},
+    "point_mass": {"members": [{"length": 5}, {"length": 9}], "member_weights": [1, 3]},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MIXED))
+def test_a_mixture_meets_the_environment_contract(name):
+    from test_conformance import _check_observation, _random_action
+
+    env = registry.make(name, task=None, **MIXED[name])
+    rng = np.random.default_rng(0)
+    timestep, previous = env.reset(), None
+    _check_observation(env, timestep.observation)
+    for _ in range(60):
+        previous, timestep = timestep, env.step(_random_action(env.action_spec(), rng))
+        _check_observation(env, timestep.observation)
+        assert timestep.first() if previous.last() else (timestep.mid() or timestep.last())
+        if not timestep.first():
+            assert timestep.reward == 0.0 and timestep.discount in (0.0, 1.0)
+
+
+def _mixin_case(name):
+    import unittest
+
+    from dm_env import test_utils
+    from test_conformance import _random_action
+
+    class Conformance(test_utils.EnvironmentTestMixin, unittest.TestCase):
+        def make_object_under_test(self):
+            return registry.make(name, **MIXED[name])
+
+        def make_action_sequence(self):
+            rng = np.random.default_rng(0)
+            for _ in range(50):
+                yield _random_action(self.environment.action_spec(), rng)
+
+    Conformance.__name__ = Conformance.__qualname__ = f"TestDmEnvMixinMixture_{name}"
+    return Conformance
+
+
+for _name in MIXED:
+    globals()[f"TestDmEnvMixinMixture_{_name}"] = _mixin_case(_name)
+
+
 # -- Meta-World: the scripted policies through the mixture --------------------------------------
 def test_scripted_policies_succeed_through_the_mixture_on_ml10_train():
     pytest.importorskip("metaworld", reason="pip install 'mbxfer[metaworld]'")
