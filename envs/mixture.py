@@ -459,7 +459,6 @@ class MixtureBatch:
     def close(self) -> None:
         for batch in self._batches:
             batch.close()
-        self._batches_closed = True
 
     def __enter__(self) -> "MixtureBatch":
         return self
