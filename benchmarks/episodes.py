@@ -25,6 +25,7 @@ from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import timing
 from mbxfer.envs import base as env_base
 from mbxfer.envs import scoring
+from mbxfer.envs.mixture import MEMBER_KEY
 
 _EVAL_SEED_OFFSET = 1_000_003
 
@@ -158,6 +159,10 @@ def play(
     timestep = envs.reset()
     starts = [start_digest(timestep.observation, i) for i in range(num_envs)]
     records: list[dict] = []
+    # A mixture (envs/mixture.py) counts at most its share of episodes per environment, so
+    # members with short episodes do not crowd out the others.
+    quota = -(-episodes // num_envs) if MEMBER_KEY in timestep.observation else episodes
+    counted = np.zeros(num_envs, np.int64)
     while len(records) < episodes:
         with timer("eval_act"):
             action, carry = policy(timestep, carry)
@@ -165,6 +170,9 @@ def play(
         with timer("eval_env"):
             timestep = envs.step(action)
         for record, i in zip(tracker.observe(timestep), np.flatnonzero(timestep.step_type == 2)):
+            if counted[i] >= quota:
+                continue
+            counted[i] += 1
             record["start"] = starts[i]
             if len(records) < episodes and on_episode is not None:
                 on_episode(record)

@@ -304,3 +304,34 @@ def plot_achievements(table: dict[str, dict[str, float]]):
     ax.set_title("Crafter achievements (final evaluation, mean over seeds)")
     figure.tight_layout()
     return figure
+
+
+def plot_member_heatmap(title: str, table: dict[str, dict[str, float]], score_key: str):
+    """A heatmap of `table` (row -> member -> score): one row per group and evaluation set, one
+    column per member, each cell annotated; members a row did not play are grey."""
+    import matplotlib
+
+    rows = list(table)
+    members = list(dict.fromkeys(m for scores in table.values() for m in scores))
+    values = np.full((len(rows), len(members)), np.nan)
+    for i, row in enumerate(rows):
+        for j, member in enumerate(members):
+            values[i, j] = table[row].get(member, np.nan)
+    figure = _figure(min(18.0, 3.5 + 0.7 * len(members)), min(12.0, 1.8 + 0.5 * len(rows)))
+    ax = figure.subplots()
+    colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    limits = {"vmin": 0.0, "vmax": 1.0} if score_key == "success_rate" else {}
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=colormap, **limits)
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    middle = 0.5 if limits else middle
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            color = "black" if value > middle else "white"
+            ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize="x-small", color=color)
+    ax.set_xticks(np.arange(len(members)), members, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(np.arange(len(rows)), rows, fontsize="small")
+    figure.colorbar(image, ax=ax, label=score_key)
+    ax.set_title(f"{title}: {score_key} per member", fontsize="medium")
+    figure.tight_layout()
+    return figure

@@ -12,6 +12,13 @@ against the trial's environment, task and budget:
                                protocol.test_kwargs (unseen levels), reporting the gap
     task_generalization        train on protocol.train_kwargs tasks, evaluate on held-out
                                protocol.test_kwargs, then finetune on them
+
+The generalization protocols train on sets too: `train_kwargs: {members: ML10/train}` trains
+on a mixture of the ten ML10 scenes in one batch (`envs/mixture.py`) and, with test_kwargs
+left out, evaluates and finetunes on the held-out side `{members: ML10/test}`; Procgen's
+`{members: "coinrun,starpilot", num_levels: 200}` with test_kwargs `{start_level: 200,
+num_levels: 100000}` plays unseen levels of the same games. Scores are per member and their
+mean over members (`envs/scoring.py`).
     custom                     protocol.phases, written out phase by phase
 
 Budgets (`steps`) count environment steps after action repeat, summed over the batch of
@@ -254,14 +261,16 @@ def _generalization(b: _Budget) -> list[Phase]:
     finetunes on the held-out split."""
     b.needs_target()
     name, protocol = b.protocol.name, b.protocol
-    if not protocol.test_kwargs:
+    test_kwargs = dict(protocol.test_kwargs) or held_out(protocol.train_kwargs)
+    if not test_kwargs:
         raise ProtocolError(
             f"{name} evaluates on protocol.test_kwargs (the held-out levels or tasks, "
-            "e.g. {start_level: 200, num_levels: 0} for Procgen); set it"
+            "e.g. {start_level: 200, num_levels: 100000} for Procgen, or train_kwargs "
+            "{members: ML10/train} whose held-out side is ML10/test); set it"
         )
     splits = {
         "train": EvalSet(b.target, dict(protocol.train_kwargs)),
-        "test": EvalSet(b.target, dict(protocol.test_kwargs)),
+        "test": EvalSet(b.target, test_kwargs),
     }
     steps = b.pretrain if name == "task_generalization" else b.steps
     first = Phase(
@@ -269,7 +278,16 @@ def _generalization(b: _Budget) -> list[Phase]:
     )
     if name == "procedural_generalization":
         return [first]
-    return [first, b.finetune(splits, protocol.test_kwargs)]
+    return [first, b.finetune(splits, test_kwargs)]
+
+
+def held_out(train_kwargs: Mapping[str, Any]) -> dict:
+    """The held-out side of a named member set (`envs.mixture`): train_kwargs
+    `{members: ML10/train}` -> `{members: ML10/test}`; {} when there is none to name."""
+    members = train_kwargs.get("members")
+    if isinstance(members, str) and members.endswith("/train"):
+        return {"members": members[: -len("/train")] + "/test"}
+    return {}
 
 
 def _custom(b: _Budget) -> list[Phase]:

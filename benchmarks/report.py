@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
+import numpy as np
+
 from mbxfer import agents
 from mbxfer.benchmarks import config as config_lib
 from mbxfer.benchmarks import plots, stats, transfer
@@ -56,6 +58,11 @@ class Findings:
     achievements: dict[str, dict[str, float]]
     """Crafter success rates per group (`stats.achievement_table`)."""
     notes: list[str]
+    members: dict = dataclasses.field(default_factory=dict)
+    """Mixtures: (env, task) -> row (group, eval set and its members) -> member -> score
+    (`member_table`)."""
+    gaps: list = dataclasses.field(default_factory=list)
+    """Generalization gaps over seeds with CIs, overall and per member (`gap_table`)."""
 
 
 def _model_based(agent: str) -> Optional[bool]:
@@ -155,6 +162,7 @@ def write(
     md += _improvement_section(findings.pairs, figures)
     md += _transfer_section(findings.transfer, figures)
     md += _achievements_section(findings.achievements, figures)
+    md += _members_section(findings.members, findings.gaps, figures)
     md += _unfinished_section(trials, out)
     md += _videos_section(trials, out)
     if notes:
@@ -182,6 +190,8 @@ def analyse(
         stats.transfer_table(trials, reps, seed),
         stats.achievement_table(rows),
         notes,
+        member_table(trials),
+        gap_table(trials, reps, seed),
     )
 
 
@@ -382,6 +392,142 @@ def _achievements_section(
     )
 
 
+# -- sets and members (mixtures, envs/mixture.py) ---------------------------------------------------
+def _group_name(trial: TrialRecord) -> str:
+    return trial.label if trial.protocol == SCRATCH else f"{trial.protocol} / {trial.label}"
+
+
+def eval_set_members(config: dict, eval_set: str) -> str:
+    """Which members a trial's evaluation set played, as written in its config: the
+    protocol's train or test keywords, else the environment's (`""` when not a mixture)."""
+    from mbxfer.benchmarks import protocols
+
+    protocol = config.get("protocol") or {}
+    own = ((config.get("env") or {}).get("kwargs") or {}).get("members")
+    train_kwargs = protocol.get("train_kwargs") or {}
+    train = train_kwargs.get("members", own)
+    found = own
+    if eval_set == "train":
+        found = train
+    elif eval_set == "test":
+        test_kwargs = protocol.get("test_kwargs") or protocols.held_out(train_kwargs)
+        found = test_kwargs.get("members", train)
+    if found is None:
+        return ""
+    return found if isinstance(found, str) else f"{len(found)} members"
+
+
+def member_table(trials: list[TrialRecord]) -> dict:
+    """(env, task) -> row -> member -> the member's score in the final evaluation, mean over
+    the seeds of a group; a row is a group and an evaluation set with the set it played
+    (`group · test (ML10/test)`). Finished trials of mixtures only."""
+    values: dict = {}
+    for trial in sorted(trials, key=lambda t: (t.seed, t.trial_id)):
+        if trial.done is None:
+            continue
+        for eval_set, record in trial.final_evals().items():
+            scores = transfer.member_scores(record, trial.score_key)
+            if not scores:
+                continue
+            played = eval_set_members(trial.config, eval_set.split(" (")[0])
+            row = f"{_group_name(trial)} · {eval_set}" + (f" ({played})" if played else "")
+            by_member = values.setdefault((trial.env, trial.task), {}).setdefault(row, {})
+            for member, score in scores.items():
+                by_member.setdefault(member, []).append(score)
+    return {
+        panel: {
+            row: {member: float(np.mean(v)) for member, v in members.items()}
+            for row, members in rows.items()
+        }
+        for panel, rows in values.items()
+    }
+
+
+def gap_table(trials: list[TrialRecord], reps: int, seed: int) -> list[dict]:
+    """The generalization gap (train minus test score of the last phase, `done.json`) of each
+    group, overall (`member` "all": the score averaged over members) and per member where
+    both sides played the same members, as the mean over seeds with a bootstrap 95% CI."""
+    groups: dict = {}
+    for trial in sorted(trials, key=lambda t: (t.seed, t.trial_id)):
+        gap = (trial.done or {}).get("generalization_gap")
+        if not isinstance(gap, dict) or "gap" not in gap:
+            continue
+        key = (trial.env, trial.task, trial.protocol, trial.label, gap.get("score", ""))
+        by_member = groups.setdefault(key, {})
+        by_member.setdefault("all", []).append((gap["train"], gap["test"], gap["gap"]))
+        for member, numbers in (gap.get("members") or {}).items():
+            by_member.setdefault(member, []).append(
+                (numbers["train"], numbers["test"], numbers["gap"])
+            )
+    table = []
+    for (env, task, protocol, agent, score), by_member in groups.items():
+        for member, values in by_member.items():
+            array = np.asarray(values, float)
+            point, low, high = stats.interval(array[:, 2:], _mean_of, reps, seed)
+            table.append(
+                {
+                    "env": env,
+                    "task": task,
+                    "protocol": protocol,
+                    "agent": agent,
+                    "score_key": score,
+                    "member": member,
+                    "seeds": len(values),
+                    "train": float(array[:, 0].mean()),
+                    "test": float(array[:, 1].mean()),
+                    "gap": point,
+                    "gap_low": low,
+                    "gap_high": high,
+                }
+            )
+    return table
+
+
+def _mean_of(scores: np.ndarray) -> float:
+    return float(np.mean(scores))
+
+
+def _members_section(members: dict, gaps: list[dict], figures: _Figures) -> list[str]:
+    if not members and not gaps:
+        return []
+    md = ["", "## Sets and members", ""]
+    if gaps:
+        md += [
+            "Generalization gap: train minus test score of the last phase (mean over seeds, "
+            "95% bootstrap CI); `all` is the score averaged over a set's members, the other "
+            "rows are members that both sides played (same game, unseen levels).",
+            "",
+            "| env / task | protocol | agent | member | seeds | train | test | gap [95% CI] |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in gaps:
+            md.append(
+                f"| {r['env']} / {r['task']} | {r['protocol']} | {r['agent']} | {r['member']} "
+                f"| {r['seeds']} | {r['train']:.3g} | {r['test']:.3g} | "
+                f"{_ci((r['gap'], r['gap_low'], r['gap_high']))} |"
+            )
+    for (env, task), rows in members.items():
+        score = registry.score_key(env)
+        names = list(dict.fromkeys(m for scores in rows.values() for m in scores))
+        md += [
+            "",
+            f"### {env} / {task} — `{score}` per member (final evaluation, mean over seeds)",
+            "",
+            "| group · eval set | " + " | ".join(names) + " |",
+            "| --- | " + " | ".join("---" for _ in names) + " |",
+        ]
+        for row, scores in rows.items():
+            cells = [f"{scores[n]:.3g}" if n in scores else "" for n in names]
+            md.append(f"| {row} | " + " | ".join(cells) + " |")
+        md += figures.add(
+            plots.plot_member_heatmap(f"{env} / {task}", rows, score),
+            f"members_{_slug(env, task)}",
+            f"Per-member {score} of each group and evaluation set (final evaluation, mean over "
+            "seeds); grey: a member the set did not play.",
+        )
+    return md
+
+
 def _unfinished_section(trials: list[TrialRecord], out: Path) -> list[str]:
     unfinished = [t for t in trials if t.done is None]
     if not unfinished:
@@ -446,6 +592,16 @@ def _write_tables(findings: Findings, out: Path) -> None:
         ),
     )
     _write_csv(out / "transfer.csv", findings.transfer)
+    _write_csv(
+        out / "members.csv",
+        (
+            {"env": env, "task": task, "row": row, "member": member, "score": score}
+            for (env, task), rows in findings.members.items()
+            for row, scores in rows.items()
+            for member, score in scores.items()
+        ),
+    )
+    _write_csv(out / "generalization.csv", findings.gaps)
 
 
 def _score_rows(rows: list[Row]) -> Iterable[dict]:

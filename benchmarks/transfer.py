@@ -173,7 +173,34 @@ def generalization_gap(final_evals: dict, score: str) -> Optional[dict]:
     train, test = final_evals["train"].get(score), final_evals["test"].get(score)
     if train is None or test is None:
         return None
-    return {"score": score, "train": train, "test": test, "gap": train - test}
+    out = {"score": score, "train": train, "test": test, "gap": train - test}
+    by_split = {split: member_scores(final_evals[split], score) for split in ("train", "test")}
+    shared = [name for name in by_split["train"] if name in by_split["test"]]
+    if shared:  # The same members on both sides (Procgen games on train vs unseen levels).
+        out["members"] = {
+            name: {
+                "train": by_split["train"][name],
+                "test": by_split["test"][name],
+                "gap": by_split["train"][name] - by_split["test"][name],
+            }
+            for name in shared
+        }
+    for split, scores in by_split.items():
+        if scores and not shared:  # Different members (ML10's train vs held-out scenes).
+            out[f"{split}_members"] = scores
+    return out
+
+
+def member_scores(summary: dict, score: str) -> dict:
+    """Member name -> its `score`, from a mixture's summary (`envs.scoring`); {} otherwise."""
+    members = summary.get("members")
+    if not isinstance(members, dict):
+        return {}
+    return {
+        str(name): float(member[score])
+        for name, member in members.items()
+        if isinstance(member, dict) and isinstance(member.get(score), (int, float))
+    }
 
 
 def matching_scratch(root: Path, config) -> Optional[Path]:

@@ -13,7 +13,8 @@ scene (`"reach"` or `"reach-v3"`), and whose `tasks` are the reward functions of
 `reward` (Meta-World's shaped reward, in [0, 10]) and `success` (1 on every step the success
 condition holds). Moving between Meta-World tasks, as Walker et al. 2023 and Anand et al. 2022
 do, is a change of environment between protocol phases; the named groups are data for those
-protocols in `TASK_SETS`:
+protocols in `TASK_SETS`, and a batch can mix scenes (`members="ML10/train"`,
+`envs.mixture`, named sets in `MEMBER_SETS`):
 
 * `ML1`: every scene, `train` and `test` goal sets (`goals="train"` / `"test"`),
 * `ML10`, `ML45`: `{"train": scenes, "test": held-out scenes}`,
@@ -105,6 +106,22 @@ TASK_SETS = {
 }  # fmt: skip
 
 
+MEMBER_SETS = {
+    **{
+        f"{name}/{split}": scenes
+        for name, splits in TASK_SETS.items()
+        if name != "ML1"
+        for split, scenes in splits.items()
+        if scenes
+    },
+    "MT10": TASK_SETS["MT10"]["train"],
+    "MT50": TASK_SETS["MT50"]["train"],
+}
+"""Named scene sets a mixture (`envs.mixture`, keyword `members`) can train on: `ML10/train`,
+`ML10/test`, `ML45/train`, `ML45/test`, `MT10` (= `MT10/train`), `MT50`. ML1's train and test
+goals of one scene are the `goals` keyword, not a mixture."""
+
+
 def scene_id(scene: str) -> str:
     """`"reach"` or `"reach-v3"` -> `"reach-v3"` (Meta-World's id); rejects unknown scenes."""
     name = scene[: -len(VERSION_SUFFIX)] if scene.endswith(VERSION_SUFFIX) else scene
@@ -147,6 +164,9 @@ class MetaWorld(base.Environment):
         "seed": domains.non_negative,
     }
     """What `envs.registry.factory` checks before building (a scene by either of its names)."""
+    MEMBER_KEYWORD = "scene"
+    MEMBER_SETS = MEMBER_SETS
+    """Mixtures (`envs.mixture`): `members="ML10/train"` or a list of scenes."""
 
     def __init__(
         self,

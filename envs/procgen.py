@@ -309,6 +309,10 @@ class Procgen(base.Environment):
         "seed": domains.non_negative,
     }
     """What `envs.registry.factory` checks before anything is built (level seeds are int32)."""
+    MEMBER_KEYWORD = "game"
+    MEMBER_SETS = {"procgen16": GAMES}
+    """Mixtures (`envs.mixture`): `members="procgen16"` (all 16 games) or a list of games,
+    each game on its own envpool (one pool plays one game)."""
 
     def __init__(
         self,

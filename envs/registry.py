@@ -27,6 +27,9 @@ optional `check_keywords(keywords) -> list[str]` for what depends on several key
 value is a `BadKeywordValueError` naming the keyword and what it accepts, raised where the
 trial is configured (`mbxfer run`, `sweep --dry-run`), never after a simulator was built.
 
+Every environment also takes `members` and `member_weights`: a mixture of environments that
+differ in keywords (Meta-World scenes, Procgen games), built by `envs.mixture`.
+
 Subprocess workers (`envs.vector`) load the plugins before they build an environment, so a
 plugin's `register_all()` side effects (a gymnasium id it registers, say) exist there too.
 """
@@ -200,6 +203,11 @@ def factory(name: str, **overrides: Any) -> EnvFactory:
     keyword names, and keyword values against what the entry point declares (see the module
     docstring); nothing is built."""
     recipe = EnvFactory(entry(name), dict(overrides))
+    if _mixture_keywords(recipe.entry, recipe.keywords):
+        from mbxfer.envs import mixture
+
+        mixture.check(name, recipe.keywords)
+        return recipe
     own, generic = _check_keywords(recipe.entry, recipe.keywords)
     _check_values(recipe.entry, own, generic)
     return recipe
@@ -217,6 +225,10 @@ def _build(found: EnvEntry, overrides: Mapping[str, Any]) -> dm_env.Environment:
     )
 
     keywords = {**found.defaults, **overrides}
+    if _mixture_keywords(found, keywords):
+        from mbxfer.envs import mixture
+
+        return mixture.Mixture(found.name, keywords, seed=keywords.get("seed", 0))
     own, generic = _check_keywords(found, keywords)
     env = _resolve(found)(**own)
     if generic.get("time_limit"):  # Counted in environment steps, before action repeat.
@@ -226,6 +238,18 @@ def _build(found: EnvEntry, overrides: Mapping[str, Any]) -> dm_env.Environment:
     if generic.get("image_size"):
         env = wrappers.ResizeImage(env, generic["image_size"])
     return wrappers.SelectTask(env, generic.get("task"))
+
+
+def _mixture_keywords(found: EnvEntry, keywords: Mapping[str, Any]) -> bool:
+    """Whether `keywords` ask for a mixture of members (`envs.mixture`)."""
+    if keywords.get("members") is not None:
+        return True
+    if keywords.get("member_weights") is not None:
+        raise UnknownKeywordError(
+            f"environment {found.name!r}: member_weights weighs the members of a mixture; "
+            "set members too (see envs/mixture.py)"
+        )
+    return False
 
 
 def _check_keywords(found: EnvEntry, keywords: Mapping[str, Any]):

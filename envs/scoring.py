@@ -8,6 +8,12 @@ summary every evaluation, phase and report reads:
     <the family's own keys>                    the scorer declared at `register(...)`
     success_rate                               environments that report `log_success`
     task_success_rates                         ... with one flag per task (`log_task_success`)
+    members                                    mixtures (`envs.mixture`): member name -> the
+                                               summary of its episodes (`log_member`)
+
+A mixture's family keys and `success_rate` are the mean over the members that played (each
+member counts once, as the ML10 success rate and Procgen's mean normalized return do); the
+return and length stay pooled over all episodes.
 
 A family with its own score declares a `Scorer` when it registers:
 
@@ -29,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from mbxfer.envs import base
+from mbxfer.envs import base, mixture
 
 DEFAULT_KEY = "return_mean"
 Summarizer = Callable[[Sequence[Mapping[str, Any]], Mapping[str, Any]], dict]
@@ -67,7 +73,8 @@ def summarize(records: Sequence[Mapping], recipe=None, tasks: Optional[Sequence]
         return out
     out["return_mean"] = float(np.mean([r["return"] for r in records]))
     out["length_mean"] = float(np.mean([r["length"] for r in records]))
-    if recipe is not None:
+    mixed = recipe is not None and mixture.is_mixture(recipe.keywords)
+    if recipe is not None and not mixed:
         out.update(recipe.entry.scorer.extras(records, recipe.keywords))
     if base.SUCCESS_KEY in records[0]:
         out["success_rate"] = float(np.mean([r[base.SUCCESS_KEY] for r in records]))
@@ -75,4 +82,29 @@ def summarize(records: Sequence[Mapping], recipe=None, tasks: Optional[Sequence]
         rates = np.mean([r[base.TASK_SUCCESS_KEY] for r in records], axis=0).round(4)
         names = tasks if tasks is not None and len(tasks) == len(rates) else range(len(rates))
         out["task_success_rates"] = {str(name): float(v) for name, v in zip(names, rates)}
+    if mixed and mixture.MEMBER_KEY in records[0]:
+        out.update(_by_member(records, recipe, tasks))
+    return out
+
+
+_POOLED = ("episodes", "return_mean", "length_mean")
+
+
+def _by_member(records: Sequence[Mapping], recipe, tasks) -> dict:
+    """`members` (name -> summary of its episodes) and the mean over members of every numeric
+    key a member summary has beyond the pooled ones (the family's score, `success_rate`)."""
+    members, recipes = mixture.recipes(recipe.entry.name, recipe.keywords)
+    groups: dict[int, list] = {}
+    for record in records:
+        groups.setdefault(int(record[mixture.MEMBER_KEY]), []).append(record)
+    per_member = {
+        members[index].name: summarize(group, recipes[index], tasks)
+        for index, group in sorted(groups.items())
+    }
+    out: dict[str, Any] = {"members": per_member}
+    keys = set.intersection(*(set(summary) for summary in per_member.values()))
+    for key in sorted(keys - set(_POOLED)):
+        values = [summary[key] for summary in per_member.values()]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = float(np.mean(values))
     return out

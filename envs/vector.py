@@ -594,25 +594,56 @@ def make(
     semantics of `VectorEnv`: its entry point has `make_batch(num_envs, seed, keywords)`,
     which returns None when the keywords need per-copy wrappers (then, and for every other
     environment, the copies run in a `VectorEnv`, in subprocesses or inline by `mode`).
+    A mixture (`members`, see `envs.mixture`) of natively batched members is a
+    `mixture.MixtureBatch` of one native batch per member.
     """
-    native = _native_batch(factory, num_envs, seed)
+    native = _native_batch(factory, num_envs, seed, mode)
     if native is not None:
         return native
+    if _is_mixture(factory):  # Its copies cycle through the members in step (envs.mixture).
+        factory = dataclasses.replace(
+            factory, overrides={**factory.overrides, "member_stride": num_envs}
+        )
     return VectorEnv(factory, num_envs, mode=mode, seed=seed)
 
 
-def _native_batch(factory, num_envs: int, seed: int):
-    from mbxfer.envs import registry  # Local: registry must not import the vector machinery.
+def _native_batch(factory, num_envs: int, seed: int, mode: str = "process"):
+    from mbxfer.envs import mixture, registry  # Local: registry must not import vector.
 
     if not isinstance(factory, registry.EnvFactory):
         return None
     if num_envs < 1:
         raise ValueError(f"num_envs={num_envs} must be >= 1")
+    if mixture.is_mixture(factory.keywords):
+        # Natively batched members cannot share a batch (one envpool plays one game): each gets
+        # a block of slots; other families run `mixture.Mixture` copies in a `VectorEnv`.
+        _, recipes = mixture.recipes(factory.entry.name, factory.keywords)
+        if not all(_has_native_batch(recipe) for recipe in recipes):
+            return None
+        return mixture.MixtureBatch(
+            factory.entry.name,
+            factory.keywords,
+            num_envs,
+            seed,
+            lambda recipe, count, at: make(recipe, count, mode=mode, seed=at),
+        )
     # Resolving the entry point imports its module, with the registry's missing-extra errors.
     make_batch = getattr(registry._resolve(factory.entry), "make_batch", None)
     if make_batch is None:
         return None
     return make_batch(num_envs, seed, {**factory.entry.defaults, **factory.overrides})
+
+
+def _is_mixture(factory) -> bool:
+    from mbxfer.envs import mixture, registry
+
+    return isinstance(factory, registry.EnvFactory) and mixture.is_mixture(factory.keywords)
+
+
+def _has_native_batch(factory) -> bool:
+    from mbxfer.envs import registry
+
+    return getattr(registry._resolve(factory.entry), "make_batch", None) is not None
 
 
 def environment_spec(envs) -> acme_specs.EnvironmentSpec:
