@@ -164,6 +164,8 @@ def test_a_batch_of_environments_without_state_says_so():
         ("crafter", {"size": 32}),
         ("metaworld", {"scene": "reach"}),
         ("robodesk", {"observation": "state"}),
+        ("grid", {"members": [{"num_items": n} for n in (1, 2, 3)], "length": 5}),
+        ("grid", {"members": [{"num_items": 1}, {"num_items": 2}], "member_weights": [1, 3]}),
     ],
 )
 def test_reseeding_a_used_batch_plays_what_a_new_batch_of_that_seed_plays(name, kwargs):
