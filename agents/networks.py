@@ -169,9 +169,10 @@ class ConvEncoder(hk.Module):
         return x.reshape(lead + (-1,))
 
 
-UPSAMPLES = ("transpose", "depth_to_space")
-"""How `ConvDecoder` doubles the resolution: `transpose`, a stride-2 transposed conv; or
-`depth_to_space`, a stride-1 conv to 4x the channels then a 2x2 pixel shuffle."""
+UPSAMPLES = ("transpose", "transpose_subpixel", "depth_to_space")
+"""How `ConvDecoder` doubles the resolution (`upsample`): `transpose`, a stride-2 transposed
+conv; `transpose_subpixel`, the same layer computed as a stride-1 conv and a pixel shuffle;
+`depth_to_space`, a stride-1 conv of half the kernel to 4x the channels and a pixel shuffle."""
 
 
 def depth_to_space(x: chex.Array, block: int = 2) -> jax.Array:
@@ -186,21 +187,68 @@ def depth_to_space(x: chex.Array, block: int = 2) -> jax.Array:
     return x.reshape(n, height * block, width * block, c)
 
 
+class SubpixelTranspose(hk.Module):
+    """`hk.Conv2DTranspose(channels, 4, stride=2)` (padding SAME) computed without a
+    transposed conv: the same parameters (`w` `[4, 4, O, I]`, `b` `[O]`, same initializers,
+    so the same initial values), the same outputs up to float rounding.
+
+    A transposed conv of stride 2 and kernel 4 gives output pixel `2i + p` (phase `p`) from
+    inputs `i - 1 + p` and `i + p` through kernel taps `1 - p` and `3 - p` (per axis). So one
+    stride-1 conv of kernel 2, over the input padded by one pixel, computes every phase of
+    every output pixel (`4 O` channels, its kernel gathered from `w`), and a 2x2 pixel
+    shuffle, cropped by one pixel on each side, puts them in place. XLA's CPU backend runs the
+    transposed conv as a conv over the input dilated with zeros, several times slower.
+    """
+
+    TAPS = ((1, 0), (3, 2))
+    """`TAPS[t][q]`: the row (column) of `w` at tap `t` of the stride-1 conv for the
+    shuffled phase `q` (`q = 1 - p`, the crop shifts the phases by one)."""
+
+    def __init__(self, channels: int, name: Optional[str] = None):
+        super().__init__(name=name)
+        self._channels = channels
+
+    def __call__(self, x: chex.Array) -> jax.Array:
+        n, height, width, inputs = x.shape
+        stddev = 1.0 / math.sqrt(4 * 4 * inputs)  # hk.Conv2DTranspose's default
+        w = hk.get_parameter(
+            "w",
+            (4, 4, self._channels, inputs),
+            x.dtype,
+            init=hk.initializers.TruncatedNormal(stddev=stddev),
+        )
+        b = hk.get_parameter("b", (self._channels,), x.dtype, init=jnp.zeros)
+        taps = jnp.asarray(self.TAPS)
+        kernel = w[taps[:, :, None, None], taps[None, None, :, :]]  # [ty, qy, tx, qx, O, I]
+        kernel = jnp.transpose(kernel, (0, 2, 5, 1, 3, 4)).reshape(2, 2, inputs, -1)
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        phases = jax.lax.conv_general_dilated(
+            padded, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return depth_to_space(phases, 2)[:, 1 : 2 * height + 1, 1 : 2 * width + 1] + b
+
+
 def upsample(x: chex.Array, channels: int, kernel: int, mode: str, index: int) -> jax.Array:
     """`[N, H, W, I]` -> `[N, 2H, 2W, channels]`: the decoder's stride-2 upsampling layer.
 
     `transpose`: `hk.Conv2DTranspose(channels, kernel, stride=2)`, named `deconv_{index}`.
-    `depth_to_space`: a stride-1 `hk.Conv2D(4 * channels, kernel // 2)` and a 2x2 pixel
-    shuffle (sub-pixel convolution, Shi et al. 2016), named `upsample_{index}`. Like the
-    transposed conv, every output pixel reads a `kernel/2` x `kernel/2` patch of inputs
-    through weights of its own position in the 2x2 block, with the same parameter count and
-    FLOPs; but XLA's CPU backend runs the plain conv several times faster than the
-    zero-dilated conv it makes of a transposed one. Its weights start with the transposed
-    conv's standard deviation (`1 / sqrt(kernel**2 * I)`), so both start at the same output
-    scale.
+    `transpose_subpixel`: the same layer, parameters and initial values (kernel 4 only),
+    computed by `SubpixelTranspose`. `depth_to_space`: a stride-1 `hk.Conv2D(4 * channels,
+    kernel // 2)` and a 2x2 pixel shuffle (sub-pixel convolution, Shi et al. 2016), named
+    `upsample_{index}`: every output pixel reads a `kernel/2` x `kernel/2` patch of inputs
+    through weights of its own position in the 2x2 block, with the transposed conv's parameter
+    count and FLOPs, but all four positions read the same patch (the transposed conv's phases
+    read patches shifted by one pixel). Its weights start with the transposed conv's standard
+    deviation (`1 / sqrt(kernel**2 * I)`), so both start at the same output scale. XLA's CPU
+    backend runs both stride-1 forms several times faster than the zero-dilated conv it makes
+    of a transposed one.
     """
     if mode == "transpose":
         return hk.Conv2DTranspose(channels, kernel, stride=2, name=f"deconv_{index}")(x)
+    if mode == "transpose_subpixel":
+        if kernel != 4:
+            raise ValueError(f"transpose_subpixel upsampling needs kernel 4, got {kernel}")
+        return SubpixelTranspose(channels, name=f"deconv_{index}")(x)
     if mode != "depth_to_space":
         raise ValueError(f"upsample={mode!r} must be one of {', '.join(UPSAMPLES)}")
     if kernel % 2:

@@ -124,12 +124,35 @@ def test_depth_to_space_upsample_equals_transposed_conv_it_rearranges():
     assert sizes["transpose"] == sizes["depth_to_space"] == 4 * 4 * 5 * 4
 
 
+@pytest.mark.parametrize("size", [1, 4, 5])
+def test_subpixel_transpose_is_the_transposed_conv(size):
+    # Same parameters and initial values (the same key gives the same tree), same outputs
+    # for any weights.
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 6))
+
+    def layer(mode):
+        return hk.without_apply_rng(hk.transform(lambda x: networks.upsample(x, 3, 4, mode, 2)))
+
+    params = layer("transpose").init(jax.random.PRNGKey(0), x)
+    same = layer("transpose_subpixel").init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, same) == {
+        "deconv_2": {"w": True, "b": True}
+    }
+    noise = jax.random.normal(jax.random.PRNGKey(5), params["deconv_2"]["w"].shape)
+    params = {"deconv_2": {"w": noise, "b": jnp.arange(3.0)}}
+    expected = layer("transpose").apply(params, x)
+    assert expected.shape == (2, 2 * size, 2 * size, 3)
+    np.testing.assert_allclose(layer("transpose_subpixel").apply(params, x), expected, atol=1e-4)
+
+
 def test_upsample_rejects_unknown_modes_and_odd_kernels():
     x = jnp.zeros((1, 2, 2, 3))
-    with pytest.raises(ValueError, match="transpose, depth_to_space"):
+    with pytest.raises(ValueError, match="transpose, transpose_subpixel, depth_to_space"):
         hk.transform(lambda x: networks.upsample(x, 4, 4, "bilinear", 0)).init(None, x)
     with pytest.raises(ValueError, match="even kernel"):
         hk.transform(lambda x: networks.upsample(x, 4, 3, "depth_to_space", 0)).init(None, x)
+    with pytest.raises(ValueError, match="kernel 4"):
+        hk.transform(lambda x: networks.upsample(x, 4, 2, "transpose_subpixel", 0)).init(None, x)
 
 
 def test_conv_encoder_rejects_unsupported_sizes():

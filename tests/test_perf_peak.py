@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mbxfer.agents import networks
 from mbxfer.benchmarks.perf import peak
 
 
@@ -30,6 +31,10 @@ def test_unrolled_flops_count_every_trip_of_nested_scans():
     assert peak.unrolled_flops(gradient, x, w, compiled=True) >= 45 * matmul
 
 
+def test_every_decoder_is_timed():
+    assert peak.DECODERS == networks.UPSAMPLES
+
+
 def test_random_batch_has_the_replay_format():
     setting_spec = peak.quick_setting().env_spec
     batch = peak.random_batch(setting_spec, 3, 5)
@@ -52,4 +57,5 @@ def test_quick_benchmark_runs_every_part(capsys):
     assert names[0].startswith("dreamer update [transpose]")
     assert any(name.startswith("search") for name in names)
     assert all(row["gflop"] > 0 and row["seconds"] > 0 for row in result["rows"])
-    assert "Dreamer update, transpose / depth_to_space" in capsys.readouterr().out
+    assert set(result["decoder_speedups"]) == {"transpose_subpixel", "depth_to_space"}
+    assert "Dreamer update speedup over transpose" in capsys.readouterr().out

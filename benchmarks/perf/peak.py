@@ -50,7 +50,8 @@ import numpy as np
 
 SETTINGS = ("crafter_1h", "quickstart")
 """Named settings: the Crafter agents of these specs in `benchmarks/configs`."""
-DECODERS = ("transpose", "depth_to_space")
+DECODERS = ("transpose", "transpose_subpixel", "depth_to_space")
+"""`networks.UPSAMPLES`, the decoders timed side by side (a test checks they agree)."""
 MATMUL_SIZE = 4096
 
 
@@ -266,12 +267,14 @@ def squared_norm_grad(function: Callable) -> Callable:
 
 
 def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
-    """The Dreamer update with each decoder, and the parts of the configured one."""
+    """The Dreamer update with each decoder, the parts of the configured one, and each
+    decoder's fwd+bwd (its share is of the update with that decoder)."""
     import jax
     import jax.numpy as jnp
 
     from mbxfer import agents
     from mbxfer.agents import dreamer, sequences
+    from mbxfer.agents.world_model import make_world_model
 
     items = []
     default = setting.dreamer.model.decoder_upsample
@@ -333,11 +336,6 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
             squared_norm_grad(filtering),
             (params, embeds, batch["action"], batch["is_first"], key),
         ),
-        (
-            f"decoder fwd+bwd [{default}]",
-            squared_norm_grad(lambda p, f: model.heads(p, f).observation),
-            (params, features),
-        ),
         ("world-model loss fwd+bwd", world_model, (params, batch, key)),
         (
             f"imagination ({ac.horizon} steps) + actor-critic fwd+bwd",
@@ -354,9 +352,26 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
         ),
         ("optimizers (3 Adam + slow critic)", optimizer, (state, grads)),
     ]
-    if not config.model.decoder:
-        parts = [part for part in parts if not part[0].startswith("decoder")]
     items += [Measured(f"  {name}", fn, args, group=group) for name, fn, args in parts]
+    if config.model.decoder:
+        for upsample in DECODERS:
+            decoder_model = make_world_model(
+                with_decoder(config, upsample).model, setting.env_spec.observations,
+                setting.env_spec.actions,
+            )  # fmt: skip
+            decoder_params = jax.jit(decoder_model.init)(key)
+
+            def decode(p, f, model=decoder_model):
+                return model.heads(p, f).observation
+
+            items.append(
+                Measured(
+                    f"  decoder fwd+bwd [{upsample}]",
+                    squared_norm_grad(decode),
+                    (decoder_params, features),
+                    group=f"dreamer/{upsample}",
+                )
+            )
     return items
 
 
@@ -545,7 +560,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         share = row["share_of_update"]
         lines.append(
-            f"{row['name']:58s} {row['gflop']:8.2f} {row['rolled_gflop']:9.2f} "
+            f"{row['name']:58s} {row['gflop']:8.3g} {row['rolled_gflop']:9.3g} "
             f"{row['seconds']:8.3f} {row['gflop_per_s']:8.1f} {row['percent_of_peak']:6.1f}% "
             + (f"{100 * share:5.0f}%" if share is not None else f"{'':6s}")
         )
@@ -579,9 +594,17 @@ def run_setting(
         measure([peak], max(calls, 3))
         log(f"  round {round_index + 1}/{rounds} ({time.perf_counter() - start:.0f} s)")
     rows = summarize(items, peak)
-    by_group = {row["group"]: row for row in rows if not row["name"].startswith(" ")}
-    transpose, shuffle = by_group["dreamer/transpose"], by_group["dreamer/depth_to_space"]
-    paired = [a / b for a, b in zip(transpose["seconds_by_round"], shuffle["seconds_by_round"])]
+    updates = {row["group"]: row for row in rows if not row["name"].startswith(" ")}
+    transpose = updates["dreamer/transpose"]
+    speedups = {}
+    for upsample in DECODERS[1:]:
+        other = updates[f"dreamer/{upsample}"]
+        speedups[upsample] = {
+            "ratio_of_medians": transpose["seconds"] / other["seconds"],
+            "by_round": [
+                a / b for a, b in zip(transpose["seconds_by_round"], other["seconds_by_round"])
+            ],
+        }
     return {
         "setting": setting.name,
         "batch": [setting.batch_size, setting.sequence_length],
@@ -589,8 +612,7 @@ def run_setting(
         "peak_gflop_per_s": peak.flops / statistics.median(peak.seconds) / 1e9,
         "peak_gflop_per_s_by_round": [peak.flops / s / 1e9 for s in peak.seconds],
         "rows": rows,
-        "decoder_speedup": transpose["seconds"] / shuffle["seconds"],
-        "decoder_speedup_by_round": paired,
+        "decoder_speedups": speedups,
         "default_decoder": setting.dreamer.model.decoder_upsample,
     }
 
@@ -600,19 +622,22 @@ def report(result: dict[str, Any]) -> str:
     images = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result["observation"].items())
     peaks = result["peak_gflop_per_s_by_round"]
     default = result["default_decoder"]
-    (update,) = [r for r in result["rows"] if r["group"] == f"dreamer/{default}" and
-                 not r["name"].startswith(" ")]  # fmt: skip
+    updates = {r["group"]: r for r in result["rows"] if not r["name"].startswith(" ")}
     lines = [
         f"{result['setting']}: batch {batch} x {length}, {images}; matmul peak "
         f"{result['peak_gflop_per_s']:.1f} GFLOP/s (median; rounds {min(peaks):.0f}-"
         f"{max(peaks):.0f})",
         format_rows(result["rows"]),
-        f"Dreamer update, transpose / depth_to_space seconds: {result['decoder_speedup']:.2f}x "
-        f"(ratio of medians; per round "
-        + ", ".join(f"{r:.2f}" for r in result["decoder_speedup_by_round"])
-        + f"); the default decoder ({default}) reaches {update['percent_of_peak']:.1f}% of the "
-        "matmul peak",
+        "Dreamer update speedup over transpose (ratio of median seconds; per round):",
     ]
+    for upsample, speedup in result["decoder_speedups"].items():
+        rounds = ", ".join(f"{r:.2f}" for r in speedup["by_round"])
+        lines.append(f"  {upsample:20s} {speedup['ratio_of_medians']:.2f}x ({rounds})")
+    lines.append(
+        f"Default decoder {default}: the Dreamer update reaches "
+        f"{updates[f'dreamer/{default}']['percent_of_peak']:.1f}% of the matmul peak; the MuZero "
+        f"update {updates['muzero']['percent_of_peak']:.1f}%"
+    )
     return "\n".join(lines)
 
 
