@@ -221,9 +221,11 @@ class SubpixelTranspose(hk.Module):
         taps = jnp.asarray(self.TAPS)
         kernel = w[taps[:, :, None, None], taps[None, None, :, :]]  # [ty, qy, tx, qx, O, I]
         kernel = jnp.transpose(kernel, (0, 2, 5, 1, 3, 4)).reshape(2, 2, inputs, -1)
-        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        # One pixel before each axis; SAME adds the one after (XLA's CPU backend runs SAME
+        # convs faster than VALID ones, whose input gradient needs padding on both sides).
+        padded = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
         phases = jax.lax.conv_general_dilated(
-            padded, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            padded, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
         return depth_to_space(phases, 2)[:, 1 : 2 * height + 1, 1 : 2 * width + 1] + b
 
