@@ -275,7 +275,7 @@ class ConvDecoder(hk.Module):
         depth: int = 16,
         min_resolution: int = 4,
         kernel: int = 4,
-        upsample: str = "transpose",
+        upsample: str = "transpose_subpixel",
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
@@ -358,7 +358,7 @@ class ObservationDecoder(hk.Module):
         depth: int = 16,
         hidden_sizes: Sequence[int] = (128, 128),
         min_resolution: int = 4,
-        upsample: str = "transpose",
+        upsample: str = "transpose_subpixel",
         name: Optional[str] = None,
     ):
         """`upsample`: how the image decoder doubles its resolution (`UPSAMPLES`)."""

@@ -32,7 +32,7 @@ def test_bad_upsample_is_a_config_error_naming_the_choices(agent):
     with pytest.raises(ValueError, match="depth_to_space"):
         wm.WorldModelConfig(decoder_upsample="pixel_shuffle")
     built = config_lib.build({"agent": {"name": agent, "model": {"decoder": True}}})
-    assert built.agent_config.model.decoder_upsample == "transpose"
+    assert built.agent_config.model.decoder_upsample == "transpose_subpixel"
 
 
 @pytest.mark.parametrize("upsample", networks.UPSAMPLES)

@@ -1,6 +1,6 @@
-"""Do the two decoders learn alike? A table over the trial folders of a decoder sweep.
+"""Do the decoders learn alike? A table over the trial folders of a decoder sweep.
 
-    python -m mbxfer.sweep benchmarks/configs/decoder_upsample.yaml   # (mbxfer sweep ...)
+    python -m mbxfer sweep benchmarks/configs/decoder_upsample.yaml --workers 1
     python -m mbxfer.benchmarks.perf.decoders results/decoder_upsample
 
 For every agent x environment, one row per `agent.model.decoder_upsample`: the seeds found,
@@ -8,8 +8,8 @@ the final evaluation's mean return (sampled and greedy; mean and standard deviat
 seeds), the reconstruction loss logged last (`train/loss/reconstruction`, image MSE summed
 over pixels), the world-model video's open-loop error (mean squared error per pixel in [0, 1]
 units, averaged over the imagined steps: `video.open_loop_mse` in done.json), and env steps
-per second of the whole trial. A last line per pair gives the mean over seeds of the paired
-differences (depth_to_space - transpose, same seed). Only finished trials (done.json) count.
+per second of the whole trial. A line per other decoder gives the mean over seeds of its paired
+differences from transpose (same seed). Only finished trials (done.json) count.
 """
 
 from __future__ import annotations
@@ -70,36 +70,46 @@ def _mean_sd(values: list) -> str:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> str:
-    """The table: per agent/env, a row per decoder and the paired differences."""
+    """The table: per agent/env, a row per decoder (in `networks.UPSAMPLES` order) and, for
+    each other decoder, the paired differences from `transpose` over the seeds both ran."""
+    from mbxfer.agents.networks import UPSAMPLES
+
     lines = [
-        f"{'agent/env':22s} {'decoder':15s} {'seeds':>5s} "
+        f"{'agent/env':20s} {'decoder':28s} {'seeds':>5s} "
         + " ".join(f"{name:>17s}" for name in COLUMNS)
     ]
     lines.append("-" * len(lines[0]))
-    pairs = sorted({(row["agent"], row["env"]) for row in rows})
-    for agent, env in pairs:
+
+    def order(decoder: str) -> int:
+        return UPSAMPLES.index(decoder) if decoder in UPSAMPLES else len(UPSAMPLES)
+
+    for agent, env in sorted({(row["agent"], row["env"]) for row in rows}):
         mine = [row for row in rows if (row["agent"], row["env"]) == (agent, env)]
         by_decoder = {}
-        for decoder in sorted({row["decoder"] for row in mine}, reverse=True):
+        for decoder in sorted({row["decoder"] for row in mine}, key=order):
             chosen = sorted((r for r in mine if r["decoder"] == decoder), key=lambda r: r["seed"])
             by_decoder[decoder] = {row["seed"]: row for row in chosen}
             lines.append(
-                f"{agent + '/' + env:22s} {decoder:15s} {len(chosen):5d} "
+                f"{agent + '/' + env:20s} {decoder:28s} {len(chosen):5d} "
                 + " ".join(f"{_mean_sd([r[c] for r in chosen]):>17s}" for c in COLUMNS)
             )
-        if set(by_decoder) == {"transpose", "depth_to_space"}:
-            seeds = sorted(set(by_decoder["transpose"]) & set(by_decoder["depth_to_space"]))
-            cells = []
-            for column in COLUMNS:
-                differences = [
-                    by_decoder["depth_to_space"][s][column] - by_decoder["transpose"][s][column]
-                    for s in seeds
-                    if by_decoder["depth_to_space"][s][column] is not None
-                    and by_decoder["transpose"][s][column] is not None
-                ]
-                cells.append(_mean_sd(differences))
+        baseline = by_decoder.get("transpose")
+        for decoder, runs in by_decoder.items():
+            if decoder == "transpose" or baseline is None:
+                continue
+            seeds = sorted(set(baseline) & set(runs))
+            cells = [
+                _mean_sd(
+                    [
+                        runs[s][column] - baseline[s][column]
+                        for s in seeds
+                        if runs[s][column] is not None and baseline[s][column] is not None
+                    ]
+                )
+                for column in COLUMNS
+            ]
             lines.append(
-                f"{'':22s} {'d2s - transpose':15s} {len(seeds):5d} "
+                f"{'':20s} {decoder + ' - transpose':28s} {len(seeds):5d} "
                 + " ".join(f"{cell:>17s}" for cell in cells)
             )
     return "\n".join(lines)
