@@ -643,7 +643,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: DreamerConfig) -> base.Ag
     return base.Agent(
         "dreamer",
         config,
-        functools.partial(init, nets, config),
+        jax.jit(functools.partial(init, nets, config)),
         initial_carry,
         functools.partial(act, nets, config.actor_critic),
         train,

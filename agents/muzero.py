@@ -544,7 +544,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: MuZeroConfig) -> base.Age
     return base.Agent(
         "muzero",
         config,
-        functools.partial(init, nets, config),
+        jax.jit(functools.partial(init, nets, config)),
         initial_carry,
         functools.partial(act, nets, config),
         train,

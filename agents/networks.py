@@ -169,9 +169,105 @@ class ConvEncoder(hk.Module):
         return x.reshape(lead + (-1,))
 
 
+UPSAMPLES = ("transpose", "transpose_subpixel", "depth_to_space")
+"""How `ConvDecoder` doubles the resolution (`upsample`): `transpose`, a stride-2 transposed
+conv; `transpose_subpixel`, the same layer computed as a stride-1 conv and a pixel shuffle;
+`depth_to_space`, a stride-1 conv of half the kernel to 4x the channels and a pixel shuffle."""
+
+
+def depth_to_space(x: chex.Array, block: int = 2) -> jax.Array:
+    """`[N, H, W, block * block * C]` -> `[N, H * block, W * block, C]`: the channels of each
+    pixel fill a `block` x `block` patch, row-major (channel index `(dy * block + dx) * C + c`)."""
+    n, height, width, channels = x.shape
+    if channels % (block * block):
+        raise ValueError(f"depth_to_space needs channels divisible by {block * block}: {x.shape}")
+    c = channels // (block * block)
+    x = x.reshape(n, height, width, block, block, c)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, height * block, width * block, c)
+
+
+class SubpixelTranspose(hk.Module):
+    """`hk.Conv2DTranspose(channels, 4, stride=2)` (padding SAME) computed without a
+    transposed conv: the same parameters (`w` `[4, 4, O, I]`, `b` `[O]`, same initializers,
+    so the same initial values), the same outputs up to float rounding.
+
+    A transposed conv of stride 2 and kernel 4 gives output pixel `2i + p` (phase `p`) from
+    inputs `i - 1 + p` and `i + p` through kernel taps `1 - p` and `3 - p` (per axis). So one
+    stride-1 conv of kernel 2, over the input padded by one pixel, computes every phase of
+    every output pixel (`4 O` channels, its kernel gathered from `w`), and a 2x2 pixel
+    shuffle, cropped by one pixel on each side, puts them in place. XLA's CPU backend runs the
+    transposed conv as a conv over the input dilated with zeros, several times slower.
+    """
+
+    TAPS = ((1, 0), (3, 2))
+    """`TAPS[t][q]`: the row (column) of `w` at tap `t` of the stride-1 conv for the
+    shuffled phase `q` (`q = 1 - p`, the crop shifts the phases by one)."""
+
+    def __init__(self, channels: int, name: Optional[str] = None):
+        super().__init__(name=name)
+        self._channels = channels
+
+    def __call__(self, x: chex.Array) -> jax.Array:
+        n, height, width, inputs = x.shape
+        stddev = 1.0 / math.sqrt(4 * 4 * inputs)  # hk.Conv2DTranspose's default
+        w = hk.get_parameter(
+            "w",
+            (4, 4, self._channels, inputs),
+            x.dtype,
+            init=hk.initializers.TruncatedNormal(stddev=stddev),
+        )
+        b = hk.get_parameter("b", (self._channels,), x.dtype, init=jnp.zeros)
+        taps = jnp.asarray(self.TAPS)
+        kernel = w[taps[:, :, None, None], taps[None, None, :, :]]  # [ty, qy, tx, qx, O, I]
+        kernel = jnp.transpose(kernel, (0, 2, 5, 1, 3, 4)).reshape(2, 2, inputs, -1)
+        # One pixel before each axis; SAME adds the one after (XLA's CPU backend runs SAME
+        # convs faster than VALID ones, whose input gradient needs padding on both sides).
+        padded = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
+        phases = jax.lax.conv_general_dilated(
+            padded, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return depth_to_space(phases, 2)[:, 1 : 2 * height + 1, 1 : 2 * width + 1] + b
+
+
+def upsample(x: chex.Array, channels: int, kernel: int, mode: str, index: int) -> jax.Array:
+    """`[N, H, W, I]` -> `[N, 2H, 2W, channels]`: the decoder's stride-2 upsampling layer.
+
+    `transpose`: `hk.Conv2DTranspose(channels, kernel, stride=2)`, named `deconv_{index}`.
+    `transpose_subpixel`: the same layer, parameters and initial values (kernel 4 only),
+    computed by `SubpixelTranspose`. `depth_to_space`: a stride-1 `hk.Conv2D(4 * channels,
+    kernel // 2)` and a 2x2 pixel shuffle (sub-pixel convolution, Shi et al. 2016), named
+    `upsample_{index}`: every output pixel reads a `kernel/2` x `kernel/2` patch of inputs
+    through weights of its own position in the 2x2 block, with the transposed conv's parameter
+    count and FLOPs, but all four positions read the same patch (the transposed conv's phases
+    read patches shifted by one pixel). Its weights start with the transposed conv's standard
+    deviation (`1 / sqrt(kernel**2 * I)`), so both start at the same output scale. XLA's CPU
+    backend runs both stride-1 forms several times faster than the zero-dilated conv it makes
+    of a transposed one.
+    """
+    if mode == "transpose":
+        return hk.Conv2DTranspose(channels, kernel, stride=2, name=f"deconv_{index}")(x)
+    if mode == "transpose_subpixel":
+        if kernel != 4:
+            raise ValueError(f"transpose_subpixel upsampling needs kernel 4, got {kernel}")
+        return SubpixelTranspose(channels, name=f"deconv_{index}")(x)
+    if mode != "depth_to_space":
+        raise ValueError(f"upsample={mode!r} must be one of {', '.join(UPSAMPLES)}")
+    if kernel % 2:
+        raise ValueError(f"depth_to_space upsampling needs an even kernel, got {kernel}")
+    stddev = 1.0 / math.sqrt(kernel**2 * x.shape[-1])
+    conv = hk.Conv2D(
+        4 * channels,
+        kernel // 2,
+        w_init=hk.initializers.TruncatedNormal(stddev=stddev),
+        name=f"upsample_{index}",
+    )
+    return depth_to_space(conv(x), 2)
+
+
 class ConvDecoder(hk.Module):
     """Features `[..., F]` -> image `[..., H, W, C]` in [0, 1] units (unclipped), mirroring
-    `ConvEncoder` with stride-2 transposed convs."""
+    `ConvEncoder` with stride-2 upsampling layers (`upsample`, one of `UPSAMPLES`)."""
 
     def __init__(
         self,
@@ -179,6 +275,7 @@ class ConvDecoder(hk.Module):
         depth: int = 16,
         min_resolution: int = 4,
         kernel: int = 4,
+        upsample: str = "transpose_subpixel",
         name: Optional[str] = None,
     ):
         super().__init__(name=name)
@@ -186,10 +283,13 @@ class ConvDecoder(hk.Module):
         height, width, _ = self._output_shape
         if height != width:
             raise ValueError(f"ConvDecoder needs square images, got {self._output_shape}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"upsample={upsample!r} must be one of {', '.join(UPSAMPLES)}")
         self._layers = _num_stride_layers(height, min_resolution)
         self._depth = depth
         self._min_resolution = min_resolution
         self._kernel = kernel
+        self._upsample = upsample
 
     def __call__(self, features: chex.Array) -> jax.Array:
         lead = features.shape[:-1]
@@ -200,10 +300,9 @@ class ConvDecoder(hk.Module):
         )
         x = _norm_act(x.reshape(-1, r, r, channels[-1]), name="project_norm")
         for i in reversed(range(1, self._layers)):
-            deconv = hk.Conv2DTranspose(channels[i - 1], self._kernel, stride=2, name=f"deconv_{i}")
-            x = _norm_act(deconv(x), name=f"norm_{i}")
-        output = hk.Conv2DTranspose(self._output_shape[-1], self._kernel, stride=2, name="deconv_0")
-        x = output(x) + 0.5
+            x = upsample(x, channels[i - 1], self._kernel, self._upsample, i)
+            x = _norm_act(x, name=f"norm_{i}")
+        x = upsample(x, self._output_shape[-1], self._kernel, self._upsample, 0) + 0.5
         return x.reshape(lead + self._output_shape)
 
 
@@ -259,20 +358,27 @@ class ObservationDecoder(hk.Module):
         depth: int = 16,
         hidden_sizes: Sequence[int] = (128, 128),
         min_resolution: int = 4,
+        upsample: str = "transpose_subpixel",
         name: Optional[str] = None,
     ):
+        """`upsample`: how the image decoder doubles its resolution (`UPSAMPLES`)."""
         super().__init__(name=name)
         self._shapes = {k: tuple(observation_shapes[k]) for k in agent_keys(observation_shapes)}
         self._depth = depth
         self._hidden_sizes = tuple(hidden_sizes)
         self._min_resolution = min_resolution
+        self._upsample = upsample
 
     def __call__(self, features: chex.Array) -> dict[str, jax.Array]:
         predictions = {}
         for key, shape in self._shapes.items():
             if key == IMAGE_KEY:
                 decoder = ConvDecoder(
-                    shape, self._depth, self._min_resolution, name="image_decoder"
+                    shape,
+                    self._depth,
+                    self._min_resolution,
+                    upsample=self._upsample,
+                    name="image_decoder",
                 )
             else:
                 decoder = MLP(self._hidden_sizes, output_size=shape[-1], name="vector_decoder")

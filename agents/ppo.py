@@ -593,7 +593,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: PPOConfig) -> base.Agent:
     return base.Agent(
         "ppo",
         config,
-        functools.partial(init, nets),
+        jax.jit(functools.partial(init, nets)),
         initial_carry,
         functools.partial(act, nets),
         functools.partial(update, nets, config),

@@ -28,6 +28,7 @@ def make(env_spec: acme_specs.EnvironmentSpec, config: RandomConfig) -> base.Age
     action_spec = env_spec.actions
     discrete = isinstance(action_spec, specs.DiscreteArray)
 
+    @jax.jit
     def init(rng):
         del rng
         return RandomState(jnp.zeros((), jnp.int32))

@@ -114,7 +114,12 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
     decoder = None
     if config.decoder:
         decoder = networks.ObservationDecoder(
-            observation_shapes, config.encoder_depth, hidden, config.min_resolution, name="decoder"
+            observation_shapes,
+            config.encoder_depth,
+            hidden,
+            config.min_resolution,
+            upsample=config.decoder_upsample,
+            name="decoder",
         )
 
     # Projection heads exist only for the self-supervised terms that are on.

@@ -119,6 +119,18 @@ class WorldModelConfig:
     """Two-hot bins of the reward head, evenly spaced in symlog space over [-20, 20]."""
     decoder: bool = True
     """Whether the model has an observation decoder (needed by the reconstruction loss)."""
+    decoder_upsample: Literal["transpose", "transpose_subpixel", "depth_to_space"] = (
+        "transpose_subpixel"
+    )
+    """How the image decoder doubles its resolution at each layer (`networks.upsample`):
+    `transpose_subpixel` (default), a stride-2 transposed conv (kernel 4) computed as a
+    stride-1 conv and a pixel shuffle, ~4x faster fwd+bwd on XLA's CPU backend; `transpose`,
+    the same layer (same parameters and initial values, same outputs up to rounding: trained
+    side by side they learned identically, `benchmarks/configs/decoder_upsample.yaml`) as
+    `hk.Conv2DTranspose`; `depth_to_space`, a stride-1 conv of kernel 2 to 4x the channels and
+    a pixel shuffle: its own parameters (as many, the same FLOPs, every position of a 2x2
+    output block reading the same 2x2 input patch), a little faster still, but it
+    reconstructed worse in that comparison."""
     losses: LossConfig = dataclasses.field(default_factory=LossConfig)
     """Loss scales and free bits."""
 

@@ -65,11 +65,13 @@ def test_two_hot_loss_trains_towards_target():
     np.testing.assert_allclose(networks.two_hot_decode(logits, bins), targets, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("upsample", networks.UPSAMPLES)
 @pytest.mark.parametrize("size", [16, 64])
-def test_conv_encoder_decoder_shapes(size):
+def test_conv_encoder_decoder_shapes(size, upsample):
     def forward(image):
         features = networks.ConvEncoder(depth=4)(image)
-        return features, networks.ConvDecoder((size, size, 3), depth=4)(features)
+        decoder = networks.ConvDecoder((size, size, 3), depth=4, upsample=upsample)
+        return features, decoder(features)
 
     model = hk.without_apply_rng(hk.transform(forward))
     image = jnp.zeros((2, 3, size, size, 3), jnp.uint8)
@@ -78,6 +80,79 @@ def test_conv_encoder_decoder_shapes(size):
     layers = {16: 2, 64: 4}[size]
     assert features.shape == (2, 3, 4 * 4 * 4 * 2 ** (layers - 1))
     assert reconstruction.shape == (2, 3, size, size, 3)
+
+
+def test_depth_to_space_fills_each_patch_from_one_pixel():
+    # Pixel (i, j) with channels (dy * 2 + dx) * C + c lands at (2i + dy, 2j + dx, c).
+    x = jnp.arange(2 * 3 * 3 * 8, dtype=jnp.float32).reshape(2, 3, 3, 8)
+    y = networks.depth_to_space(x, 2)
+    assert y.shape == (2, 6, 6, 2)
+    for dy in range(2):
+        for dx in range(2):
+            block = (dy * 2 + dx) * 2
+            np.testing.assert_array_equal(y[:, dy::2, dx::2, :], x[..., block : block + 2])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        networks.depth_to_space(jnp.zeros((1, 2, 2, 6)), 2)
+
+
+def test_depth_to_space_upsample_equals_transposed_conv_it_rearranges():
+    # A kernel-2 stride-2 transposed conv writes each input pixel to its own 2x2 block: the
+    # depth_to_space layer of kernel 2 (a 1x1 conv) computes it exactly with the weights
+    # rearranged, which pins down its pixel order. Same weight count at kernel 4.
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 3, 5))
+
+    def layer(mode, kernel):
+        return hk.without_apply_rng(
+            hk.transform(lambda x: networks.upsample(x, 4, kernel, mode, index=0))
+        )
+
+    transposed = layer("transpose", 2)
+    params = transposed.init(jax.random.PRNGKey(0), x)["deconv_0"]
+    # Conv2DTranspose weights are [kh, kw, out, in] applied flipped.
+    weights = jnp.transpose(params["w"][::-1, ::-1], (3, 0, 1, 2)).reshape(1, 1, 5, 16)
+    shuffled = {"upsample_0": {"w": weights, "b": jnp.tile(params["b"], 4)}}
+    np.testing.assert_allclose(
+        layer("depth_to_space", 2).apply(shuffled, x),
+        transposed.apply({"deconv_0": params}, x),
+        atol=1e-5,
+    )
+    sizes = {}
+    for mode in networks.UPSAMPLES:
+        shapes = jax.eval_shape(layer(mode, 4).init, jax.random.PRNGKey(0), x)
+        (weight,) = [leaf for leaf in jax.tree.leaves(shapes) if leaf.ndim == 4]
+        sizes[mode] = weight.size
+    assert sizes["transpose"] == sizes["depth_to_space"] == 4 * 4 * 5 * 4
+
+
+@pytest.mark.parametrize("size", [1, 4, 5])
+def test_subpixel_transpose_is_the_transposed_conv(size):
+    # Same parameters and initial values (the same key gives the same tree), same outputs
+    # for any weights.
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size, 6))
+
+    def layer(mode):
+        return hk.without_apply_rng(hk.transform(lambda x: networks.upsample(x, 3, 4, mode, 2)))
+
+    params = layer("transpose").init(jax.random.PRNGKey(0), x)
+    same = layer("transpose_subpixel").init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, same) == {
+        "deconv_2": {"w": True, "b": True}
+    }
+    noise = jax.random.normal(jax.random.PRNGKey(5), params["deconv_2"]["w"].shape)
+    params = {"deconv_2": {"w": noise, "b": jnp.arange(3.0)}}
+    expected = layer("transpose").apply(params, x)
+    assert expected.shape == (2, 2 * size, 2 * size, 3)
+    np.testing.assert_allclose(layer("transpose_subpixel").apply(params, x), expected, atol=1e-4)
+
+
+def test_upsample_rejects_unknown_modes_and_odd_kernels():
+    x = jnp.zeros((1, 2, 2, 3))
+    with pytest.raises(ValueError, match="transpose, transpose_subpixel, depth_to_space"):
+        hk.transform(lambda x: networks.upsample(x, 4, 4, "bilinear", 0)).init(None, x)
+    with pytest.raises(ValueError, match="even kernel"):
+        hk.transform(lambda x: networks.upsample(x, 4, 3, "depth_to_space", 0)).init(None, x)
+    with pytest.raises(ValueError, match="kernel 4"):
+        hk.transform(lambda x: networks.upsample(x, 4, 2, "transpose_subpixel", 0)).init(None, x)
 
 
 def test_conv_encoder_rejects_unsupported_sizes():
