@@ -194,22 +194,12 @@ def test_a_restored_copy_continues_the_episode_exactly():
     assert state_checks.assert_same_future(original, copy, actions) >= 2
 
 
-def _crafter_trial(out, *extra):
-    return [
-        sys.executable, "-m", "mbxfer", "run", "--agent", "random", "--env", "crafter",
-        "--task", "reward", "--steps", "800", "--seed", "0", "--out", str(out), "--no-progress",
-        "--set", "env.num_envs=2", "--set", "env.workers=true", "--set", "train.eval_every=400",
-        "--set", "train.eval_episodes=2", "--set", "train.checkpoint_every=200",
-        *extra,
-    ]  # fmt: skip
-
-
-def _log(path):
-    drop = ("env_steps_per_second",)
-    return [
-        {k: v for k, v in json.loads(line).items() if k not in drop}
-        for line in path.read_text().splitlines()
-    ]
+_CRAFTER_TRIAL = (
+    "--agent", "random", "--env", "crafter", "--task", "reward", "--steps", "800",
+    "--seed", "0", "--set", "env.num_envs=2", "--set", "env.workers=true",
+    "--set", "train.eval_every=400", "--set", "train.eval_episodes=2",
+    "--set", "train.checkpoint_every=200",
+)  # fmt: skip
 
 
 def test_checkpoints_do_not_reset_crafter_and_a_stopped_trial_resumes_mid_episode(tmp_path):
@@ -234,14 +224,14 @@ def test_checkpoints_do_not_reset_crafter_and_a_stopped_trial_resumes_mid_episod
     assert trial("stopped", stop_after=200) == {"stopped_at": 200}
     assert trial("stopped") == uninterrupted
     assert uninterrupted["phases"][0]["checkpoints"] == "continued episodes"
-    for log in ("episodes.jsonl", "eval.jsonl", "metrics.jsonl"):
-        assert _log(tmp_path / "stopped" / log) == _log(tmp_path / "uninterrupted" / log), log
+    logs = {
+        name: state_checks.logs(tmp_path / name) for name in ("uninterrupted", "stopped", "plain")
+    }
+    assert logs["stopped"] == logs["uninterrupted"]
     for log in ("episodes.jsonl", "eval.jsonl"):
-        assert _log(tmp_path / "plain" / log) == _log(tmp_path / "uninterrupted" / log), log
+        assert logs["plain"][log] == logs["uninterrupted"][log], log
     # Some episode ran through a checkpoint (every 200 steps of the batch, 100 per env).
-    ends = [
-        (e["total_env_steps"], e["length"]) for e in _log(tmp_path / "plain" / "episodes.jsonl")
-    ]
+    ends = [(e["total_env_steps"], e["length"]) for e in logs["plain"]["episodes.jsonl"]]
     assert any(end // 200 != (end - 2 * length) // 200 for end, length in ends)
 
 
@@ -252,9 +242,10 @@ def test_a_killed_crafter_trial_resumes_mid_episode_to_the_uninterrupted_result(
     import signal
     import time
 
-    subprocess.run(_crafter_trial(tmp_path / "uninterrupted"), check=True, capture_output=True)
+    state_checks.run_trial(tmp_path / "uninterrupted", *_CRAFTER_TRIAL)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_crafter_trial(killed), stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "mbxfer", "run", "--out", str(killed), "--no-progress"]
+    process = subprocess.Popen([*command, *_CRAFTER_TRIAL], stderr=subprocess.PIPE, text=True)
     pointer, deadline = killed / "checkpoints" / "latest", time.time() + 300
     while time.time() < deadline and process.poll() is None and not pointer.exists():
         time.sleep(0.01)
@@ -262,8 +253,7 @@ def test_a_killed_crafter_trial_resumes_mid_episode_to_the_uninterrupted_result(
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "done.json").exists()
-    subprocess.run(_crafter_trial(killed), check=True, capture_output=True)
+    state_checks.run_trial(killed, *_CRAFTER_TRIAL)
     done = json.loads((tmp_path / "uninterrupted" / "done.json").read_text())
     assert done["phases"][0]["checkpoints"] == "continued episodes"
-    for log in ("episodes.jsonl", "eval.jsonl", "metrics.jsonl"):
-        assert _log(killed / log) == _log(tmp_path / "uninterrupted" / log), log
+    assert state_checks.logs(killed) == state_checks.logs(tmp_path / "uninterrupted")

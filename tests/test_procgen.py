@@ -3,6 +3,7 @@
 import dm_env
 import numpy as np
 import pytest
+import state_checks
 from gymnasium.utils.env_checker import check_env
 
 from mbxfer.envs import base, optional, procgen, registry, vector, wrappers
@@ -133,8 +134,6 @@ def test_every_game_runs(game, mode):
 def test_a_procgen_trial_is_reproducible_and_its_checkpoints_reseed_exactly(tmp_path):
     """envpool cannot save its games: checkpoints reseed them (done.json says so), and a trial
     stopped after a checkpoint and resumed writes the logs of two uninterrupted ones."""
-    import json
-
     from mbxfer.benchmarks import config as config_lib
     from mbxfer.benchmarks import runner
 
@@ -145,15 +144,6 @@ def test_a_procgen_trial_is_reproducible_and_its_checkpoints_reseed_exactly(tmp_
     ]  # fmt: skip
     config = config_lib.build(config_lib.parse_overrides(overrides))
 
-    def logs(folder):
-        return {
-            name: [
-                {k: v for k, v in json.loads(line).items() if k != "env_steps_per_second"}
-                for line in (folder / name).read_text().splitlines()
-            ]
-            for name in ("metrics.jsonl", "episodes.jsonl")
-        }
-
     first = runner.run(config, tmp_path / "first", progress=False)
     assert runner.run(config, tmp_path / "second", progress=False) == first
     assert runner.run(config, tmp_path / "resumed", progress=False, stop_after=200) == {
@@ -161,5 +151,5 @@ def test_a_procgen_trial_is_reproducible_and_its_checkpoints_reseed_exactly(tmp_
     }
     assert runner.run(config, tmp_path / "resumed", progress=False) == first
     assert first["phases"][0]["checkpoints"].startswith("reset environments (envpool")
-    assert logs(tmp_path / "second") == logs(tmp_path / "first")
-    assert logs(tmp_path / "resumed") == logs(tmp_path / "first")
+    assert state_checks.logs(tmp_path / "second") == state_checks.logs(tmp_path / "first")
+    assert state_checks.logs(tmp_path / "resumed") == state_checks.logs(tmp_path / "first")
