@@ -141,6 +141,110 @@ def _num_stride_layers(size: int, min_resolution: int) -> int:
     return layers
 
 
+CONV_IMPLS = ("matmul", "xla")
+"""How the encoder's strided convs and the sub-pixel decoder's convs are computed (`conv`):
+`matmul`, patches gathered by slicing and one matrix multiply (`conv2d`); `xla`, XLA's
+convolution. The same function up to float rounding, with the same parameters."""
+
+
+def space_to_depth(x: chex.Array, block: int = 2) -> jax.Array:
+    """`[N, H, W, C]` -> `[N, H / block, W / block, block * block * C]`, the inverse of
+    `depth_to_space` (channel index `(dy * block + dx) * C + c`)."""
+    n, height, width, channels = x.shape
+    x = x.reshape(n, height // block, block, width // block, block, channels)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
+    return x.reshape(n, height // block, width // block, block * block * channels)
+
+
+def conv2d(
+    x: chex.Array,
+    w: chex.Array,
+    stride: int,
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    impl: str = "matmul",
+) -> jax.Array:
+    """A 2-D convolution `[N, H, W, I]` x `[kh, kw, I, O]` -> `[N, H', W', O]` (NHWC, HWIO,
+    explicit `padding` per spatial axis, as `lax.conv_general_dilated`).
+
+    `impl="matmul"` computes it as im2col: the input padded, a stride-2 conv of even kernel
+    rewritten as a stride-1 conv of half the kernel over `space_to_depth` of the input (so the
+    patches are contiguous slices), the `kh * kw` shifted slices concatenated along channels
+    and one `[N H' W', kh kw I] x [kh kw I, O]` matrix multiply. Its gradient is slices, pads
+    and matrix multiplies too, where XLA's CPU backend computes a strided conv's input gradient
+    as a conv over a zero-dilated tensor and its kernel gradient as a dilated conv, both
+    several times slower than a matmul of the same FLOPs. `impl="xla"`: XLA's conv.
+    """
+    if impl == "xla":
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    if impl != "matmul":
+        raise ValueError(f"conv={impl!r} must be one of {', '.join(CONV_IMPLS)}")
+    (top, bottom), (left, right) = padding
+    x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    kh, kw, inputs, outputs = w.shape
+    if stride == 2:
+        # Output pixel i reads padded inputs 2i .. 2i + k - 1; in blocks of 2, blocks i ..
+        # i + k/2 - 1. Pad to whole blocks (the extra row/column is never read).
+        if kh % 2 or kw % 2:
+            raise ValueError(f"conv2d(impl='matmul') with stride 2 needs an even kernel: {w.shape}")
+        out_h, out_w = (x.shape[1] - kh) // 2 + 1, (x.shape[2] - kw) // 2 + 1
+        x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
+        x = space_to_depth(x, 2)
+        w = w.reshape(kh // 2, 2, kw // 2, 2, inputs, outputs)
+        w = jnp.transpose(w, (0, 2, 1, 3, 4, 5)).reshape(kh // 2, kw // 2, 4 * inputs, outputs)
+        kh, kw = kh // 2, kw // 2
+    elif stride == 1:
+        out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    else:
+        raise ValueError(f"conv2d(impl='matmul') supports strides 1 and 2, got {stride}")
+    n = x.shape[0]
+    patches = [x[:, dy : dy + out_h, dx : dx + out_w] for dy in range(kh) for dx in range(kw)]
+    patches = jnp.concatenate(patches, axis=-1) if len(patches) > 1 else patches[0]
+    out = patches.reshape(n * out_h * out_w, -1) @ w.reshape(-1, outputs)
+    return out.reshape(n, out_h, out_w, outputs)
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """XLA's (and `hk.Conv2D`'s) SAME padding of one axis: `(before, after)`."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2D(hk.Module):
+    """`hk.Conv2D(channels, kernel, stride)` with padding SAME, computed by `conv2d` (`impl`):
+    the same parameters (`w` `[k, k, I, O]`, `b` `[O]`), initializers and so initial values."""
+
+    def __init__(
+        self,
+        channels: int,
+        kernel: int,
+        stride: int = 1,
+        impl: str = "matmul",
+        w_init: Optional[hk.initializers.Initializer] = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(name=name)
+        self._channels = channels
+        self._kernel = kernel
+        self._stride = stride
+        self._impl = impl
+        self._w_init = w_init
+
+    def __call__(self, x: chex.Array) -> jax.Array:
+        inputs = x.shape[-1]
+        # hk.Conv2D's default initializer.
+        w_init = self._w_init or hk.initializers.TruncatedNormal(
+            stddev=1.0 / math.sqrt(self._kernel * self._kernel * inputs)
+        )
+        shape = (self._kernel, self._kernel, inputs, self._channels)
+        w = hk.get_parameter("w", shape, x.dtype, init=w_init)
+        b = hk.get_parameter("b", (self._channels,), x.dtype, init=jnp.zeros)
+        padding = tuple(same_padding(size, self._kernel, self._stride) for size in x.shape[1:3])
+        return conv2d(x, w, self._stride, padding, self._impl) + b
+
+
 class ConvEncoder(hk.Module):
     """uint8 image `[..., H, W, C]` -> `[..., E]` by stride-2 convs with channels `depth * 2**i`.
 
@@ -148,12 +252,21 @@ class ConvEncoder(hk.Module):
     """
 
     def __init__(
-        self, depth: int = 16, min_resolution: int = 4, kernel: int = 4, name: Optional[str] = None
+        self,
+        depth: int = 16,
+        min_resolution: int = 4,
+        kernel: int = 4,
+        conv: str = "matmul",
+        name: Optional[str] = None,
     ):
+        """`conv`: how the convs are computed (`CONV_IMPLS`); the parameters are the same."""
         super().__init__(name=name)
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"conv={conv!r} must be one of {', '.join(CONV_IMPLS)}")
         self._depth = depth
         self._min_resolution = min_resolution
         self._kernel = kernel
+        self._conv = conv
 
     def __call__(self, image: chex.Array) -> jax.Array:
         if image.ndim < 3:
@@ -164,7 +277,9 @@ class ConvEncoder(hk.Module):
         lead = image.shape[:-3]
         x = image_to_float(image).reshape((-1,) + image.shape[-3:]) - 0.5
         for i in range(_num_stride_layers(height, self._min_resolution)):
-            conv = hk.Conv2D(self._depth * 2**i, self._kernel, stride=2, name=f"conv_{i}")
+            conv = Conv2D(
+                self._depth * 2**i, self._kernel, stride=2, impl=self._conv, name=f"conv_{i}"
+            )
             x = _norm_act(conv(x), name=f"norm_{i}")
         return x.reshape(lead + (-1,))
 
@@ -204,9 +319,11 @@ class SubpixelTranspose(hk.Module):
     """`TAPS[t][q]`: the row (column) of `w` at tap `t` of the stride-1 conv for the
     shuffled phase `q` (`q = 1 - p`, the crop shifts the phases by one)."""
 
-    def __init__(self, channels: int, name: Optional[str] = None):
+    def __init__(self, channels: int, conv: str = "matmul", name: Optional[str] = None):
+        """`conv`: how the stride-1 conv is computed (`CONV_IMPLS`)."""
         super().__init__(name=name)
         self._channels = channels
+        self._conv = conv
 
     def __call__(self, x: chex.Array) -> jax.Array:
         n, height, width, inputs = x.shape
@@ -221,16 +338,21 @@ class SubpixelTranspose(hk.Module):
         taps = jnp.asarray(self.TAPS)
         kernel = w[taps[:, :, None, None], taps[None, None, :, :]]  # [ty, qy, tx, qx, O, I]
         kernel = jnp.transpose(kernel, (0, 2, 5, 1, 3, 4)).reshape(2, 2, inputs, -1)
-        # One pixel before each axis; SAME adds the one after (XLA's CPU backend runs SAME
-        # convs faster than VALID ones, whose input gradient needs padding on both sides).
-        padded = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
-        phases = jax.lax.conv_general_dilated(
-            padded, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        if self._conv == "matmul":
+            phases = conv2d(x, kernel, 1, ((1, 1), (1, 1)), "matmul")
+        else:
+            # One pixel before each axis; SAME adds the one after (XLA's CPU backend runs SAME
+            # convs faster than VALID ones, whose input gradient needs padding on both sides).
+            padded = jnp.pad(x, ((0, 0), (1, 0), (1, 0), (0, 0)))
+            phases = jax.lax.conv_general_dilated(
+                padded, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
         return depth_to_space(phases, 2)[:, 1 : 2 * height + 1, 1 : 2 * width + 1] + b
 
 
-def upsample(x: chex.Array, channels: int, kernel: int, mode: str, index: int) -> jax.Array:
+def upsample(
+    x: chex.Array, channels: int, kernel: int, mode: str, index: int, conv: str = "matmul"
+) -> jax.Array:
     """`[N, H, W, I]` -> `[N, 2H, 2W, channels]`: the decoder's stride-2 upsampling layer.
 
     `transpose`: `hk.Conv2DTranspose(channels, kernel, stride=2)`, named `deconv_{index}`.
@@ -243,26 +365,27 @@ def upsample(x: chex.Array, channels: int, kernel: int, mode: str, index: int) -
     read patches shifted by one pixel). Its weights start with the transposed conv's standard
     deviation (`1 / sqrt(kernel**2 * I)`), so both start at the same output scale. XLA's CPU
     backend runs both stride-1 forms several times faster than the zero-dilated conv it makes
-    of a transposed one.
+    of a transposed one. `conv` (`CONV_IMPLS`) computes the stride-1 convs of both.
     """
     if mode == "transpose":
         return hk.Conv2DTranspose(channels, kernel, stride=2, name=f"deconv_{index}")(x)
     if mode == "transpose_subpixel":
         if kernel != 4:
             raise ValueError(f"transpose_subpixel upsampling needs kernel 4, got {kernel}")
-        return SubpixelTranspose(channels, name=f"deconv_{index}")(x)
+        return SubpixelTranspose(channels, conv, name=f"deconv_{index}")(x)
     if mode != "depth_to_space":
         raise ValueError(f"upsample={mode!r} must be one of {', '.join(UPSAMPLES)}")
     if kernel % 2:
         raise ValueError(f"depth_to_space upsampling needs an even kernel, got {kernel}")
     stddev = 1.0 / math.sqrt(kernel**2 * x.shape[-1])
-    conv = hk.Conv2D(
+    layer = Conv2D(
         4 * channels,
         kernel // 2,
+        impl=conv,
         w_init=hk.initializers.TruncatedNormal(stddev=stddev),
         name=f"upsample_{index}",
     )
-    return depth_to_space(conv(x), 2)
+    return depth_to_space(layer(x), 2)
 
 
 class ConvDecoder(hk.Module):
@@ -276,8 +399,11 @@ class ConvDecoder(hk.Module):
         min_resolution: int = 4,
         kernel: int = 4,
         upsample: str = "transpose_subpixel",
+        conv: str = "matmul",
         name: Optional[str] = None,
     ):
+        """`conv`: how the stride-1 convs of the sub-pixel upsamplings are computed
+        (`CONV_IMPLS`; `upsample="transpose"` is always XLA's transposed conv)."""
         super().__init__(name=name)
         self._output_shape = tuple(output_shape)
         height, width, _ = self._output_shape
@@ -285,6 +411,9 @@ class ConvDecoder(hk.Module):
             raise ValueError(f"ConvDecoder needs square images, got {self._output_shape}")
         if upsample not in UPSAMPLES:
             raise ValueError(f"upsample={upsample!r} must be one of {', '.join(UPSAMPLES)}")
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"conv={conv!r} must be one of {', '.join(CONV_IMPLS)}")
+        self._conv = conv
         self._layers = _num_stride_layers(height, min_resolution)
         self._depth = depth
         self._min_resolution = min_resolution
@@ -300,9 +429,10 @@ class ConvDecoder(hk.Module):
         )
         x = _norm_act(x.reshape(-1, r, r, channels[-1]), name="project_norm")
         for i in reversed(range(1, self._layers)):
-            x = upsample(x, channels[i - 1], self._kernel, self._upsample, i)
+            x = upsample(x, channels[i - 1], self._kernel, self._upsample, i, self._conv)
             x = _norm_act(x, name=f"norm_{i}")
-        x = upsample(x, self._output_shape[-1], self._kernel, self._upsample, 0) + 0.5
+        x = upsample(x, self._output_shape[-1], self._kernel, self._upsample, 0, self._conv)
+        x = x + 0.5
         return x.reshape(lead + self._output_shape)
 
 
@@ -328,18 +458,23 @@ class ObservationEncoder(hk.Module):
         depth: int = 16,
         hidden_sizes: Sequence[int] = (128, 128),
         min_resolution: int = 4,
+        conv: str = "matmul",
         name: Optional[str] = None,
     ):
+        """`conv`: how the image encoder's convs are computed (`CONV_IMPLS`)."""
         super().__init__(name=name)
         self._depth = depth
         self._hidden_sizes = tuple(hidden_sizes)
         self._min_resolution = min_resolution
+        self._conv = conv
 
     def __call__(self, observation: Mapping[str, chex.Array]) -> jax.Array:
         embeddings = []
         for key in agent_keys(observation):
             if key == IMAGE_KEY:
-                encoder = ConvEncoder(self._depth, self._min_resolution, name="image_encoder")
+                encoder = ConvEncoder(
+                    self._depth, self._min_resolution, conv=self._conv, name="image_encoder"
+                )
             else:
                 encoder = VectorEncoder(self._hidden_sizes, name="vector_encoder")
             embeddings.append(encoder(observation[key]))
@@ -359,15 +494,18 @@ class ObservationDecoder(hk.Module):
         hidden_sizes: Sequence[int] = (128, 128),
         min_resolution: int = 4,
         upsample: str = "transpose_subpixel",
+        conv: str = "matmul",
         name: Optional[str] = None,
     ):
-        """`upsample`: how the image decoder doubles its resolution (`UPSAMPLES`)."""
+        """`upsample`: how the image decoder doubles its resolution (`UPSAMPLES`); `conv`:
+        how its convs are computed (`CONV_IMPLS`)."""
         super().__init__(name=name)
         self._shapes = {k: tuple(observation_shapes[k]) for k in agent_keys(observation_shapes)}
         self._depth = depth
         self._hidden_sizes = tuple(hidden_sizes)
         self._min_resolution = min_resolution
         self._upsample = upsample
+        self._conv = conv
 
     def __call__(self, features: chex.Array) -> dict[str, jax.Array]:
         predictions = {}
@@ -378,6 +516,7 @@ class ObservationDecoder(hk.Module):
                     self._depth,
                     self._min_resolution,
                     upsample=self._upsample,
+                    conv=self._conv,
                     name="image_decoder",
                 )
             else:

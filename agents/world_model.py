@@ -106,7 +106,7 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
     """The Haiku multi-transform body: one set of modules shared by every function."""
     hidden = [config.hidden] * config.mlp_layers
     encoder = networks.ObservationEncoder(
-        config.encoder_depth, hidden, config.min_resolution, name="encoder"
+        config.encoder_depth, hidden, config.min_resolution, conv=config.conv, name="encoder"
     )
     core = latent.make_core(config)
     reward_head = networks.MLP(hidden, config.reward_bins, zero_output=True, name="reward_head")
@@ -119,6 +119,7 @@ def _build(config: WorldModelConfig, observation_shapes: Mapping[str, tuple[int,
             hidden,
             config.min_resolution,
             upsample=config.decoder_upsample,
+            conv=config.conv,
             name="decoder",
         )
 

@@ -131,6 +131,13 @@ class WorldModelConfig:
     a pixel shuffle: its own parameters (as many, the same FLOPs, every position of a 2x2
     output block reading the same 2x2 input patch), a little faster still, but it
     reconstructed worse in that comparison."""
+    conv: Literal["matmul", "xla"] = "matmul"
+    """How the image encoder's stride-2 convs and the decoder's sub-pixel convs are computed
+    (`networks.conv2d`): `matmul` (default), im2col, patches gathered by slicing and one
+    matrix multiply, whose gradient is matrix multiplies too; `xla`, XLA's convolution, whose
+    input and kernel gradients of a strided conv run several times slower on XLA's CPU
+    backend. Same parameters and initial values, the same function up to float rounding
+    (`benchmarks/perf/peak.py` times both)."""
     losses: LossConfig = dataclasses.field(default_factory=LossConfig)
     """Loss scales and free bits."""
 

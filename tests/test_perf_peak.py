@@ -31,8 +31,12 @@ def test_unrolled_flops_count_every_trip_of_nested_scans():
     assert peak.unrolled_flops(gradient, x, w, compiled=True) >= 45 * matmul
 
 
-def test_every_decoder_is_timed():
+def test_every_decoder_and_conv_is_timed():
     assert peak.DECODERS == networks.UPSAMPLES
+    assert set(peak.CONVS) == set(networks.CONV_IMPLS)
+    assert {upsample for upsample, _ in peak.VARIANTS} == set(networks.UPSAMPLES)
+    assert {conv for _, conv in peak.VARIANTS} == set(networks.CONV_IMPLS)
+    assert peak.VARIANTS[0] == ("transpose", "xla")  # the original layers: the baseline
 
 
 def test_random_batch_has_the_replay_format():
@@ -57,5 +61,11 @@ def test_quick_benchmark_runs_every_part(capsys):
     assert names[0].startswith("dreamer update [transpose]")
     assert any(name.startswith("search") for name in names)
     assert all(row["gflop"] > 0 and row["seconds"] > 0 for row in result["rows"])
-    assert set(result["decoder_speedups"]) == {"transpose_subpixel", "depth_to_space"}
-    assert "Dreamer update speedup over transpose" in capsys.readouterr().out
+    assert set(result["decoder_speedups"]) == {
+        "transpose_subpixel, xla",
+        "transpose_subpixel, matmul",
+        "depth_to_space, matmul",
+    }
+    assert any(name.startswith("encoder fwd+bwd [xla]") for name in names)
+    assert any(name.startswith("muzero update [xla convs]") for name in names)
+    assert "Dreamer update speedup over [transpose, xla]" in capsys.readouterr().out

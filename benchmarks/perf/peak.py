@@ -29,8 +29,10 @@ batch in the replay format:
   reanalyse search (forward only, as in the update), and the optimizer step(s). Parts
   overlap (the world-model loss contains the encoder, filter and decoder), so shares of the
   update do not sum to 100%.
-* The Dreamer update with `transpose` vs `depth_to_space` decoders side by side (both in
-  every round); their ratio of medians is the decoder's end-to-end speedup.
+* The Dreamer update with each layer variant (`VARIANTS`: decoder upsampling x how the convs
+  are computed) side by side, all in every round; the ratio of medians of the first (the
+  original layers: `hk.Conv2DTranspose` decoder, XLA's convs) to each other is that
+  variant's end-to-end speedup. The MuZero update with XLA's convs is timed beside it too.
 
 Timing never happens in tests: `tests/test_perf_peak.py` runs `--quick` and the FLOP counting
 on small functions, asserting no time.
@@ -52,6 +54,16 @@ SETTINGS = ("crafter_1h", "quickstart")
 """Named settings: the Crafter agents of these specs in `benchmarks/configs`."""
 DECODERS = ("transpose", "transpose_subpixel", "depth_to_space")
 """`networks.UPSAMPLES`, the decoders timed side by side (a test checks they agree)."""
+CONVS = ("matmul", "xla")
+"""`networks.CONV_IMPLS`, how the convs are computed (a test checks they agree)."""
+VARIANTS = (
+    ("transpose", "xla"),
+    ("transpose_subpixel", "xla"),
+    ("transpose_subpixel", "matmul"),
+    ("depth_to_space", "matmul"),
+)
+"""(decoder_upsample, conv) pairs of the Dreamer update timed side by side; the first is the
+original layers, the baseline of the speedups."""
 MATMUL_SIZE = 4096
 
 
@@ -188,11 +200,17 @@ def quick_setting() -> Setting:
     )
 
 
-def with_decoder(config, upsample: str):
-    """`config` (an agent config with a `model`) with the decoder's upsampling `upsample`."""
+def with_decoder(config, upsample: str, conv: Optional[str] = None):
+    """`config` (an agent config with a `model`) with the decoder's upsampling `upsample` and
+    the convs computed by `conv` (unchanged when None)."""
+    conv = config.model.conv if conv is None else conv
     return dataclasses.replace(
-        config, model=dataclasses.replace(config.model, decoder_upsample=upsample)
+        config, model=dataclasses.replace(config.model, decoder_upsample=upsample, conv=conv)
     )
+
+
+def variant_label(upsample: str, conv: str) -> str:
+    return f"{upsample}, {conv}"
 
 
 def random_batch(env_spec, batch_size: int, length: int, seed: int = 0) -> dict[str, Any]:
@@ -267,8 +285,8 @@ def squared_norm_grad(function: Callable) -> Callable:
 
 
 def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
-    """The Dreamer update with each decoder, the parts of the configured one, and each
-    decoder's fwd+bwd (its share is of the update with that decoder)."""
+    """The Dreamer update with each of `VARIANTS`, the parts of the configured one, and each
+    variant's decoder fwd+bwd (its share is of the update with that variant)."""
     import jax
     import jax.numpy as jnp
 
@@ -277,16 +295,15 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
     from mbxfer.agents.world_model import make_world_model
 
     items = []
-    default = setting.dreamer.model.decoder_upsample
+    default = variant_label(setting.dreamer.model.decoder_upsample, setting.dreamer.model.conv)
     key = jax.random.PRNGKey(seed)
-    for upsample in DECODERS:
-        config = with_decoder(setting.dreamer, upsample)
+    for upsample, conv in VARIANTS:
+        config = with_decoder(setting.dreamer, upsample, conv)
         agent = agents.make("dreamer", setting.env_spec, config)
         state = agent.init(key)
-        label = f"dreamer update [{upsample}]" + (" (default)" if upsample == default else "")
-        items.append(
-            Measured(label, agent.update, (state, batch, key), group=f"dreamer/{upsample}")
-        )
+        variant = variant_label(upsample, conv)
+        label = f"dreamer update [{variant}]" + (" (default)" if variant == default else "")
+        items.append(Measured(label, agent.update, (state, batch, key), group=f"dreamer/{variant}"))
     config = setting.dreamer
     nets = dreamer.make_networks(setting.env_spec, config)
     model, ac = nets.model, config.actor_critic
@@ -330,7 +347,6 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
     )
     group = f"dreamer/{default}"
     parts = [
-        ("encoder fwd+bwd", squared_norm_grad(model.encode), (params, batch["observation"])),
         (
             "RSSM filtering fwd+bwd",
             squared_norm_grad(filtering),
@@ -354,9 +370,9 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
     ]
     items += [Measured(f"  {name}", fn, args, group=group) for name, fn, args in parts]
     if config.model.decoder:
-        for upsample in DECODERS:
+        for upsample, conv in VARIANTS:
             decoder_model = make_world_model(
-                with_decoder(config, upsample).model, setting.env_spec.observations,
+                with_decoder(config, upsample, conv).model, setting.env_spec.observations,
                 setting.env_spec.actions,
             )  # fmt: skip
             decoder_params = jax.jit(decoder_model.init)(key)
@@ -364,14 +380,29 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
             def decode(p, f, model=decoder_model):
                 return model.heads(p, f).observation
 
+            variant = variant_label(upsample, conv)
             items.append(
                 Measured(
-                    f"  decoder fwd+bwd [{upsample}]",
+                    f"  decoder fwd+bwd [{variant}]",
                     squared_norm_grad(decode),
                     (decoder_params, features),
-                    group=f"dreamer/{upsample}",
+                    group=f"dreamer/{variant}",
                 )
             )
+    for conv in CONVS:
+        encoder_model = make_world_model(
+            with_decoder(config, config.model.decoder_upsample, conv).model,
+            setting.env_spec.observations,
+            setting.env_spec.actions,
+        )
+        items.append(
+            Measured(
+                f"  encoder fwd+bwd [{conv}]",
+                squared_norm_grad(encoder_model.encode),
+                (jax.jit(encoder_model.init)(key), batch["observation"]),
+                group=f"dreamer/{variant_label(config.model.decoder_upsample, conv)}",
+            )
+        )
     return items
 
 
@@ -469,6 +500,18 @@ def muzero_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
         ("optimizer (Adam + target EMA)", optimizer, (state, grads)),
     ]
     items = [Measured("muzero update", agent.update, (state, batch, key), group="muzero")]
+    other = next(conv for conv in CONVS if conv != config.model.conv)
+    xla_agent = agents.make(
+        "muzero", setting.env_spec, with_decoder(config, config.model.decoder_upsample, other)
+    )
+    items.append(
+        Measured(
+            f"muzero update [{other} convs]",
+            xla_agent.update,
+            (xla_agent.init(key), batch, key),
+            group=f"muzero/{other}",
+        )
+    )
     items += [Measured(f"  {name}", fn, args, group="muzero") for name, fn, args in parts]
     return items
 
@@ -595,11 +638,12 @@ def run_setting(
         log(f"  round {round_index + 1}/{rounds} ({time.perf_counter() - start:.0f} s)")
     rows = summarize(items, peak)
     updates = {row["group"]: row for row in rows if not row["name"].startswith(" ")}
-    transpose = updates["dreamer/transpose"]
+    transpose = updates[f"dreamer/{variant_label(*VARIANTS[0])}"]
     speedups = {}
-    for upsample in DECODERS[1:]:
-        other = updates[f"dreamer/{upsample}"]
-        speedups[upsample] = {
+    for upsample, conv in VARIANTS[1:]:
+        variant = variant_label(upsample, conv)
+        other = updates[f"dreamer/{variant}"]
+        speedups[variant] = {
             "ratio_of_medians": transpose["seconds"] / other["seconds"],
             "by_round": [
                 a / b for a, b in zip(transpose["seconds_by_round"], other["seconds_by_round"])
@@ -613,7 +657,9 @@ def run_setting(
         "peak_gflop_per_s_by_round": [peak.flops / s / 1e9 for s in peak.seconds],
         "rows": rows,
         "decoder_speedups": speedups,
-        "default_decoder": setting.dreamer.model.decoder_upsample,
+        "default_decoder": variant_label(
+            setting.dreamer.model.decoder_upsample, setting.dreamer.model.conv
+        ),
     }
 
 
@@ -628,13 +674,14 @@ def report(result: dict[str, Any]) -> str:
         f"{result['peak_gflop_per_s']:.1f} GFLOP/s (median; rounds {min(peaks):.0f}-"
         f"{max(peaks):.0f})",
         format_rows(result["rows"]),
-        "Dreamer update speedup over transpose (ratio of median seconds; per round):",
+        f"Dreamer update speedup over [{variant_label(*VARIANTS[0])}] (ratio of median "
+        "seconds; per round):",
     ]
-    for upsample, speedup in result["decoder_speedups"].items():
+    for variant, speedup in result["decoder_speedups"].items():
         rounds = ", ".join(f"{r:.2f}" for r in speedup["by_round"])
-        lines.append(f"  {upsample:20s} {speedup['ratio_of_medians']:.2f}x ({rounds})")
+        lines.append(f"  {variant:28s} {speedup['ratio_of_medians']:.2f}x ({rounds})")
     lines.append(
-        f"Default decoder {default}: the Dreamer update reaches "
+        f"Default layers [{default}]: the Dreamer update reaches "
         f"{updates[f'dreamer/{default}']['percent_of_peak']:.1f}% of the matmul peak; the MuZero "
         f"update {updates['muzero']['percent_of_peak']:.1f}%"
     )
