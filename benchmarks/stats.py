@@ -246,8 +246,9 @@ def transfer_metrics(trials: list[TrialRecord]) -> dict[str, dict]:
         mode = headline_mode(trial.config)
         threshold = (trial.config.get("protocol") or {}).get("threshold")
         phase = next((e["phase"] for e in trial.evals if e.get("phase_index", 0) == last), "")
+        eval_set = ((trial.done or {}).get("transfer") or {}).get("eval_set", "eval")
         for key, metrics in transfer.against_twin(
-            trial.evals, last, twin.evals, score, mode, threshold
+            trial.evals, last, twin.evals, score, mode, threshold, eval_set
         ).items():
             label = phase if key == score else f"{phase} ({key})"
             out.setdefault(trial.trial_id, {})[label] = metrics

@@ -92,22 +92,28 @@ def curve(
 
 
 def matched_episodes(
-    records: list[dict], phase_index: int, twin: list[dict], twin_phase: int, mode: str
+    records: list[dict],
+    phase_index: int,
+    twin: list[dict],
+    twin_phase: int,
+    mode: str,
+    eval_set: str = "eval",
 ) -> Optional[bool]:
     """Whether two curves were evaluated on the same episodes: equal `start_digest` at every
-    step both evaluated (None when the records carry no digests, as older ones do not)."""
+    step both evaluated (None when the records carry no digests, as older ones do not).
+    `eval_set` is the set of `records` compared with the twin's `eval`."""
 
-    def digests(lines, phase):
+    def digests(lines, phase, name):
         return {
             r["env_steps"]: r["start_digest"]
             for r in lines
             if r.get("phase_index", 0) == phase
-            and r.get("eval_set", "eval") == "eval"
+            and r.get("eval_set", "eval") == name
             and r.get("mode", mode) == mode
             and "start_digest" in r
         }
 
-    mine, theirs = digests(records, phase_index), digests(twin, twin_phase)
+    mine, theirs = digests(records, phase_index, eval_set), digests(twin, twin_phase, "eval")
     common = set(mine) & set(theirs)
     if not common:
         return None
@@ -121,24 +127,49 @@ def against_twin(
     score: str,
     mode: str,
     threshold: Optional[float] = None,
+    eval_set: str = "eval",
 ) -> dict[str, dict]:
-    """Transfer metrics of `records`' phase `phase_index` against the scratch `twin`'s phase 0,
-    by score: `{score: metrics}`, plus `{"return_mean": metrics}` for families scored by
-    something else (success rates are 0 for every agent at CPU budgets, so the return says
-    more). Each has `matched_episodes`; `threshold` is in the score's units, so only the score
-    gets steps to threshold. Scores with no evaluations on either side are left out."""
+    """Transfer metrics of `records`' phase `phase_index` (its evaluation set `eval_set`,
+    `twin_eval_set`) against the scratch `twin`'s phase 0 (its `eval` set), by score:
+    `{score: metrics}`, plus `{"return_mean": metrics}` for families scored by something else
+    (success rates are 0 for every agent at CPU budgets, so the return says more). Each has
+    `matched_episodes`; `threshold` is in the score's units, so only the score gets steps to
+    threshold. Scores with no evaluations on either side are left out."""
     out = {}
     for key in dict.fromkeys([score, "return_mean"]):
-        steps, values = curve(records, phase_index, key, mode=mode)
+        steps, values = curve(records, phase_index, key, eval_set=eval_set, mode=mode)
         twin_steps, twin_values = curve(twin, 0, key, mode=mode)
         if not steps or not twin_steps:
             continue
         metrics = compare(
             steps, values, twin_steps, twin_values, threshold if key == score else None
         )
-        metrics["matched_episodes"] = matched_episodes(records, phase_index, twin, 0, mode)
+        metrics["matched_episodes"] = matched_episodes(
+            records, phase_index, twin, 0, mode, eval_set
+        )
         out[key] = metrics
     return out
+
+
+def twin_eval_set(config) -> str:
+    """The evaluation set of `config`'s last phase that plays what its scratch twin's `eval`
+    set plays (the target task on the trial's `env.kwargs`): `eval` when the phase has it,
+    else the first set of the target task whose keywords (over the phase's) the trial's
+    `env.kwargs` already hold. task_generalization finetunes and evaluates on `train`/`test`
+    splits: when the trial's environment is the held-out side (`anand2022_metaworld.yaml`:
+    env `members: ML10/test`), its `test` set is what the scratch twin trained and was
+    scored on. `eval` when no set qualifies (the comparison then finds no evaluations)."""
+    from mbxfer.benchmarks import protocols
+
+    last = protocols.phases(config)[-1]
+    if not last.eval_sets or "eval" in last.eval_sets:
+        return "eval"
+    env = dict(config.env.kwargs)
+    for name, eval_set in last.eval_sets.items():
+        plays = {**env, **last.env_kwargs, **eval_set.kwargs}
+        if eval_set.task == config.env.task and plays == env:
+            return name
+    return "eval"
 
 
 def against_scratch(
@@ -151,13 +182,17 @@ def against_scratch(
         return {"status": "no finished scratch trial with the same settings next to this one"}
     theirs = TrialFolder(scratch).read("eval")
     mode = config.train.eval_modes[0]
-    by_score = against_twin(records, phase_index, theirs, score, mode, config.protocol.threshold)
+    eval_set = twin_eval_set(config)
+    by_score = against_twin(
+        records, phase_index, theirs, score, mode, config.protocol.threshold, eval_set
+    )
     if score not in by_score:
         return {"status": f"no {score} evaluations to compare"}
     out = {
         "phase": phase_name,
         "score": score,
         "mode": mode,
+        "eval_set": eval_set,
         "scratch_trial": scratch.name,
         **by_score[score],
     }

@@ -385,3 +385,27 @@ def test_twin_search_skips_folders_that_are_not_readable_trials(tmp_path):
         (tmp_path / name / "config.yaml").write_bytes(content)
         (tmp_path / name / "done.json").write_text("{}")
     assert transfer.matching_scratch(tmp_path, _config("muzero", "pretrain_finetune")) is None
+
+
+def test_task_generalization_finetuning_is_compared_with_scratch_on_the_held_out_side(tmp_path):
+    # The trial's environment is the held-out side (as anand2022_metaworld.yaml: env members
+    # ML10/test, train_kwargs ML10/train): its finetuning phase evaluates `train`/`test` sets,
+    # and `test` plays what the scratch twin trained and was scored on (#19).
+    held_out = ["env.kwargs={observation: vector, size: 5, start: random}"]
+    scratch = runner.run(
+        _config("random", "scratch", *held_out), tmp_path / "scratch", progress=False
+    )
+    assert "transfer" not in scratch
+    # PROTOCOL_ARGS: train_kwargs {start: center}, test_kwargs {start: random}.
+    config = _config("random", "task_generalization", *held_out, "protocol.carry=all")
+    assert transfer.twin_eval_set(config) == "test"
+    summary = runner.run(config, tmp_path / "generalized", progress=False)
+    metrics = summary["transfer"]
+    assert metrics["scratch_trial"] == "scratch" and metrics["eval_set"] == "test"
+    evals = _lines(tmp_path / "generalized" / "eval.jsonl")
+    first = [e for e in evals if e["phase"] == "finetune" and e["eval_set"] == "test"][0]
+    twin_first = _lines(tmp_path / "scratch" / "eval.jsonl")[0]
+    assert metrics["jumpstart"] == pytest.approx(first["return_mean"] - twin_first["return_mean"])
+    # A test split the trial's environment does not play has no scratch twin to compare with.
+    other = _config("random", "task_generalization", "protocol.carry=all")
+    assert transfer.twin_eval_set(other) == "eval"
