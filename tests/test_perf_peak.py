@@ -58,7 +58,7 @@ def test_random_batch_has_the_replay_format():
 def test_quick_benchmark_runs_every_part(capsys):
     (result,) = peak.main(["--quick", "--rounds", "1"])
     names = [row["name"].strip() for row in result["rows"]]
-    assert names[0].startswith("dreamer update [transpose]")
+    assert names[0].startswith("dreamer update [transpose, xla]")
     assert any(name.startswith("search") for name in names)
     assert all(row["gflop"] > 0 and row["seconds"] > 0 for row in result["rows"])
     assert set(result["decoder_speedups"]) == {
