@@ -147,6 +147,12 @@ CONV_IMPLS = ("matmul", "xla")
 convolution. The same function up to float rounding, with the same parameters."""
 
 
+def check_conv(conv: str) -> None:
+    """Raise a `ValueError` naming the choices unless `conv` is one of `CONV_IMPLS`."""
+    if conv not in CONV_IMPLS:
+        raise ValueError(f"conv={conv!r} must be one of {', '.join(CONV_IMPLS)}")
+
+
 def space_to_depth(x: chex.Array, block: int = 2) -> jax.Array:
     """`[N, H, W, C]` -> `[N, H / block, W / block, block * block * C]`, the inverse of
     `depth_to_space` (channel index `(dy * block + dx) * C + c`)."""
@@ -178,8 +184,7 @@ def conv2d(
         return jax.lax.conv_general_dilated(
             x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-    if impl != "matmul":
-        raise ValueError(f"conv={impl!r} must be one of {', '.join(CONV_IMPLS)}")
+    check_conv(impl)
     (top, bottom), (left, right) = padding
     x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
     kh, kw, inputs, outputs = w.shape
@@ -261,8 +266,7 @@ class ConvEncoder(hk.Module):
     ):
         """`conv`: how the convs are computed (`CONV_IMPLS`); the parameters are the same."""
         super().__init__(name=name)
-        if conv not in CONV_IMPLS:
-            raise ValueError(f"conv={conv!r} must be one of {', '.join(CONV_IMPLS)}")
+        check_conv(conv)
         self._depth = depth
         self._min_resolution = min_resolution
         self._kernel = kernel
@@ -411,8 +415,7 @@ class ConvDecoder(hk.Module):
             raise ValueError(f"ConvDecoder needs square images, got {self._output_shape}")
         if upsample not in UPSAMPLES:
             raise ValueError(f"upsample={upsample!r} must be one of {', '.join(UPSAMPLES)}")
-        if conv not in CONV_IMPLS:
-            raise ValueError(f"conv={conv!r} must be one of {', '.join(CONV_IMPLS)}")
+        check_conv(conv)
         self._conv = conv
         self._layers = _num_stride_layers(height, min_resolution)
         self._depth = depth
