@@ -140,7 +140,7 @@ class _Trial:
         if config.protocol.name != "scratch":
             last_phase = len(self.phases) - 1
             summary["transfer"] = transfer.against_scratch(
-                self.folder.out, config, self.phases[last_phase].name, last_phase,
+                self.folder.out, config, self.phases[last_phase], last_phase,
                 self.folder.read("eval"), score_key,
             )  # fmt: skip
         with self.watch.timer("video"):

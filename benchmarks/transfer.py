@@ -151,17 +151,14 @@ def against_twin(
     return out
 
 
-def twin_eval_set(config) -> str:
-    """The evaluation set of `config`'s last phase that plays what its scratch twin's `eval`
+def twin_eval_set(config, last) -> str:
+    """The evaluation set of `config`'s last phase `last` (a `protocols.Phase`) that plays what its scratch twin's `eval`
     set plays (the target task on the trial's `env.kwargs`): `eval` when the phase has it,
     else the first set of the target task whose keywords (over the phase's) the trial's
     `env.kwargs` already hold. task_generalization finetunes and evaluates on `train`/`test`
     splits: when the trial's environment is the held-out side (`anand2022_metaworld.yaml`:
     env `members: ML10/test`), its `test` set is what the scratch twin trained and was
     scored on. `eval` when no set qualifies (the comparison then finds no evaluations)."""
-    from mbxfer.benchmarks import protocols
-
-    last = protocols.phases(config)[-1]
     if not last.eval_sets or "eval" in last.eval_sets:
         return "eval"
     env = dict(config.env.kwargs)
@@ -173,23 +170,24 @@ def twin_eval_set(config) -> str:
 
 
 def against_scratch(
-    trial: Path, config, phase_name: str, phase_index: int, records: list, score: str
+    trial: Path, config, phase, phase_index: int, records: list, score: str
 ) -> dict:
-    """`done.json`'s `transfer`: the metrics of phase `phase_index` of the trial in folder
-    `trial` (its evaluation lines `records`) against its finished scratch twin next to it."""
+    """`done.json`'s `transfer`: the metrics of phase `phase_index` (`phase`, the trial's last)
+    of the trial in folder `trial` (its evaluation lines `records`) against its finished
+    scratch twin next to it."""
     scratch = matching_scratch(Path(trial).parent, config)
     if scratch is None:
         return {"status": "no finished scratch trial with the same settings next to this one"}
     theirs = TrialFolder(scratch).read("eval")
     mode = config.train.eval_modes[0]
-    eval_set = twin_eval_set(config)
+    eval_set = twin_eval_set(config, phase)
     by_score = against_twin(
         records, phase_index, theirs, score, mode, config.protocol.threshold, eval_set
     )
     if score not in by_score:
         return {"status": f"no {score} evaluations to compare"}
     out = {
-        "phase": phase_name,
+        "phase": phase.name,
         "score": score,
         "mode": mode,
         "eval_set": eval_set,

@@ -398,7 +398,7 @@ def test_task_generalization_finetuning_is_compared_with_scratch_on_the_held_out
     assert "transfer" not in scratch
     # PROTOCOL_ARGS: train_kwargs {start: center}, test_kwargs {start: random}.
     config = _config("random", "task_generalization", *held_out, "protocol.carry=all")
-    assert transfer.twin_eval_set(config) == "test"
+    assert transfer.twin_eval_set(config, protocols.phases(config)[-1]) == "test"
     summary = runner.run(config, tmp_path / "generalized", progress=False)
     metrics = summary["transfer"]
     assert metrics["scratch_trial"] == "scratch" and metrics["eval_set"] == "test"
@@ -408,4 +408,4 @@ def test_task_generalization_finetuning_is_compared_with_scratch_on_the_held_out
     assert metrics["jumpstart"] == pytest.approx(first["return_mean"] - twin_first["return_mean"])
     # A test split the trial's environment does not play has no scratch twin to compare with.
     other = _config("random", "task_generalization", "protocol.carry=all")
-    assert transfer.twin_eval_set(other) == "eval"
+    assert transfer.twin_eval_set(other, protocols.phases(other)[-1]) == "eval"
