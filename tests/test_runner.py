@@ -353,6 +353,37 @@ def test_gifs_show_each_frame_for_its_milliseconds(tmp_path):
         assert gif.n_frames == 4 and gif.info["duration"] == 200
 
 
+def test_gif_frames_keep_their_colours(tmp_path):
+    """Frames of at most 256 colours come back exactly from the quantized GIF."""
+    from PIL import Image
+
+    from mbxfer.benchmarks import video
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (3, 40, 3), dtype=np.uint8)
+    frames = [colours[i][rng.integers(0, 40, (64, 32))] for i in range(3)]
+    video.write_gif(frames, tmp_path / "v.gif")
+    with Image.open(tmp_path / "v.gif") as gif:
+        for index, frame in enumerate(frames):
+            gif.seek(index)
+            shown = np.asarray(gif.convert("RGB"))  # Scaled 2x up to ~128 pixels.
+            np.testing.assert_array_equal(shown[::2, ::2], frame)
+
+
+def test_gif_frames_of_many_colours_stay_close(tmp_path):
+    """Frames of more than 256 colours (a decoder's images) are quantized, not garbled."""
+    from PIL import Image
+
+    from mbxfer.benchmarks import video
+
+    ramp = np.linspace(0, 255, 128).astype(np.uint8)
+    frame = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1)
+    video.write_gif([frame, frame[::-1]], tmp_path / "v.gif")
+    with Image.open(tmp_path / "v.gif") as gif:
+        shown = np.asarray(gif.convert("RGB")).astype(int)
+    assert np.abs(shown - frame).mean() < 6.0  # 4.0 of 255 measured (16,384 colours)
+
+
 def test_a_timed_trial_records_its_parts_and_writes_what_an_untimed_one_writes(tmp_path):
     from mbxfer.benchmarks import timing
     from mbxfer.benchmarks.perf import trial_time
