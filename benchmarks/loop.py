@@ -248,7 +248,8 @@ def run(
     placeholder_action = np.zeros((num_envs,) + spec.shape, spec.dtype)
     tracker = episodes_lib.EpisodeTracker(num_envs)
     if resumed is None:
-        timestep = restart(envs, plan.seed, state.env_steps)
+        with timer("env"):  # The first reset builds the worlds (Crafter: ~2 s).
+            timestep = restart(envs, plan.seed, state.env_steps)
         carry = learner.initial_carry(num_envs)
     else:
         envs.set_state(resumed.envs)
@@ -308,7 +309,8 @@ def run(
                 episodes = running(envs, timestep, carry, tracker)
                 hooks.checkpoint(state, episodes)
             if isinstance(episodes, Cut):
-                timestep = restart(envs, plan.seed, state.env_steps)
+                with timer("env"):
+                    timestep = restart(envs, plan.seed, state.env_steps)
                 tracker.reset()
         if hooks.step(state, ended):
             return state, False
