@@ -306,7 +306,7 @@ def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> di
     results, videos = {}, {}
     for set_name, eval_set in sets.items():
         set_recipe = phase_lib.env_recipe(config, eval_set.task, phase.env_kwargs, eval_set.kwargs)
-        count = request.episodes or config.train.eval_episodes or set_recipe.entry.eval_episodes
+        count = phase_lib.eval_batch_size(config, set_recipe, request.episodes)[0]
         seed = request.seed
         if seed is None:
             seed = episodes.evaluation_seed(

@@ -12,6 +12,7 @@ evaluates its starting point (the jumpstart of transfer metrics), runs the loop
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 from typing import Callable, ContextManager, NamedTuple, Optional
 
@@ -61,26 +62,64 @@ class EvalEnvs:
     """A trial's evaluation environments: each batch (recipe and size) is built at its first
     evaluation and reseeded for the later ones, so worker processes and simulators are made
     once per trial, not once per evaluation. Reseeding starts the same episodes as building
-    anew with that seed (`envs.base.Environment.seed`; tests/test_vector.py checks every family)."""
+    anew with that seed (`envs.base.Environment.seed`; tests/test_vector.py checks every family).
+    `prepare` starts building a batch of worker processes in a background thread, so that the
+    workers start while the agent is built and compiled instead of at the first evaluation."""
 
     def __init__(self, config: config_lib.TrialConfig):
         self._config = config
-        self._batches: dict = {}
+        self._batches: dict = {}  # A batch, or the Future of one that `prepare` builds.
+        self._builder: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    @staticmethod
+    def _key(recipe: registry.EnvFactory, num_envs: int) -> tuple:
+        return (recipe.entry.name, repr(sorted(recipe.overrides.items())), num_envs)
+
+    def prepare(self, recipe: registry.EnvFactory, num_envs: int) -> None:
+        """Start building the batch `get(recipe, num_envs, ...)` will return, when its
+        environments run in worker processes (inline ones are built where they are used)."""
+        key = self._key(recipe, num_envs)
+        if key in self._batches or not self._config.env.workers:
+            return
+        if self._builder is None:
+            self._builder = concurrent.futures.ThreadPoolExecutor(1, "eval-envs")
+        # Any seed: `get` reseeds the batch for each evaluation.
+        self._batches[key] = self._builder.submit(make_envs, self._config, num_envs, 0, recipe)
 
     def get(self, recipe: registry.EnvFactory, num_envs: int, seed: int):
         """A batch of `num_envs` environments of `recipe`, seeded with `seed`."""
-        key = (recipe.entry.name, repr(sorted(recipe.overrides.items())), num_envs)
+        key = self._key(recipe, num_envs)
         envs = self._batches.get(key)
         if envs is None:
             envs = self._batches[key] = make_envs(self._config, num_envs, seed, recipe)
-        else:
-            envs.seed(seed)
+            return envs
+        if isinstance(envs, concurrent.futures.Future):
+            try:
+                envs = self._batches[key] = envs.result()  # Its build error, if any.
+            except BaseException:
+                del self._batches[key]
+                raise
+        envs.seed(seed)
         return envs
 
     def close(self) -> None:
         for envs in self._batches.values():
+            if isinstance(envs, concurrent.futures.Future):
+                if envs.exception() is not None:
+                    continue
+                envs = envs.result()
             envs.close()
         self._batches.clear()
+        if self._builder is not None:
+            self._builder.shutdown()
+            self._builder = None
+
+
+def eval_batch_size(config: config_lib.TrialConfig, recipe, count=None) -> tuple[int, int]:
+    """`(episodes, environments)` of an evaluation of `recipe`: `count` episodes, else
+    `train.eval_episodes`, else the environment's default, on up to `env.num_envs` copies."""
+    count = count or config.train.eval_episodes or recipe.entry.eval_episodes
+    return count, min(count, config.env.num_envs)
 
 
 def evaluate(
@@ -102,11 +141,10 @@ def evaluate(
     `config_lib.EVAL_MODES`); see `episodes.evaluate`. `wrap` may wrap the policy
     (`mbxfer eval --video` records frames through it) without changing its actions."""
     recipe = recipe if recipe is not None else env_recipe(config, config.env.task)
-    count = count or config.train.eval_episodes or recipe.entry.eval_episodes
+    count, num_envs = eval_batch_size(config, recipe, count)
     policy = episodes.AgentPolicy(agent, act, state, config_lib.EVAL_MODES[mode], seed)
     if wrap is not None:
         policy = wrap(policy)
-    num_envs = min(count, config.env.num_envs)
     if eval_envs is not None:
         envs = eval_envs.get(recipe, num_envs, seed)
         return episodes.evaluate(envs, recipe, policy, count, timer)
@@ -145,6 +183,9 @@ class Phase:
         with watch.timer("build"):
             self.envs = make_envs(self.config, num_envs, self.seed, self.recipe)
             stack.callback(self.envs.close)  # Also closed at the end of the phase.
+            for eval_set in self.phase.eval_sets.values():
+                recipe = self._eval_recipe(eval_set)
+                eval_envs.prepare(recipe, eval_batch_size(config, recipe)[1])
             agent_config = protocols.agent_config_for(agent_config, self.phase, config.protocol)
             spec = vector.environment_spec(self.envs)
             self.agent = agents.make(self.config.agent, spec, agent_config)
@@ -351,13 +392,16 @@ class Phase:
         self.log_to.metrics(state.env_steps, loop.window_metrics(state, window, self._summarize))
         self.watch.mirrors.sync()
 
+    def _eval_recipe(self, eval_set) -> registry.EnvFactory:
+        return env_recipe(self.config, eval_set.task, self.phase.env_kwargs, eval_set.kwargs)
+
     def evaluate(self, state: loop.LoopState) -> None:
         """Every evaluation set in every mode; a set's result is its headline mode's summary
         (the first of `train.eval_modes`) with every mode's under `modes`."""
         config, train = self.config, self.config.train
         results = {}
         for set_name, eval_set in self.phase.eval_sets.items():
-            recipe = env_recipe(config, eval_set.task, self.phase.env_kwargs, eval_set.kwargs)
+            recipe = self._eval_recipe(eval_set)
             seed = episodes.evaluation_seed(config.seed, set_name, eval_set.task, state.env_steps)
             by_mode = {}
             for mode in train.eval_modes:

@@ -418,3 +418,34 @@ def test_the_trial_time_benchmark_builds_the_presets_trials():
     assert (name, config.agent, config.train.steps) == ("small", "dreamer", 1400)
     assert config.agent_config.model.deter == 64 and config.env.name == "crafter"
     assert config.train.batch_size == 8 and config.train.sequence_length == 32
+
+
+def test_prepared_evaluation_batches_play_what_a_batch_built_at_evaluation_plays():
+    """`EvalEnvs.prepare` builds a batch of workers in the background while the agent is
+    built; `get` reseeds it, so it plays the episodes of a batch built with that seed."""
+    import state_checks
+
+    from mbxfer.benchmarks import phase
+    from mbxfer.envs import vector
+
+    config = config_lib.build(config_lib.parse_overrides(RANDOM + ["env.workers=true"]))
+    recipe = phase.env_recipe(config, None)
+    spec = recipe(seed=0).action_spec()
+    actions = np.stack([state_checks.random_actions(spec, 30, seed=i) for i in range(2)], axis=1)
+    eval_envs = phase.EvalEnvs(config)
+    try:
+        eval_envs.prepare(recipe, 2)
+        eval_envs.prepare(recipe, 2)  # Once per batch.
+        prepared = eval_envs.get(recipe, 2, seed=11)
+        assert eval_envs.get(recipe, 2, seed=11) is prepared and prepared.mode == "process"
+        with vector.VectorEnv(recipe, 2, mode="process", seed=11) as new:
+            state_checks.assert_same_timestep(prepared.reset(), new.reset(), "reset")
+            for i, action in enumerate(actions):
+                state_checks.assert_same_timestep(prepared.step(action), new.step(action), i)
+        pids = prepared.worker_pids()
+    finally:
+        eval_envs.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)
