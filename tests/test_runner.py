@@ -410,6 +410,18 @@ def test_a_timed_trial_records_its_parts_and_writes_what_an_untimed_one_writes(t
     assert table.splitlines()[2].startswith("| dreamer |") and "92.6" in table
 
 
+def test_first_call_excess_is_the_first_interval_beyond_the_median_of_the_rest():
+    from mbxfer.benchmarks import timing
+    from mbxfer.benchmarks.perf import trial_time
+
+    timer = timing.Timeline()
+    for start, seconds in enumerate([5.0, 1.0, 3.0, 2.0]):
+        timer.intervals.append(timing.Interval("update", float(start), seconds))
+    timer.intervals.append(timing.Interval("act", 9.0, 0.5))
+    assert trial_time.first_call_excess(timer, "update") == 3.0
+    assert trial_time.first_call_excess(timer, "act") == 0.0  # One call: nothing to compare.
+
+
 def test_the_trial_time_benchmark_builds_the_presets_trials():
     from mbxfer.benchmarks.perf import trial_time
 

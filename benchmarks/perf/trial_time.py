@@ -15,9 +15,12 @@ Printed per variant: env steps/s once learning (from the first update to the end
 loop), the split of the trial's whole wall time into update, act, env step, evaluation
 episodes (their acting and stepping), the rest of evaluation (reseeding, scoring), checkpoint,
 build (environments and agent), init (parameters), video, log and other; the share outside
-update + act + env, and outside those and the evaluation episodes (the fixed costs); and the
-projected hours to 1M environment steps at the learning rate of steps. Variants alternate per round (`--rounds`),
-so a ratio between them is measured side by side on a shared machine.
+update + act + env, and outside those and the evaluation episodes (the fixed costs); the
+seconds the first calls of the jitted update and act functions took beyond their later
+calls ("first calls": tracing, lowering and loading from the compilation cache, inside the
+update and act parts, so not in the fixed costs; init and video include theirs); and the
+projected hours to 1M environment steps at the learning rate of steps. Variants alternate
+per round (`--rounds`), so a ratio between them is measured side by side on a shared machine.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "crafter_1h.yaml"
 CORE = ("update", "act", "env")
+JITTED = ("update", "act", "eval_act")  # Parts whose first call traces (`first_call_excess`).
 PARTS = ("update", "act", "env", "eval episodes", "eval other", "checkpoint", "build", "init",
          "video", "log")  # fmt: skip
 
@@ -53,6 +57,16 @@ def trial_config(agent: str, steps: int, overrides: list[str]):
     plain["train"]["steps"] = steps
     config_lib.merge(plain, config_lib.parse_overrides(overrides))
     return config_lib.build(plain)
+
+
+def first_call_excess(timer, part: str) -> float:
+    """How much longer the first interval of `part` took than its median later one: for a
+    jitted call, tracing, lowering and loading the compiled program from the persistent
+    cache (or compiling it), which every process pays once per function."""
+    times = [i.seconds for i in timer.intervals if i.part == part]
+    if len(times) < 2:
+        return 0.0
+    return max(times[0] - statistics.median(times[1:]), 0.0)
 
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
@@ -90,6 +104,7 @@ def timed_trial(config, folder: Path) -> dict:
     return {
         "wall_seconds": wall,
         "split_seconds": split,
+        "first_calls": sum(first_call_excess(timer, part) for part in JITTED),
         "outside_core": 1.0 - core / wall,
         "fixed": 1.0 - (core + split["eval episodes"]) / wall,
         "updates": summary["updates"],
@@ -134,7 +149,7 @@ def _median(runs: list[dict], key: str) -> float:
 def report(results: dict[str, list[dict]]) -> str:
     """A Markdown table: one row per variant, medians over its rounds."""
     header = ["variant", "wall s", "steps/s learning", "h per 1M", "outside update+act+env",
-              "outside those and eval episodes"]  # fmt: skip
+              "outside those and eval episodes", "first calls s"]  # fmt: skip
     header += [f"{p} %" for p in (*PARTS, "other")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, runs in results.items():
@@ -150,6 +165,7 @@ def report(results: dict[str, list[dict]]) -> str:
             f"{_median(runs, 'hours_per_million'):.1f}",
             f"{100 * _median(runs, 'outside_core'):.1f}%",
             f"{100 * _median(runs, 'fixed'):.1f}%",
+            f"{_median(runs, 'first_calls'):.1f}",
             *[f"{share:.1f}" for share in shares],
         ]
         lines.append("| " + " | ".join(row) + " |")
