@@ -289,24 +289,43 @@ def squared_norm_grad(function: Callable) -> Callable:
 
 def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
     """The Dreamer update with each of `VARIANTS`, the parts of the configured one, and each
-    variant's decoder fwd+bwd (its share is of the update with that variant)."""
+    variant's decoder fwd+bwd and each conv's encoder fwd+bwd (a layer's share is of the
+    update with its variant)."""
+    import jax
+
+    key = jax.random.PRNGKey(seed)
+    parts, features = dreamer_parts(setting, batch, key)
+    return (
+        dreamer_updates(setting, batch, key) + parts + dreamer_layers(setting, batch, features, key)
+    )
+
+
+def dreamer_updates(setting: Setting, batch, key) -> list[Measured]:
+    """The whole Dreamer update with each of `VARIANTS` (the configured one marked)."""
+    from mbxfer import agents
+
+    default = variant_label(setting.dreamer.model.decoder_upsample, setting.dreamer.model.conv)
+    items = []
+    for upsample, conv in VARIANTS:
+        agent = agents.make(
+            "dreamer", setting.env_spec, with_decoder(setting.dreamer, upsample, conv)
+        )
+        variant = variant_label(upsample, conv)
+        label = f"dreamer update [{variant}]" + (" (default)" if variant == default else "")
+        items.append(
+            Measured(label, agent.update, (agent.init(key), batch, key), group=f"dreamer/{variant}")
+        )
+    return items
+
+
+def dreamer_parts(setting: Setting, batch, key) -> tuple[list[Measured], Any]:
+    """The parts of the configured Dreamer update (RSSM filtering, world-model loss,
+    imagination + actor-critic, optimizers), and the batch's posterior features."""
     import jax
     import jax.numpy as jnp
 
-    from mbxfer import agents
     from mbxfer.agents import dreamer, sequences
-    from mbxfer.agents.world_model import make_world_model
 
-    items = []
-    default = variant_label(setting.dreamer.model.decoder_upsample, setting.dreamer.model.conv)
-    key = jax.random.PRNGKey(seed)
-    for upsample, conv in VARIANTS:
-        config = with_decoder(setting.dreamer, upsample, conv)
-        agent = agents.make("dreamer", setting.env_spec, config)
-        state = agent.init(key)
-        variant = variant_label(upsample, conv)
-        label = f"dreamer update [{variant}]" + (" (default)" if variant == default else "")
-        items.append(Measured(label, agent.update, (state, batch, key), group=f"dreamer/{variant}"))
     config = setting.dreamer
     nets = dreamer.make_networks(setting.env_spec, config)
     model, ac = nets.model, config.actor_critic
@@ -348,6 +367,7 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
     grads = jax.tree.map(
         jnp.ones_like, (state.model_params, state.actor_params, state.critic_params)
     )
+    default = variant_label(config.model.decoder_upsample, config.model.conv)
     group = f"dreamer/{default}"
     parts = [
         (
@@ -371,7 +391,17 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
         ),
         ("optimizers (3 Adam + slow critic)", optimizer, (state, grads)),
     ]
-    items += [Measured(f"  {name}", fn, args, group=group) for name, fn, args in parts]
+    return [Measured(f"  {name}", fn, args, group=group) for name, fn, args in parts], features
+
+
+def dreamer_layers(setting: Setting, batch, features, key) -> list[Measured]:
+    """The decoder's fwd+bwd with each of `VARIANTS` (on `features`) and the encoder's with
+    each of `CONVS`, each in the group of the update it belongs to."""
+    import jax
+
+    from mbxfer.agents.world_model import make_world_model
+
+    config, items = setting.dreamer, []
     if config.model.decoder:
         for upsample, conv in VARIANTS:
             decoder_model = make_world_model(
@@ -410,19 +440,48 @@ def dreamer_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
 
 
 def muzero_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
-    """The MuZero update and its parts."""
+    """The MuZero update with each of `CONVS` (the configured one first), and the parts of
+    the configured one."""
+    import jax
+
+    key = jax.random.PRNGKey(seed)
+    return muzero_updates(setting, batch, key) + muzero_parts(setting, batch, key)
+
+
+def muzero_updates(setting: Setting, batch, key) -> list[Measured]:
+    """The whole MuZero update, and with the other conv (`CONVS`)."""
+    from mbxfer import agents
+
+    config = setting.muzero
+    agent = agents.make("muzero", setting.env_spec, config)
+    items = [Measured("muzero update", agent.update, (agent.init(key), batch, key), group="muzero")]
+    other = next(conv for conv in CONVS if conv != config.model.conv)
+    other_agent = agents.make(
+        "muzero", setting.env_spec, with_decoder(config, config.model.decoder_upsample, other)
+    )
+    items.append(
+        Measured(
+            f"muzero update [{other} convs]",
+            other_agent.update,
+            (other_agent.init(key), batch, key),
+            group=f"muzero/{other}",
+        )
+    )
+    return items
+
+
+def muzero_parts(setting: Setting, batch, key) -> list[Measured]:
+    """The parts of the MuZero update: encoder, filtering, decoder, world-model loss,
+    target filtering, unroll, search (reanalyse) and optimizer."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from mbxfer import agents
     from mbxfer.agents import muzero, nomodel
 
     config = setting.muzero
-    key = jax.random.PRNGKey(seed)
-    agent = agents.make("muzero", setting.env_spec, config)
-    state = agent.init(key)
     nets = muzero.make_networks(setting.env_spec, config)
+    state = jax.jit(functools.partial(muzero.init, nets, config))(key)
     model = nets.model
     params = state.params
     initial = model.initial_state(setting.batch_size)
@@ -502,21 +561,7 @@ def muzero_items(setting: Setting, batch, seed: int = 0) -> list[Measured]:
         ),
         ("optimizer (Adam + target EMA)", optimizer, (state, grads)),
     ]
-    items = [Measured("muzero update", agent.update, (state, batch, key), group="muzero")]
-    other = next(conv for conv in CONVS if conv != config.model.conv)
-    xla_agent = agents.make(
-        "muzero", setting.env_spec, with_decoder(config, config.model.decoder_upsample, other)
-    )
-    items.append(
-        Measured(
-            f"muzero update [{other} convs]",
-            xla_agent.update,
-            (xla_agent.init(key), batch, key),
-            group=f"muzero/{other}",
-        )
-    )
-    items += [Measured(f"  {name}", fn, args, group="muzero") for name, fn, args in parts]
-    return items
+    return [Measured(f"  {name}", fn, args, group="muzero") for name, fn, args in parts]
 
 
 # ---------------------------------------------------------------------------------------
