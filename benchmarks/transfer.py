@@ -152,13 +152,14 @@ def against_twin(
 
 
 def twin_eval_set(config, last) -> str:
-    """The evaluation set of `config`'s last phase `last` (a `protocols.Phase`) that plays what its scratch twin's `eval`
-    set plays (the target task on the trial's `env.kwargs`): `eval` when the phase has it,
-    else the first set of the target task whose keywords (over the phase's) the trial's
-    `env.kwargs` already hold. task_generalization finetunes and evaluates on `train`/`test`
-    splits: when the trial's environment is the held-out side (`anand2022_metaworld.yaml`:
-    env `members: ML10/test`), its `test` set is what the scratch twin trained and was
-    scored on. `eval` when no set qualifies (the comparison then finds no evaluations)."""
+    """The evaluation set of `config`'s last phase `last` (a `protocols.Phase`) that plays
+    what its scratch twin's `eval` set plays (the target task on the trial's `env.kwargs`):
+    `eval` when the phase has it, else the first set of the target task whose keywords (over
+    the phase's) the trial's `env.kwargs` already hold. task_generalization finetunes and
+    evaluates on `train`/`test` splits: when the trial's environment is the held-out side
+    (`anand2022_metaworld.yaml`: env `members: ML10/test`), its `test` set is what the scratch
+    twin trained and was scored on. `eval` when no set qualifies (the comparison then finds
+    no evaluations)."""
     if not last.eval_sets or "eval" in last.eval_sets:
         return "eval"
     env = dict(config.env.kwargs)
