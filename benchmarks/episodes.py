@@ -156,7 +156,8 @@ def play(
     num_envs = envs.num_envs
     tracker = EpisodeTracker(num_envs)
     carry = policy.initial_carry(num_envs)
-    timestep = envs.reset()
+    with timer("eval_env"):  # Resetting builds the first episodes (Crafter: their worlds).
+        timestep = envs.reset()
     starts = [start_digest(timestep.observation, i) for i in range(num_envs)]
     records: list[dict] = []
     # A mixture (envs/mixture.py) counts at most its share of episodes per environment, so

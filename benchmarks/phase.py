@@ -63,8 +63,9 @@ class EvalEnvs:
     evaluation and reseeded for the later ones, so worker processes and simulators are made
     once per trial, not once per evaluation. Reseeding starts the same episodes as building
     anew with that seed (`envs.base.Environment.seed`; tests/test_vector.py checks every family).
-    `prepare` starts building a batch of worker processes in a background thread, so that the
-    workers start while the agent is built and compiled instead of at the first evaluation."""
+    `prepare` starts building (and warming) a batch of worker processes in a background thread,
+    so that the workers start while the agent is built and compiled instead of at the first
+    evaluation."""
 
     def __init__(self, config: config_lib.TrialConfig):
         self._config = config
@@ -83,8 +84,19 @@ class EvalEnvs:
             return
         if self._builder is None:
             self._builder = concurrent.futures.ThreadPoolExecutor(1, "eval-envs")
-        # Any seed: `get` reseeds the batch for each evaluation.
-        self._batches[key] = self._builder.submit(make_envs, self._config, num_envs, 0, recipe)
+        self._batches[key] = self._builder.submit(self._build_warm, recipe, num_envs)
+
+    def _build_warm(self, recipe: registry.EnvFactory, num_envs: int):
+        """A batch whose workers have reset once: a process's first reset loads the
+        environment's code (Crafter: ~2 s, numba loading its compiled world generator), which
+        would otherwise land in the first evaluation. Any seed: `get` reseeds the batch."""
+        envs = make_envs(self._config, num_envs, 0, recipe)
+        try:
+            envs.reset()
+        except BaseException:
+            envs.close()
+            raise
+        return envs
 
     def get(self, recipe: registry.EnvFactory, num_envs: int, seed: int):
         """A batch of `num_envs` environments of `recipe`, seeded with `seed`."""

@@ -432,15 +432,19 @@ def test_the_trial_time_benchmark_builds_the_presets_trials():
     assert config.train.batch_size == 8 and config.train.sequence_length == 32
 
 
-def test_prepared_evaluation_batches_play_what_a_batch_built_at_evaluation_plays():
+@pytest.mark.parametrize(
+    "env", [[], ["env.name=crafter", "env.task=reward", "env.kwargs={size: 18, length: 35}"]]
+)
+def test_prepared_evaluation_batches_play_what_a_batch_built_at_evaluation_plays(env):
     """`EvalEnvs.prepare` builds a batch of workers in the background while the agent is
-    built; `get` reseeds it, so it plays the episodes of a batch built with that seed."""
+    built, and resets it once (Crafter's first reset loads its world generator); `get`
+    reseeds it, so it plays the episodes of a batch built with that seed."""
     import state_checks
 
     from mbxfer.benchmarks import phase
     from mbxfer.envs import vector
 
-    config = config_lib.build(config_lib.parse_overrides(RANDOM + ["env.workers=true"]))
+    config = config_lib.build(config_lib.parse_overrides(RANDOM + ["env.workers=true"] + env))
     recipe = phase.env_recipe(config, None)
     spec = recipe(seed=0).action_spec()
     actions = np.stack([state_checks.random_actions(spec, 30, seed=i) for i in range(2)], axis=1)
