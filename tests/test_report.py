@@ -505,3 +505,17 @@ def test_pretrained_groups_are_paired_with_their_own_scratch_twins(tmp_path):
         ("pretrain_finetune / dreamer [protocol.carry=none]",
          "dreamer [agent.model.latent=deterministic]"),
     }  # fmt: skip
+
+
+def test_the_validation_scripts_iqm_ci_is_the_reports_seeded_interval():
+    """`validation.ppo_cartpole.iqm_with_ci` (also the parity table's) is the report's
+    `stats.interval`: the same scores and seed give the same CI, whatever numpy's global state."""
+    from mbxfer.benchmarks.validation.ppo_cartpole import iqm_with_ci
+
+    scores = [1.0, 2.0, 3.5, 4.0, 10.0, 0.5]
+    first = iqm_with_ci(scores, seed=3)
+    np.random.seed(99)  # Whatever the global state, the CI is the seed's.
+    assert iqm_with_ci(scores, seed=3) == first
+    expected = stats.interval(np.asarray(scores)[:, None], metrics.aggregate_iqm, 20000, 3)
+    assert first == pytest.approx(expected)
+    assert first[1] <= first[0] <= first[2]

@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing
 import time
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -82,22 +81,14 @@ def run_seed(seed: int, steps: int, eval_episodes: int, window: int, out: Path) 
 
 
 def iqm_with_ci(scores: Sequence[float], seed: int = 0) -> tuple[float, float, float]:
-    """Interquartile mean of `scores` (one per run) and its 95% stratified bootstrap CI."""
-    from rliable import library as rly
+    """Interquartile mean of `scores` (one per run) and its 95% stratified bootstrap CI: the
+    report's `stats.interval` (seeded resampling), so validation tables and reports agree."""
     from rliable import metrics
 
+    from mbxfer.benchmarks import stats
+
     score_matrix = np.asarray(scores, np.float64)[:, None]  # [runs, tasks=1]
-    with warnings.catch_warnings():
-        # rliable 1.2 hands arch the deprecated `random_state`; the resampling is unchanged.
-        warnings.filterwarnings("ignore", "random_state is deprecated", FutureWarning)
-        points, intervals = rly.get_interval_estimates(
-            {"ppo": score_matrix},
-            lambda x: np.array([metrics.aggregate_iqm(x)]),
-            reps=20000,
-            random_state=np.random.RandomState(seed),
-        )
-    low, high = intervals["ppo"][:, 0]
-    return float(points["ppo"][0]), float(low), float(high)
+    return stats.interval(score_matrix, metrics.aggregate_iqm, reps=20000, seed=seed)
 
 
 def report(results: list[dict], steps: int) -> str:
