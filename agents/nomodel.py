@@ -51,6 +51,7 @@ HEADS = ("reward_head", "continuation_head")
 """World-model modules that only model losses, imagination and search read."""
 DYNAMICS_TERMS = (
     "kl_dynamics", "kl_representation", "contrastive", "self_predictive", "open_loop_heads",
+    "open_loop_reconstruction",
 )  # fmt: skip
 """World-model loss terms that train or read the dynamics (`imagine` or the prior)."""
 

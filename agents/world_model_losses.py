@@ -161,6 +161,38 @@ def open_loop_heads(context: LossContext) -> tuple[Array, dict[str, Array]]:
     }
 
 
+def open_loop_reconstruction(context: LossContext) -> tuple[Array, dict[str, Array]]:
+    """The decoder on latents imagined 1..K steps ahead (`open_loop_horizon`) of every
+    posterior with the replayed actions, against the observation seen K steps later (the
+    `reconstruction` term's error, masked as `open_loop_heads`).
+
+    `reconstruction` trains the decoder on filtered posteriors only, so nothing asks an
+    imagined latent to still hold what was observed: this term does, and its gradient reaches
+    the dynamics (an observation-space multi-step loss, as PlaNet's overshooting is one in
+    latent space; Hafner et al. 2019). Metric: its mean error at the last imagined step.
+    """
+    config = context.config
+    imagined, future_index, valid = imagined_futures(context, config.losses.open_loop_horizon)
+    predicted = context.model.heads(context.params, imagined).observation  # [B, T, K, ...]
+    if not predicted:
+        raise ValueError("the open_loop_reconstruction loss needs a decoder (config.decoder=True)")
+    total = 0.0
+    for key, prediction in predicted.items():
+        observed = context.batch["observation"][key][:, future_index]  # [B, T, K, ...]
+        if key == networks.IMAGE_KEY:
+            error = jnp.sum(
+                jnp.square(prediction - networks.image_to_float(observed)), (-3, -2, -1)
+            )
+        else:
+            error = jnp.sum(jnp.square(prediction - networks.symlog(observed)), axis=-1)
+        total = total + error
+    last = valid[..., -1]
+    final_error = jnp.sum(total[..., -1] * last) / jnp.maximum(jnp.sum(last), 1)
+    return _per_step(_masked_mean_over_horizon(total, valid), context), {
+        "world_model/open_loop_reconstruction_last": final_error
+    }
+
+
 def _masked_mean_over_horizon(loss: Array, valid: Array) -> Array:
     """`[B, T, H]` -> `[B, T]`: the mean over the valid horizon steps (0 where none is)."""
     valid = valid.astype(jnp.float32)
@@ -237,5 +269,6 @@ LOSS_TERMS: Mapping[str, LossTerm] = {
     "contrastive": contrastive,
     "self_predictive": self_predictive,
     "open_loop_heads": open_loop_heads,
+    "open_loop_reconstruction": open_loop_reconstruction,
 }
 """Loss-term name (a `LossConfig` field) -> term."""

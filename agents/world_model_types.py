@@ -59,13 +59,17 @@ class LossConfig:
     open_loop_heads: Annotated[float, non_negative] = 0.0
     """The reward and continuation heads also trained on latents imagined 1..K steps ahead
     with the replayed actions (`open_loop_horizon`), the dynamics receiving their gradient."""
+    open_loop_reconstruction: Annotated[float, non_negative] = 0.0
+    """The decoder also trained on latents imagined 1..K steps ahead with the replayed actions
+    (`open_loop_horizon`), against the observations seen then; the dynamics receive its
+    gradient. Needs a decoder."""
     free_bits: Annotated[float, non_negative] = 1.0
     """Each KL term is clipped below at this many nats per step (DreamerV3)."""
     self_supervised_horizon: Annotated[int, positive] = 3
     """Steps imagined ahead (with the replayed actions) by the contrastive and self-predictive
     terms; predictions that cross an episode start or the window's end are masked."""
     open_loop_horizon: Annotated[int, positive] = 5
-    """Steps K imagined ahead by the `open_loop_heads` term."""
+    """Steps K imagined ahead by the `open_loop_heads` and `open_loop_reconstruction` terms."""
     projection_size: Annotated[int, positive] = 64
     """Width of the projection heads of the contrastive and self-predictive terms."""
     contrastive_temperature: Annotated[float, positive] = 0.1
@@ -143,8 +147,9 @@ class WorldModelConfig:
 
     def __post_init__(self):
         domains.check(self)
-        if not self.decoder and self.losses.reconstruction != 0:
-            raise ValueError("decoder=False needs losses.reconstruction=0")
+        for term in ("reconstruction", "open_loop_reconstruction"):
+            if not self.decoder and getattr(self.losses, term) != 0:
+                raise ValueError(f"decoder=False needs losses.{term}=0")
 
     @property
     def stoch_size(self) -> int:
