@@ -197,12 +197,13 @@ def with_agent_mapping(plain: Mapping) -> dict:
 
 
 def merge(into: dict, more: Mapping) -> dict:
-    """Deep-merge the nested updates `more` into `into` (mappings merge, values replace)."""
+    """Deep-merge the nested updates `more` into `into` (mappings merge, values replace).
+    Mappings are copied at every depth, so later merges into `into` never reach `more`."""
     for key, value in more.items():
         if isinstance(value, Mapping) and isinstance(into.get(key), dict):
             merge(into[key], value)
         else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
+            into[key] = merge({}, value) if isinstance(value, Mapping) else value
     return into
 
 

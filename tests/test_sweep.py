@@ -68,6 +68,29 @@ def test_spec_expands_to_validated_trials():
     assert {t.labels["overrides"]["env.num_envs"] for t in trials} == {1, 2}
 
 
+def test_agents_nested_overrides_stay_their_own_over_a_nested_base():
+    """Each agent entry deep-merges into a copy of the base: one entry's nested override must
+    not leak into the base, and so into the entries after it (it once did)."""
+    spec = {
+        "agents": [
+            {"name": "dreamer", "model": {"losses": {"open_loop_heads": 1.0}}},
+            {"name": "dreamer"},
+            {"name": "dreamer", "model": {"deter": 32}},
+        ],
+        "envs": [{"name": "grid", "task": "reach_top_left"}],
+        "seeds": [0],
+        "base": {
+            "train": {"steps": 100},
+            "agent": {"model": {"deter": 16, "losses": {"reward": 2.0}}},
+        },
+    }
+    models = [t.config.agent_config.model for t in sweep_spec.expand(spec).trials]
+    assert [m.losses.open_loop_heads for m in models] == [1.0, 0.0, 0.0]
+    assert [m.deter for m in models] == [16, 16, 32]
+    assert all(m.losses.reward == 2.0 for m in models)
+    assert spec["base"]["agent"] == {"model": {"deter": 16, "losses": {"reward": 2.0}}}
+
+
 @pytest.mark.parametrize(
     "spec, expected",
     [
