@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mbxfer.benchmarks import cli, executors, report, results, sweep, sweep_spec, trial_folder
+from mbxfer.benchmarks import config as config_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_BASE = {
@@ -336,3 +337,21 @@ def test_parts_and_scales_make_one_spec_of_several_grids(tmp_path):
     bad = _spec(tmp_path, "bad.yaml", parts=[{"agents": ["dremer"]}, {"agents": ["random"]}])
     with pytest.raises(sweep_spec.SpecError, match=r"parts\[0\].*dremer"):
         sweep_spec.expand(sweep_spec.load_spec(bad))
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_shipped_preset_expands_to_distinct_validated_trials(preset):
+    """What `mbxfer sweep PRESET --dry-run` checks, for every preset the README names: the
+    spec is valid and no two of its variants collapse into one trial."""
+    import copy
+
+    spec = sweep_spec.load_spec(preset)
+    assert sweep_spec.expand(spec).trials
+    shared = {key: value for key, value in spec.items() if key != "parts"}
+    for part in spec.get("parts") or [{}]:
+        one = config_lib.merge(copy.deepcopy(shared), part)
+        # Within a part every combination of its axes is its own trial.
+        assert len(sweep_spec.expand(one).trials) == sweep_spec.count_trials(one)
