@@ -21,7 +21,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -269,20 +269,32 @@ def default_name(chosen: Checkpoint, request: Request) -> str:
     return "_".join(parts)
 
 
-def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> dict:
-    """Evaluate the checkpoint of `trial` that `request` picks; the result, also written to
-    `TRIAL/evals/<name>.json` (its path under `path`)."""
+class Restored(NamedTuple):
+    """A trial's agent at one of its checkpoints, built as the runner built it."""
+
+    config: config_lib.TrialConfig
+    trial_id: str
+    phases: list
+    chosen: Checkpoint
+    phase: protocols.Phase
+    recipe: Any
+    """The phase's environment (`phase.env_recipe`)."""
+    tasks: tuple
+    has_image: bool
+    agent: Any
+    state: Any
+    act: Any
+    """`jax.jit(agent.act, static_argnums=4)`."""
+
+
+def restore(trial: Path, request: Request) -> Restored:
+    """The agent of `trial` at the checkpoint `request` picks (default: the latest of the last
+    phase), its phase's config and environment; the trial folder is only read."""
     trial = Path(trial)
     config, trial_id = load_config(trial)
     phases = protocols.phases(config)
     chosen = choose(trial, checkpoints(trial), phases, request)
-    index = chosen.state.phase_index
-    phase = phases[index]
-    modes = _modes(config, request.modes)
-    name = request.name or default_name(chosen, request)
-    if not name or "/" in name or name.startswith("."):
-        raise EvalError(f"--name {name!r}: give a plain file name (no '/', not hidden)")
-
+    phase = phases[chosen.state.phase_index]
     agent_config = protocols.agent_config_for(
         protocols.with_module(config.agent_config, phases, config.protocol), phase, config.protocol
     )
@@ -290,17 +302,35 @@ def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> di
     with vector.make(recipe, 1, mode="inline", seed=config.seed) as envs:
         spec, tasks = vector.environment_spec(envs), tuple(envs.tasks)
         has_image = "image" in envs.observation_spec()
-    if request.video and not has_image:
-        raise EvalError(
-            f"--video records the image observation, and {config.env.name} with this trial's "
-            "keywords has none (e.g. the toy grids need env.kwargs observation: image or both)"
-        )
-    sets = eval_sets(phase, request.task, tasks)
     agent = agents.make(config.agent, spec, agent_config)
     fresh = agent.init(jax.random.PRNGKey(0))  # Only its structure: the checkpoint fills it.
     resume = Resume(chosen.folder, chosen.state, False)
     state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
     act = jax.jit(agent.act, static_argnums=4)
+    return Restored(config, trial_id, phases, chosen, phase, recipe, tasks, has_image, agent,
+                    state, act)  # fmt: skip
+
+
+def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> dict:
+    """Evaluate the checkpoint of `trial` that `request` picks; the result, also written to
+    `TRIAL/evals/<name>.json` (its path under `path`)."""
+    trial = Path(trial)
+    modes = _modes(load_config(trial)[0], request.modes)
+    restored = restore(trial, request)
+    config, trial_id, chosen, phase = (
+        restored.config, restored.trial_id, restored.chosen, restored.phase
+    )  # fmt: skip
+    agent, state, act = restored.agent, restored.state, restored.act
+    index = chosen.state.phase_index
+    name = request.name or default_name(chosen, request)
+    if not name or "/" in name or name.startswith("."):
+        raise EvalError(f"--name {name!r}: give a plain file name (no '/', not hidden)")
+    if request.video and not restored.has_image:
+        raise EvalError(
+            f"--video records the image observation, and {config.env.name} with this trial's "
+            "keywords has none (e.g. the toy grids need env.kwargs observation: image or both)"
+        )
+    sets = eval_sets(phase, request.task, restored.tasks)
 
     out = trial / EVALS
     results, videos = {}, {}

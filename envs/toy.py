@@ -194,6 +194,11 @@ class GridWorld(_ToyEnvironment):
     def action_spec(self) -> specs.DiscreteArray:
         return specs.DiscreteArray(len(_MOVES), name="action")
 
+    @property
+    def size(self) -> int:
+        """Cells per side."""
+        return self._size
+
     def visited_cell(self) -> tuple[int, int]:
         return int(self._position[0]), int(self._position[1])
 

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiny_configs
 from PIL import Image, ImageSequence
@@ -156,3 +157,43 @@ def test_video_of_an_image_environment(tmp_path, capsys):
     assert _eval(capsys, tmp_path, "--modes", "sampled", "--name", "plain")[0] == 0
     plain = json.loads((tmp_path / "evals" / "plain.json").read_text())
     assert plain["sets"] == result["sets"]
+
+
+class _AlwaysRight:
+    """An agent that always moves right (action 4), whatever it sees."""
+
+    def initial_carry(self, num_envs):
+        return None
+
+    @staticmethod
+    def act(state, carry, step, key, mode):
+        return np.full(len(step.is_first), 4), carry
+
+
+def test_grid_policy_plays_out_every_start_cell(trial, capsys):
+    """`validation.grid_policy` on the trial's own agent prints its maps; with an agent that
+    always moves right on the bottom-right task it finds the returns that policy must score:
+    from the bottom row it reaches the corner and stays (the noop step that observes the start
+    cell leaves 49 of the 50 steps), from any other row it ends at the right wall with 0."""
+    from mbxfer.benchmarks import evaluate_trial, phase
+    from mbxfer.benchmarks.validation import grid_policy
+
+    assert grid_policy.main([str(trial), "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy return per start cell" in out and "sampled return per start cell" in out
+
+    restored = evaluate_trial.restore(trial, evaluate_trial.Request())
+    always_right = _AlwaysRight()
+    restored = restored._replace(
+        agent=always_right,
+        act=always_right.act,
+        recipe=phase.env_recipe(restored.config, "reach_bottom_right"),
+    )
+    found = grid_policy.start_cell_returns(restored, samples=3)
+    expected = np.zeros((5, 5))
+    expected[4] = [46, 47, 48, 49, 49]
+    np.testing.assert_array_equal(found["greedy_return"], expected)
+    np.testing.assert_array_equal(found["sampled_return"], expected)
+    assert (found["first_action"] == 4).all()
+    assert [tuple(c) for c in found["greedy_last_cell"][:, 0]] == [(r, 4) for r in range(5)]
+    assert "(0, 0) -> (0, 4)" not in grid_policy.render(found)  # Greedy equals sampled here.
