@@ -48,20 +48,24 @@ def reconstruction(context: LossContext) -> tuple[Array, dict[str, Array]]:
     """Image: squared error summed over pixels in [0, 1] units; vector: squared error summed
     over dimensions in symlog space (DreamerV3). Both are added."""
     predicted = context.heads.observation
-    observation = context.batch["observation"]
     if not predicted:
         raise ValueError("the reconstruction loss needs a decoder (config.decoder=True)")
-    total, metrics = 0.0, {}
+    errors = _observation_errors(predicted, context.batch["observation"])
+    metrics = {f"loss/reconstruction_{key}": error.mean() for key, error in errors.items()}
+    return _per_step(sum(errors.values()), context), metrics
+
+
+def _observation_errors(predicted: Mapping[str, Array], observed) -> dict[str, Array]:
+    """Per observation key, the decoder's squared error summed over the key's own axes: image
+    pixels in [0, 1] units, vector dimensions in symlog space (DreamerV3)."""
+    errors = {}
     for key, prediction in predicted.items():
         if key == networks.IMAGE_KEY:
-            target = networks.image_to_float(observation[key])
-            error = jnp.sum(jnp.square(prediction - target), axis=(-3, -2, -1))
+            target, axes = networks.image_to_float(observed[key]), (-3, -2, -1)
         else:
-            target = networks.symlog(observation[key])
-            error = jnp.sum(jnp.square(prediction - target), axis=-1)
-        metrics[f"loss/reconstruction_{key}"] = error.mean()
-        total = total + error
-    return _per_step(total, context), metrics
+            target, axes = networks.symlog(observed[key]), -1
+        errors[key] = jnp.sum(jnp.square(prediction - target), axis=axes)
+    return errors
 
 
 def reward(context: LossContext) -> tuple[Array, dict[str, Array]]:
@@ -176,16 +180,8 @@ def open_loop_reconstruction(context: LossContext) -> tuple[Array, dict[str, Arr
     predicted = context.model.heads(context.params, imagined).observation  # [B, T, K, ...]
     if not predicted:
         raise ValueError("the open_loop_reconstruction loss needs a decoder (config.decoder=True)")
-    total = 0.0
-    for key, prediction in predicted.items():
-        observed = context.batch["observation"][key][:, future_index]  # [B, T, K, ...]
-        if key == networks.IMAGE_KEY:
-            error = jnp.sum(
-                jnp.square(prediction - networks.image_to_float(observed)), (-3, -2, -1)
-            )
-        else:
-            error = jnp.sum(jnp.square(prediction - networks.symlog(observed)), axis=-1)
-        total = total + error
+    observed = {key: context.batch["observation"][key][:, future_index] for key in predicted}
+    total = sum(_observation_errors(predicted, observed).values())  # [B, T, K]
     last = valid[..., -1]
     final_error = jnp.sum(total[..., -1] * last) / jnp.maximum(jnp.sum(last), 1)
     return _per_step(_masked_mean_over_horizon(total, valid), context), {
