@@ -274,7 +274,6 @@ class Restored(NamedTuple):
 
     config: config_lib.TrialConfig
     trial_id: str
-    phases: list
     chosen: Checkpoint
     phase: protocols.Phase
     recipe: Any
@@ -307,15 +306,14 @@ def restore(trial: Path, request: Request) -> Restored:
     resume = Resume(chosen.folder, chosen.state, False)
     state = jax.tree_util.tree_map(jnp.asarray, load_agent_state(resume, fresh))
     act = jax.jit(agent.act, static_argnums=4)
-    return Restored(config, trial_id, phases, chosen, phase, recipe, tasks, has_image, agent,
-                    state, act)  # fmt: skip
+    return Restored(config, trial_id, chosen, phase, recipe, tasks, has_image, agent, state, act)
 
 
 def evaluate(trial: Path, request: Request, command: Optional[str] = None) -> dict:
     """Evaluate the checkpoint of `trial` that `request` picks; the result, also written to
     `TRIAL/evals/<name>.json` (its path under `path`)."""
     trial = Path(trial)
-    modes = _modes(load_config(trial)[0], request.modes)
+    modes = _modes(load_config(trial)[0], request.modes)  # Before the agent is built.
     restored = restore(trial, request)
     config, trial_id, chosen, phase = (
         restored.config, restored.trial_id, restored.chosen, restored.phase

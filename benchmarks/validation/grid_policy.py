@@ -16,7 +16,6 @@ way, and stay there.
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 import jax
@@ -44,10 +43,10 @@ def cell_observation(env, cell: tuple[int, int]) -> dict:
 def start_cell_returns(restored: evaluate_trial.Restored, samples: int, seed: int = 0) -> dict:
     """For every start cell: the greedy episode's first action, return and last cell, and the
     mean return of `samples` sampled episodes (all from that cell, the agent's own `act`)."""
-    make = functools.partial(restored.recipe, seed=seed)
-    if not isinstance(getattr(make(), "unwrapped", None), toy.GridWorld):
+    envs = [restored.recipe(seed=seed) for _ in range(max(samples, 1))]
+    if not isinstance(getattr(envs[0], "unwrapped", None), toy.GridWorld):
         raise SystemExit(f"grid_policy reads grid trials; this one is {restored.config.env.name}")
-    size = make().unwrapped.size
+    size = envs[0].unwrapped.size
     found = {
         "first_action": np.zeros((size, size), np.int64),
         "greedy_return": np.zeros((size, size)),
@@ -55,7 +54,6 @@ def start_cell_returns(restored: evaluate_trial.Restored, samples: int, seed: in
         "sampled_return": np.zeros((size, size)),
     }
     key = jax.random.PRNGKey(seed)
-    envs = [make() for _ in range(max(samples, 1))]
     for cell in np.ndindex(size, size):
         for mode, count in (("eval", 1), ("explore", samples)):
             batch = [cell_observation(env, cell) for env in envs[:count]]
