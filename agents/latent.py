@@ -58,12 +58,14 @@ def entropy(state: LatentState) -> jax.Array:
 class GRUCell(hk.Module):
     """LayerNorm GRU (DreamerV3): `(inputs [B, I], state [B, D]) -> state [B, D]`.
 
-    The update gate is biased towards keeping the state, which eases long-range memory.
+    The update gate is biased towards keeping the state (`update_bias` -1, DreamerV3), which
+    eases long-range memory; a larger bias starts it closer to taking each new input.
     """
 
-    def __init__(self, size: int, name: Optional[str] = None):
+    def __init__(self, size: int, name: Optional[str] = None, update_bias: float = -1.0):
         super().__init__(name=name)
         self._size = size
+        self._update_bias = update_bias
 
     def __call__(self, inputs: chex.Array, state: chex.Array) -> jax.Array:
         parts = hk.Linear(3 * self._size, with_bias=False, name="linear")(
@@ -72,7 +74,7 @@ class GRUCell(hk.Module):
         parts = hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, name="norm")(parts)
         reset, candidate, update = jnp.split(parts, 3, axis=-1)
         candidate = jnp.tanh(jax.nn.sigmoid(reset) * candidate)
-        update = jax.nn.sigmoid(update - 1.0)
+        update = jax.nn.sigmoid(update + self._update_bias)
         return update * candidate + (1.0 - update) * state
 
 
@@ -133,7 +135,9 @@ class DeterministicCore(hk.Module):
         self._imagine_input = _dense(config.hidden, name="imagine_input")
         self._gru = GRUCell(config.deter, name="gru")
         self._observe_input = _dense(config.hidden, name="observe_input")
-        self._observe_gru = GRUCell(config.deter, name="observe_gru")
+        self._observe_gru = GRUCell(
+            config.deter, name="observe_gru", update_bias=config.observe_update_bias
+        )
 
     def _state(self, deter: jax.Array) -> LatentState:
         batch = deter.shape[:-1]

@@ -109,6 +109,11 @@ class WorldModelConfig:
     """Number `G` of categorical latent variables (rssm only)."""
     stoch_classes: Annotated[int, positive] = 8
     """Number `C` of classes of each categorical latent (rssm only)."""
+    observe_update_bias: float = -1.0
+    """Initial bias of the update gate of the deterministic latent's filtering GRU (deterministic
+    only): at -1 (the GRU default, DreamerV3's) a filtering step moves the state ~27 % of the way
+    towards what the observation says and keeps ~73 % of the prior, so a poor prior early in
+    training carries into the posterior; +1 starts it at ~73 % towards the observation."""
     hidden: Annotated[int, positive] = 128
     """Width of every hidden layer (dynamics, heads, vector encoder and decoder)."""
     mlp_layers: Annotated[int, non_negative] = 2
