@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tiny_configs
@@ -197,3 +198,89 @@ def test_grid_policy_plays_out_every_start_cell(trial, capsys):
     assert (found["first_action"] == 4).all()
     assert [tuple(c) for c in found["greedy_last_cell"][:, 0]] == [(r, 4) for r in range(5)]
     assert "(0, 0) -> (0, 4)" not in grid_policy.render(found)  # Greedy equals sampled here.
+
+
+def _oracle_model(size, imagine_moves: bool):
+    """A stand-in world model whose latent is the one-hot of the agent's cell: its decoder
+    reads the cell back, and its dynamics either move it as the grid does or keep it."""
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from mbxfer.envs import toy
+
+    moves = jnp.asarray(toy._MOVES)
+
+    def imagine(params, state, action, key):
+        if not imagine_moves:
+            return state
+        cell = jnp.argmax(state, -1)
+        row, column = cell // size + moves[action, 0], cell % size + moves[action, 1]
+        cell = jnp.clip(row, 0, size - 1) * size + jnp.clip(column, 0, size - 1)
+        return jax.nn.one_hot(cell, size * size)
+
+    return SimpleNamespace(
+        decode=lambda params, features: {"vector": features},
+        features=lambda state: state,
+        imagine=imagine,
+    )
+
+
+def test_grid_imagination_counts_latents_that_decode_the_true_cell():
+    """`validation.grid_imagination.knows_the_cell` on a known path (right, right, down, down,
+    noop from (0, 0), (2, 2) rewarded): a model whose latents are the true cells and whose
+    dynamics are the grid's scores 1 at every horizon; one whose dynamics never move scores
+    the share of k-step windows that end where they started, off the rewarded cells."""
+    from mbxfer.benchmarks.validation import grid_imagination
+
+    size = 5
+    path = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 2)]
+    actions = [4, 4, 2, 2, 0, 0]  # the last one is never imagined from
+    cells = np.array([[r * size + c] for r, c in path])  # [T, 1]
+    rewarded = cells == 2 * size + 2
+    played = {
+        "cell": cells,
+        "rewarded": rewarded,
+        "action": np.array(actions)[:, None],
+        "posterior": jax.nn.one_hot(cells, size * size),
+        "params": None,
+        "size": size,
+    }
+    moving = grid_imagination.knows_the_cell(
+        {**played, "model": _oracle_model(size, True)}, horizons=(1, 2, 3)
+    )
+    assert moving == {0: (1.0, 4), 1: (1.0, 3), 2: (1.0, 2), 3: (1.0, 1)}
+    frozen = grid_imagination.knows_the_cell(
+        {**played, "model": _oracle_model(size, False)}, horizons=(1, 2)
+    )
+    # Off the rewarded cells no step stays put, so a model that never moves never knows.
+    assert frozen == {0: (1.0, 4), 1: (0.0, 3), 2: (0.0, 2)}
+
+
+def test_grid_imagination_refuses_an_agent_without_a_decoder(trial):
+    from mbxfer.benchmarks.validation import grid_imagination
+
+    with pytest.raises(SystemExit, match="ppo"):
+        grid_imagination.main([str(trial), "--episodes", "2"])
+
+
+def test_grid_imagination_plays_a_dreamer_trial_beside_its_model(tmp_path, capsys):
+    """On a tiny Dreamer trial: the agent plays whole 50-step episodes while the model filters
+    them, and every step is counted once, on or off the rewarded cells."""
+    from mbxfer.benchmarks import evaluate_trial
+    from mbxfer.benchmarks.validation import grid_imagination
+
+    overrides = tiny_configs.overrides(
+        "dreamer", "env.task=reach_bottom_right", "agent.model.latent=deterministic",
+        "train.steps=60",
+    )  # fmt: skip
+    runner.run(config_lib.build(config_lib.parse_overrides(overrides)), tmp_path, progress=False)
+    assert grid_imagination.main([str(tmp_path), "--episodes", "2"]) == 0
+    assert "imagined 5 steps ahead" in capsys.readouterr().out
+
+    played = grid_imagination.play(evaluate_trial.restore(tmp_path, evaluate_trial.Request()), 2)
+    assert played["cell"].shape == played["rewarded"].shape == (50, 2)
+    found = grid_imagination.knows_the_cell(played, horizons=(1,))
+    assert found[0][1] == 100 - played["rewarded"].sum()
+    assert found[1][1] == 98 - played["rewarded"][1:].sum()
+    assert all(0.0 <= share <= 1.0 for share, _ in found.values())
