@@ -17,9 +17,6 @@ carry.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +24,7 @@ import numpy as np
 from mbxfer.agents import world_model as world_model_lib
 from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import evaluate_trial
+from mbxfer.benchmarks.validation import grid_policy
 from mbxfer.envs import base as env_base
 from mbxfer.envs import toy
 
@@ -133,13 +131,8 @@ def render(found: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trial", type=Path, help="a grid trial's folder")
-    parser.add_argument("--episodes", type=int, default=32, help="sampled episodes played")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    restored = evaluate_trial.restore(args.trial, evaluate_trial.Request())
-    print(f"{restored.config.agent} trial {restored.trial_id}, checkpoint {restored.chosen.label}")
+    count = ("--episodes", 32, "sampled episodes played")
+    restored, args = grid_policy.restore_from_arguments(argv, __doc__, count)
     print(render(knows_the_cell(play(restored, args.episodes, args.seed))))
     return 0
 

@@ -103,14 +103,24 @@ def render(found: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def restore_from_arguments(argv, doc: str, count: tuple[str, int, str]):
+    """`(restored, args)` of a grid-reading command: the trial folder, one count option
+    `(flag, default, help)` and `--seed` parsed from `argv`, the trial restored at the
+    checkpoint `mbxfer eval` picks by default, and a header line printed."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("trial", type=Path, help="a grid trial's folder")
-    parser.add_argument("--samples", type=int, default=16, help="sampled episodes per cell")
+    flag, default, help_text = count
+    parser.add_argument(flag, type=int, default=default, help=help_text)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     restored = evaluate_trial.restore(args.trial, evaluate_trial.Request())
     print(f"{restored.config.agent} trial {restored.trial_id}, checkpoint {restored.chosen.label}")
+    return restored, args
+
+
+def main(argv=None) -> int:
+    count = ("--samples", 16, "sampled episodes per cell")
+    restored, args = restore_from_arguments(argv, __doc__, count)
     print(render(start_cell_returns(restored, args.samples, args.seed)))
     return 0
 
