@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Literal, Mapping, NamedTuple
 import chex
 
 from mbxfer import domains
-from mbxfer.domains import at_least, below_one, non_negative, positive
+from mbxfer.domains import at_least, below_one, finite, non_negative, positive
 
 Array = chex.Array
 Params = Any  # a Haiku parameter tree
@@ -109,7 +109,7 @@ class WorldModelConfig:
     """Number `G` of categorical latent variables (rssm only)."""
     stoch_classes: Annotated[int, positive] = 8
     """Number `C` of classes of each categorical latent (rssm only)."""
-    observe_update_bias: float = -1.0
+    observe_update_bias: Annotated[float, finite] = -1.0
     """Initial bias of the update gate of the deterministic latent's filtering GRU (deterministic
     only): at -1 (the GRU default, DreamerV3's) a filtering step moves the state ~27 % of the way
     towards what the observation says and keeps ~73 % of the prior, so a poor prior early in
