@@ -26,7 +26,6 @@ from mbxfer.agents.base import ActInput
 from mbxfer.benchmarks import evaluate_trial
 from mbxfer.benchmarks.validation import grid_policy
 from mbxfer.envs import base as env_base
-from mbxfer.envs import toy
 
 HORIZONS = (1, 2, 3, 5)
 
@@ -49,24 +48,16 @@ def play(restored: evaluate_trial.Restored, episodes: int, seed: int = 0) -> dic
     """`episodes` sampled episodes played side by side: per step the true cell `[T, E]`,
     whether the agent stands on a rewarded cell `[T, E]`, the actions `[T, E]` and the model's
     posteriors (a `LatentState` with leaves `[T, E, ...]`)."""
-    envs = [restored.recipe(seed=seed + index) for index in range(episodes)]
-    grid = envs[0].unwrapped
-    if not isinstance(grid, toy.GridWorld):
-        raise SystemExit(
-            f"grid_imagination reads grid trials; this one is {restored.config.env.name}"
-        )
+    envs = grid_policy.grid_envs(restored, range(seed, seed + episodes), "grid_imagination")
     model, params = _model(restored, envs[0])
-    size = grid.size
+    size = envs[0].unwrapped.size
     timesteps = [env.reset() for env in envs]
     carry, first = restored.agent.initial_carry(episodes), np.ones(episodes, bool)
     state, prev_action = model.initial_state(episodes), jnp.zeros(episodes, jnp.int32)
     key = jax.random.PRNGKey(seed)
     found = {"cell": [], "rewarded": [], "action": [], "posterior": []}
     while not timesteps[0].last() or first[0]:
-        observation = {
-            name: np.stack([env_base.agent_observation(t.observation)[name] for t in timesteps])
-            for name in env_base.agent_observation(timesteps[0].observation)
-        }
+        observation = grid_policy.stacked([t.observation for t in timesteps])
         key, observe_key, act_key = jax.random.split(key, 3)
         embed = model.encode(params, observation)
         state, _ = model.observe(params, state, prev_action, embed, jnp.asarray(first), observe_key)

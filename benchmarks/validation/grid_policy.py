@@ -40,12 +40,25 @@ def cell_observation(env, cell: tuple[int, int]) -> dict:
     return env_base.agent_observation(env.step(0).observation)
 
 
+def grid_envs(restored: evaluate_trial.Restored, seeds, command: str) -> list:
+    """The trial's environment built once per seed in `seeds`; `command` names the caller in
+    the error for a trial that is not on the grid."""
+    envs = [restored.recipe(seed=seed) for seed in seeds]
+    if not isinstance(getattr(envs[0], "unwrapped", None), toy.GridWorld):
+        raise SystemExit(f"{command} reads grid trials; this one is {restored.config.env.name}")
+    return envs
+
+
+def stacked(observations) -> dict:
+    """Agent observations (dicts, `log_*` keys dropped) stacked key by key into a batch."""
+    observations = [env_base.agent_observation(o) for o in observations]
+    return {name: np.stack([o[name] for o in observations]) for name in observations[0]}
+
+
 def start_cell_returns(restored: evaluate_trial.Restored, samples: int, seed: int = 0) -> dict:
     """For every start cell: the greedy episode's first action, return and last cell, and the
     mean return of `samples` sampled episodes (all from that cell, the agent's own `act`)."""
-    envs = [restored.recipe(seed=seed) for _ in range(max(samples, 1))]
-    if not isinstance(getattr(envs[0], "unwrapped", None), toy.GridWorld):
-        raise SystemExit(f"grid_policy reads grid trials; this one is {restored.config.env.name}")
+    envs = grid_envs(restored, [seed] * max(samples, 1), "grid_policy")
     size = envs[0].unwrapped.size
     found = {
         "first_action": np.zeros((size, size), np.int64),
@@ -57,7 +70,7 @@ def start_cell_returns(restored: evaluate_trial.Restored, samples: int, seed: in
     for cell in np.ndindex(size, size):
         for mode, count in (("eval", 1), ("explore", samples)):
             batch = [cell_observation(env, cell) for env in envs[:count]]
-            observation = {name: np.stack([b[name] for b in batch]) for name in batch[0]}
+            observation = stacked(batch)
             carry, first = restored.agent.initial_carry(count), np.ones(count, bool)
             returns, done = np.zeros(count), np.zeros(count, bool)
             while not done.all():
@@ -70,11 +83,7 @@ def start_cell_returns(restored: evaluate_trial.Restored, samples: int, seed: in
                 timesteps = [env.step(int(a)) for env, a in zip(envs[:count], action)]
                 returns += np.where(done, 0.0, [t.reward or 0.0 for t in timesteps])
                 done |= np.array([t.last() for t in timesteps])
-                observation = {
-                    name: np.stack([env_base.agent_observation(t.observation)[name]
-                                    for t in timesteps])
-                    for name in observation
-                }  # fmt: skip
+                observation = stacked([t.observation for t in timesteps])
                 first = np.zeros(count, bool)
             if mode == "eval":
                 found["greedy_return"][cell] = returns[0]
