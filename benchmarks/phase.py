@@ -27,6 +27,7 @@ from mbxfer.benchmarks import (
     loggers,
     loop,
     protocols,
+    provenance,
     schedule,
     timing,
     video,
@@ -371,6 +372,7 @@ class Phase:
             "env_steps": state.env_steps,
             "updates": state.updates,
             "episodes": state.episodes,
+            "code": provenance.code_version(),  # A resumed trial may span code versions.
             **state.coverage.metrics(),
             "final_eval": self.final_evals,
             # What the checkpoints inside the phase did to the running episodes, if any.

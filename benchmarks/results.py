@@ -16,6 +16,9 @@ left out, and named in one note; unfinished trials without one (running, or kill
 A trial whose `done.json` is not a summary (`trial_folder.load_done`) is left out with a note.
 A group whose trials computed with different XLA thread settings (`done.json`'s `threads`, see
 `executors.limit_threads`) is named in a note: its scores may differ at about 1e-5 for that.
+Finished trials that ran on more than one code version (`done.json`'s `code`, per phase and
+for the trial, `provenance.code_version`) get one note listing the versions and their trials:
+the trial id hashes the config only, so such a folder can mix results of different code.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any, Optional
 import yaml
 
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import trial_folder
+from mbxfer.benchmarks import provenance, trial_folder
 from mbxfer.envs import registry, scoring
 
 FALLBACK_SCORE = scoring.DEFAULT_KEY
@@ -224,6 +227,7 @@ def load_trials(results: Path, notes: Optional[list[str]] = None) -> list[TrialR
     trials = list(found.values())
     _label_variants(trials)
     notes.extend(_mixed_thread_settings(trials))
+    notes.extend(_mixed_code_versions(trials))
     return trials
 
 
@@ -249,6 +253,30 @@ def _mixed_thread_settings(trials: list[TrialRecord]) -> list[str]:
         "alone (mbxfer sweep gives every trial resources.num_cpus cores)"
         for group, found in sorted(settings.items())
         if len(found) > 1
+    ]
+
+
+def _mixed_code_versions(trials: list[TrialRecord]) -> list[str]:
+    """One note when the finished trials (their phases included) recorded more than one code
+    version; trials finished before `code` was recorded are not counted."""
+    by_version: dict[str, list[str]] = {}
+    for trial in trials:
+        done = trial.done or {}
+        records = [done.get("code")] + [p.get("code") for p in done.get("phases", [])]
+        for name in {provenance.label(r) for r in records if isinstance(r, dict)}:
+            by_version.setdefault(name, []).append(f"{' / '.join(trial.group)} seed {trial.seed}")
+    if len(by_version) < 2:
+        return []
+    parts = [
+        f"{name} ({len(labels)} trial{'s' if len(labels) > 1 else ''}"
+        + (f": {', '.join(sorted(labels))}" if len(labels) <= 3 else "")
+        + ")"
+        for name, labels in sorted(by_version.items(), key=lambda item: -len(item[1]))
+    ]
+    return [
+        f"finished trials ran on {len(by_version)} code versions (done.json's code): "
+        f"{'; '.join(parts)}. The trial id hashes the config only, so results of one config "
+        "may differ between them; re-run the odd ones on one version to compare like with like"
     ]
 
 

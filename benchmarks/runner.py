@@ -5,8 +5,9 @@
 The protocol (benchmarks/protocols.py) gives the trial's phases; each runs as a
 `benchmarks.phase.Phase`, carrying the previous one's state and replay into the next. The
 trial ends with `done.json`: the phases' summaries, the generalization gap, transfer against
-the matching scratch trial (benchmarks/transfer.py), the world-model video and the XLA
-thread setting the trial computed with (`executors.thread_setting`). Its folder is
+the matching scratch trial (benchmarks/transfer.py), the world-model video, the XLA
+thread setting the trial computed with (`executors.thread_setting`) and the code it ran
+(`provenance.code_version`). Its folder is
 `benchmarks.trial_folder.TrialFolder`; a run resumes from the folder's latest checkpoint, or
 starts after a phase of another trial (`start_from`, `mbxfer run --from`).
 
@@ -27,7 +28,7 @@ from typing import Callable, ContextManager, Optional
 import jax
 
 from mbxfer.benchmarks import config as config_lib
-from mbxfer.benchmarks import executors, loggers, protocols, timing, transfer
+from mbxfer.benchmarks import executors, loggers, protocols, provenance, timing, transfer
 from mbxfer.benchmarks.phase import EvalEnvs, Phase, Watch
 from mbxfer.benchmarks.trial_folder import IncompatibleTrialError, Resume, TrialFolder
 from mbxfer.envs import registry
@@ -127,6 +128,7 @@ class _Trial:
             "protocol": config.protocol.name,
             "phases": summaries,
             "threads": executors.thread_setting(),  # See executors.limit_threads.
+            "code": provenance.code_version(),  # The trial id hashes the config only.
         }
         if "from" in self.history:
             summary["from"] = self.history["from"]

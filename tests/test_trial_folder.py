@@ -14,7 +14,16 @@ import pytest
 import tiny_configs
 import yaml
 
-from mbxfer.benchmarks import checkpoint, cli, executors, results, runner, sweep, trial_folder
+from mbxfer.benchmarks import (
+    checkpoint,
+    cli,
+    executors,
+    provenance,
+    results,
+    runner,
+    sweep,
+    trial_folder,
+)
 from mbxfer.benchmarks import config as config_lib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -335,6 +344,33 @@ def test_the_report_notes_a_group_with_mixed_thread_settings(finished, tmp_path)
     results.load_trials(root, notes)
     mixed = [note for note in notes if "thread settings" in note]
     assert len(mixed) == 1 and "1 cores, single-threaded" in mixed[0] and "2 cores" in mixed[0]
+
+
+def test_done_json_records_the_code_the_trial_ran(finished):
+    summary = json.loads((finished / "done.json").read_text())
+    assert summary["code"] == provenance.code_version()
+    assert all(phase["code"] == summary["code"] for phase in summary["phases"])
+
+
+def test_the_report_notes_trials_that_ran_on_different_code(finished, tmp_path):
+    root = tmp_path / "results"
+    summary = json.loads((finished / "done.json").read_text())
+    code = {"mbxfer": "0.1.0", "commit": "a" * 40, "changes": None}
+    phases = [{**p, "code": code} for p in summary["phases"]]
+    _twin(finished, root / "a", 0, {**summary, "code": code, "phases": phases})
+    _twin(finished, root / "b", 1, {**summary, "code": code, "phases": phases})
+    notes: list[str] = []
+    results.load_trials(root, notes)
+    assert not any("code versions" in note for note in notes)
+    # A trial resumed on edited code: its trial-level record and a phase's differ.
+    edited = {**code, "changes": "0f1e2d3c4b5a"}
+    _twin(finished, root / "c", 2, {**summary, "code": edited, "phases": phases})
+    results.load_trials(root, notes)
+    mixed = [note for note in notes if "code versions" in note]
+    assert len(mixed) == 1 and "2 code versions" in mixed[0]
+    assert (
+        "aaaaaaaaaaaa (3 trials" in mixed[0] and "aaaaaaaaaaaa+changes 0f1e2d (1 trial" in mixed[0]
+    )
 
 
 def test_save_keeps_the_newest_two_and_drops_checkpoints_of_an_abandoned_run(tmp_path):
