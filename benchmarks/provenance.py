@@ -4,9 +4,11 @@
 
 A trial id hashes the trial's config only, so two runs of one trial on different code share a
 folder name; `code` tells them apart. In a git checkout (the editable install `make install`
-makes) `commit` is HEAD and `changes` a short hash of the uncommitted changes to tracked files
-(`git diff HEAD`; None when there are none). New files git does not track are not in it. A
-wheel install outside a checkout records its version only (`commit` None).
+makes) `commit` is HEAD and `changes` a short hash of the uncommitted changes to its code
+(`git diff HEAD` of tracked Python files, `pyproject.toml` and `constraints.txt`; None when
+there are none), so editing the README or a sweep preset while a sweep runs does not count.
+New files git does not track are not in it. A wheel install outside a checkout records its
+version only (`commit` None).
 
 The record is read when a phase ends, from the checkout as it is then. A pool worker imports
 agent code once, when its first trial needs it, so code edited while a sweep runs can differ
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+CODE = ("*.py", "pyproject.toml", "constraints.txt")
+"""The files whose uncommitted changes `code_version` hashes (git pathspecs)."""
 
 
 def _git(*args: str) -> Optional[str]:
@@ -48,7 +52,7 @@ def code_version() -> dict:
     if head is None:
         return record
     record["commit"] = head.strip()
-    diff = _git("diff", "HEAD", "--binary")
+    diff = _git("diff", "HEAD", "--binary", "--", *CODE)
     if diff:
         record["changes"] = hashlib.sha256(diff.encode()).hexdigest()[:12]
     return record

@@ -21,6 +21,8 @@ def test_code_version_is_the_commit_and_a_hash_of_uncommitted_changes(tmp_path, 
     clean = provenance.code_version()
     assert clean["commit"] == head and clean["changes"] is None
     (tmp_path / "notes.txt").write_text("untracked files are not in the hash\n")
+    (tmp_path / "README.md").write_text("nor edits to tracked files that are not code\n")
+    _git(tmp_path, "add", "README.md")
     assert provenance.code_version() == clean
     (tmp_path / "agent.py").write_text("lr = 3e-3\n")
     edited = provenance.code_version()
