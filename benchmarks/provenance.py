@@ -1,19 +1,24 @@
 """Which code a trial ran, as its `done.json` records it (`code`, per phase and for the trial).
 
-    code_version()    {"mbxfer": version, "commit": git HEAD or None, "changes": hash or None}
+    code_version()    {"mbxfer": version, "commit": HEAD, "code": hash, "changes": hash or None}
 
 A trial id hashes the trial's config only, so two runs of one trial on different code share a
 folder name; `code` tells them apart. In a git checkout (the editable install `make install`
-makes) `commit` is HEAD and `changes` a short hash of the uncommitted changes to its code
-(`git diff HEAD` of tracked Python files, `pyproject.toml` and `constraints.txt`; None when
-there are none), so editing the README or a sweep preset while a sweep runs does not count.
-New files git does not track are not in it. A wheel install outside a checkout records its
-version only (`commit` None).
+makes):
+- `commit` is HEAD, for finding the code again;
+- `code` is a short hash of the code a trial runs as it is in the working tree: the package's
+  Python files (`mbxfer`, `agents`, `envs`, `exploration`, `benchmarks`), `pyproject.toml` and
+  `constraints.txt`, committed or not. Commits that change only tests, docs or sweep presets
+  leave it as it was, so it is what `mbxfer report` compares;
+- `changes` is a short hash of the uncommitted changes to those files (None when there are
+  none).
+New files git does not track are not in either hash. A wheel install outside a checkout records
+its version only (`commit` and `code` None).
 
 The record is read when a phase ends, from the checkout as it is then. A pool worker imports
 agent code once, when its first trial needs it, so code edited while a sweep runs can differ
-from what the worker runs; `mbxfer report` flags a sweep whose trials record more than one code
-version, which is how that shows.
+from what the worker runs; `mbxfer report` flags a results folder whose trials record more than
+one `code`, which is how that shows.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE = ("*.py", "pyproject.toml", "constraints.txt")
-"""The files whose uncommitted changes `code_version` hashes (git pathspecs)."""
+PACKAGES = ("mbxfer", "agents", "envs", "exploration", "benchmarks")
+CODE = (*(f":(glob){package}/**/*.py" for package in PACKAGES), "pyproject.toml", "constraints.txt")
+"""The files `code_version` hashes (git pathspecs): what a trial runs."""
 
 
 def _git(*args: str) -> Optional[str]:
@@ -39,32 +45,41 @@ def _git(*args: str) -> Optional[str]:
     return result.stdout if result.returncode == 0 else None
 
 
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def code_version() -> dict:
-    """mbxfer's version, and in a git checkout its commit and a hash of uncommitted changes."""
+    """mbxfer's version; in a git checkout its commit and hashes of its code (see above)."""
     try:
         version = importlib.metadata.version("mbxfer")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    record: dict = {"mbxfer": version, "commit": None, "changes": None}
+    record: dict = {"mbxfer": version, "commit": None, "code": None, "changes": None}
     if not (ROOT / ".git").exists():
         return record
     head = _git("rev-parse", "HEAD")
-    if head is None:
-        return record
-    record["commit"] = head.strip()
+    tracked = _git("ls-files", "-z", "--", *CODE)
     diff = _git("diff", "HEAD", "--binary", "--", *CODE)
-    if diff:
-        record["changes"] = hashlib.sha256(diff.encode()).hexdigest()[:12]
+    if head is None or tracked is None or diff is None:
+        return record
+    code = hashlib.sha256()
+    for name in sorted(filter(None, tracked.split("\0"))):
+        path = ROOT / name
+        code.update(name.encode() + b"\0")
+        code.update(path.read_bytes() if path.is_file() else b"(deleted)")
+        code.update(b"\0")
+    record["commit"] = head.strip()
+    record["code"] = code.hexdigest()[:12]
+    record["changes"] = _short(diff) if diff else None
     return record
 
 
 def label(record: Optional[dict]) -> str:
-    """A short name for a `code_version` record: `a1b2c3d4e5f6` or `a1b2c3d4e5f6+changes 0f1e2d`."""
+    """A short name for a `code_version` record: `code 1a2b3c4d5e6f` (its code hash), or the
+    version outside a checkout."""
     if not record:
         return "unrecorded"
-    if record.get("commit") is None:
+    if record.get("code") is None:
         return f"mbxfer {record.get('mbxfer')}"
-    text = record["commit"][:12]
-    if record.get("changes"):
-        text += f"+changes {record['changes'][:6]}"
-    return text
+    return f"code {record['code']}"

@@ -355,22 +355,22 @@ def test_done_json_records_the_code_the_trial_ran(finished):
 def test_the_report_notes_trials_that_ran_on_different_code(finished, tmp_path):
     root = tmp_path / "results"
     summary = json.loads((finished / "done.json").read_text())
-    code = {"mbxfer": "0.1.0", "commit": "a" * 40, "changes": None}
+    code = {"mbxfer": "0.1.0", "commit": "a" * 40, "code": "c0de00000000", "changes": None}
     phases = [{**p, "code": code} for p in summary["phases"]]
     _twin(finished, root / "a", 0, {**summary, "code": code, "phases": phases})
-    _twin(finished, root / "b", 1, {**summary, "code": code, "phases": phases})
+    # Another commit with the same code (a docs or test commit) is the same code version.
+    docs = {**code, "commit": "b" * 40}
+    _twin(finished, root / "b", 1, {**summary, "code": docs, "phases": phases})
     notes: list[str] = []
     results.load_trials(root, notes)
     assert not any("code versions" in note for note in notes)
     # A trial resumed on edited code: its trial-level record and a phase's differ.
-    edited = {**code, "changes": "0f1e2d3c4b5a"}
+    edited = {**code, "code": "0f1e2d3c4b5a", "changes": "0f1e2d3c4b5a"}
     _twin(finished, root / "c", 2, {**summary, "code": edited, "phases": phases})
     results.load_trials(root, notes)
     mixed = [note for note in notes if "code versions" in note]
     assert len(mixed) == 1 and "2 code versions" in mixed[0]
-    assert (
-        "aaaaaaaaaaaa (3 trials" in mixed[0] and "aaaaaaaaaaaa+changes 0f1e2d (1 trial" in mixed[0]
-    )
+    assert "code c0de00000000 (3 trials" in mixed[0] and "code 0f1e2d3c4b5a (1 trial" in mixed[0]
 
 
 def test_save_keeps_the_newest_two_and_drops_checkpoints_of_an_abandoned_run(tmp_path):
