@@ -1,11 +1,10 @@
 """The Dreamer agent: contract, acme adapter, modes, and learning on the toy tasks."""
 
-from pathlib import Path
-
 import acme
 import jax
 import numpy as np
 import pytest
+import tiny_configs
 from acme.utils import loggers
 
 from mbxfer import agents
@@ -192,10 +191,7 @@ QUICKSTART_DREAMER = [
 def test_the_quickstart_twin_test_runs_the_quickstarts_own_trials():
     """The slow test below decides #14's claim on the quickstart's trials: if the quickstart's
     grid Dreamer or twin changes, this fails until the test follows it."""
-    from mbxfer.benchmarks import sweep_spec
-
-    spec = sweep_spec.load_spec(Path(__file__).parent.parent / "benchmarks/configs/quickstart.yaml")
-    quickstart = {t.trial_id for t in sweep_spec.expand(spec).trials}
+    quickstart = {t.trial_id for t in tiny_configs.preset_trials("quickstart")}
     for agent, extra in (("dreamer", QUICKSTART_DREAMER), ("dreamer_nomodel", QUICKSTART_TWIN)):
         for seed in range(5):
             overrides = [f"agent={agent}", f"seed={seed}", *QUICKSTART_GRID, *extra]

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny_configs
 
 from mbxfer import agents, exploration
 from mbxfer.agents.replay import Replay
@@ -183,23 +184,13 @@ def test_agent_accepts_module_and_zero_scale_is_extrinsic_only(name, module, bat
     )
 
 
-def _preset_trials(name):
-    """The trials of a preset sweep spec in benchmarks/configs (one source of settings)."""
-    from pathlib import Path
-
-    from mbxfer.benchmarks import sweep_spec
-
-    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
-    return sweep_spec.expand(sweep_spec.load_spec(spec)).trials
-
-
 def _coverage(trial, folder):
     summary = runner.run(trial.config, folder / trial.trial_id, progress=False)
     return summary["phases"][0]["coverage/distinct_positions"]
 
 
 def _coverage_trial(agent, module):
-    for trial in _preset_trials("grid_coverage"):
+    for trial in tiny_configs.preset_trials("grid_coverage"):
         exploration = getattr(trial.config.agent_config, "exploration", None)
         if trial.config.agent == agent and (exploration.module if exploration else None) == module:
             return trial

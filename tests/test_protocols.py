@@ -309,13 +309,6 @@ def test_agent_without_intrinsic_reward_is_refused_before_running():
     assert mixed.exploration.intrinsic_scale == 0.5
 
 
-def _preset_trials(name):
-    from mbxfer.benchmarks import sweep_spec
-
-    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
-    return sweep_spec.expand(sweep_spec.load_spec(spec)).trials
-
-
 @pytest.mark.slow
 def test_carrying_muzeros_pretrained_policy_hurts_finetuning_on_the_grid(tmp_path):
     """The README's transfer claim, re-measured as the preset measures it: MuZero finetuned
@@ -325,7 +318,7 @@ def test_carrying_muzeros_pretrained_policy_hurts_finetuning_on_the_grid(tmp_pat
     starts to help, this test fails and the README's claim must change with it."""
     trials = [
         t
-        for t in _preset_trials("toy_transfer")
+        for t in tiny_configs.preset_trials("toy_transfer")
         if t.config.agent == "muzero" and t.config.protocol.carry == "all"
     ]
     assert len(trials) == 10  # scratch and carry=all, 5 seeds each

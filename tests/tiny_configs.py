@@ -1,4 +1,7 @@
-"""Tiny trial settings shared by the tests: seconds per trial on the toy grid."""
+"""Tiny trial settings shared by the tests (seconds per trial on the toy grid), and the trials
+of a preset sweep spec."""
+
+from pathlib import Path
 
 AGENT = {
     "dreamer": [
@@ -50,3 +53,12 @@ TRAIN = [
 def overrides(agent: str, *extra: str) -> list[str]:
     """`--set` items of a tiny trial of `agent` on the 5x5 grid, then `extra`."""
     return [f"agent={agent}", *GRID, *TRAIN, *AGENT.get(agent, []), *extra]
+
+
+def preset_trials(name: str) -> list:
+    """The trials of the preset sweep spec `benchmarks/configs/<name>.yaml` (one source of
+    settings)."""
+    from mbxfer.benchmarks import sweep_spec
+
+    spec = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / f"{name}.yaml"
+    return sweep_spec.expand(sweep_spec.load_spec(spec)).trials
